@@ -1,0 +1,156 @@
+"""Talking to ComfyUI instances over their public HTTP API, and delivering results to the master.
+
+Every failure becomes an InstanceError whose message a user can act on.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, Iterable
+
+import aiohttp
+
+from . import wire
+
+QUICK = aiohttp.ClientTimeout(total=3, sock_connect=2)     # status polls: a frozen worker is noticed fast
+DISPATCH = aiohttp.ClientTimeout(total=10, sock_connect=3)  # a prompt can take a moment to validate
+
+
+class InstanceError(RuntimeError):
+    pass
+
+
+def describe(url: str, exc: BaseException) -> str:
+    if isinstance(exc, InstanceError):
+        return str(exc)
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"{url} did not answer in time (frozen, overloaded, or a firewall dropping packets)"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {url} ({exc.os_error or exc}); is that ComfyUI instance running?"
+    return f"{url}: {type(exc).__name__}: {exc}"
+
+
+class InstanceClient:
+    """One ComfyUI instance, seen through its HTTP API."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str):
+        self.session = session
+        self.url = url.rstrip("/")
+
+    async def _request(self, method: str, path: str, timeout: aiohttp.ClientTimeout,
+                       body: Any = None) -> Any:
+        try:
+            async with self.session.request(method, self.url + path, json=body, timeout=timeout) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise InstanceError(f"{self.url}{path} answered {resp.status}: {_error_text(text)}")
+                return json.loads(text) if text.strip() else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise InstanceError(describe(self.url, exc)) from exc
+
+    async def post_prompt(self, prompt: dict, client_id: str) -> str:
+        answer = await self._request("POST", "/prompt", DISPATCH, {"prompt": prompt, "client_id": client_id})
+        if not isinstance(answer, dict) or "prompt_id" not in answer:
+            raise InstanceError(f"{self.url}/prompt gave no prompt id")
+        return str(answer["prompt_id"])
+
+    async def history(self, prompt_id: str) -> dict | None:
+        answer = await self._request("GET", f"/history/{prompt_id}", QUICK)
+        return answer.get(prompt_id) if isinstance(answer, dict) else None
+
+    async def queue(self) -> tuple[list[str], list[str]]:
+        """Prompt ids running and pending."""
+        answer = await self._request("GET", "/queue", QUICK) or {}
+        return ([str(item[1]) for item in answer.get("queue_running", [])],
+                [str(item[1]) for item in answer.get("queue_pending", [])])
+
+    async def system_stats(self) -> dict:
+        return await self._request("GET", "/system_stats", QUICK) or {}
+
+    async def queue_remaining(self) -> int:
+        answer = await self._request("GET", "/prompt", QUICK) or {}
+        return int(answer.get("exec_info", {}).get("queue_remaining", 0))
+
+    async def free(self) -> None:
+        await self._request("POST", "/free", QUICK, {"unload_models": True, "free_memory": True})
+
+    async def interrupt(self) -> None:
+        await self._request("POST", "/interrupt", QUICK, {})
+
+    async def delete_queued(self, prompt_ids: list[str]) -> None:
+        await self._request("POST", "/queue", QUICK, {"delete": prompt_ids})
+
+    async def withdraw(self, prompt_id: str) -> None:
+        """Take a prompt back: out of the queue if pending, interrupted if it is the one running."""
+        running, pending = await self.queue()
+        if prompt_id in pending:
+            await self.delete_queued([prompt_id])
+        if prompt_id in running:
+            await self.interrupt()
+
+
+def _error_text(text: str) -> str:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:300]
+    if isinstance(data, dict):
+        error = data.get("error")
+        details = []
+        if isinstance(error, dict):
+            details.append(error.get("message", ""))
+            details.append(error.get("details", ""))
+        elif error:
+            details.append(str(error))
+        for node_id, node_error in (data.get("node_errors") or {}).items():
+            for e in node_error.get("errors", []):
+                details.append(f"node {node_id} ({node_error.get('class_type', '?')}): "
+                               f"{e.get('message', '')} {e.get('details', '')}".strip())
+        return "; ".join(d for d in details if d)[:600] or text[:300]
+    return text[:300]
+
+
+def deliver(url: str, header: wire.Header, array, deadline: float) -> None:
+    """POST one result frame to the master, retrying while it asks us to wait (503) or is briefly away.
+
+    Runs on the worker's execution thread; uses requests, which streams the buffers without joining them.
+    """
+    import requests
+
+    body = _Body(wire.encode(header, array))
+    last = ""
+    delay = 0.2
+    while True:
+        try:
+            resp = requests.post(url, data=body, timeout=(5, 120), headers={"Content-Type": wire.CONTENT_TYPE})
+            if resp.status_code == 200:
+                return
+            last = f"{url} answered {resp.status_code}: {resp.text[:300]}"
+            if resp.status_code != 503:
+                raise InstanceError(last)
+        except requests.RequestException as exc:
+            last = (f"cannot deliver results to the master at {url} ({type(exc).__name__}); "
+                    "check that this worker can reach the master's address")
+        if time.monotonic() + delay > deadline:
+            raise InstanceError(last)
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+class _Body:
+    """A re-readable iterable of buffers, so that requests sends them without concatenating.
+    Its length lets requests send a Content-Length rather than chunks."""
+
+    def __init__(self, parts: Iterable):
+        self.parts = list(parts)
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __iter__(self):
+        for part in self.parts:
+            # memoryview slices keep each write bounded without copying the array
+            view = memoryview(part)
+            for start in range(0, len(view), 1 << 20):
+                yield view[start:start + (1 << 20)]

@@ -1,0 +1,334 @@
+"""gpu_config.json: the schema, validation with messages that name the field, and safe loading and saving.
+
+Where the settings live:
+- ``gpu_config.json`` (tracked by git) holds the shipped defaults in the product sheet's shape;
+- ``gpu_config.local.json`` (ignored by git) holds the user's own settings once anything is saved,
+  so ``git pull`` never conflicts with them and never loses them;
+- ``COMFYUI_DISTRIBUTED_CONFIG`` names another file instead (the launcher's ``--config`` sets it).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EXTENSION_DIR = Path(__file__).resolve().parent.parent
+DEFAULTS_FILE = EXTENSION_DIR / "gpu_config.json"
+LOCAL_FILE = EXTENSION_DIR / "gpu_config.local.json"
+ENV_VAR = "COMFYUI_DISTRIBUTED_CONFIG"
+
+MODES = ("parallel", "staggered")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+MAX_WORKERS = 256
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "master": {"port": 8188, "device": 0, "enabled": True},
+    "workers": [],
+    "settings": {"stagger_delay": 2.0, "job_timeout": 120, "mode": "parallel"},
+}
+
+
+class ConfigError(ValueError):
+    """The config is invalid; ``errors`` lists one message per bad field."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class Master:
+    port: int = 8188
+    device: int | None = 0
+    enabled: bool = True
+    # Address that workers use to reach the master; empty means "work it out" (see master_address).
+    host: str = ""
+
+
+@dataclass
+class Worker:
+    id: str
+    port: int
+    device: int | None = None
+    enabled: bool = True
+    extra_args: str = ""
+    host: str = "127.0.0.1"
+    name: str = ""
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def is_local(self) -> bool:
+        return self.host in LOCAL_HOSTS
+
+    @property
+    def label(self) -> str:
+        return self.name or self.id
+
+
+@dataclass
+class Settings:
+    stagger_delay: float = 2.0
+    job_timeout: float = 120.0
+    mode: str = "parallel"
+
+
+@dataclass
+class Config:
+    master: Master = field(default_factory=Master)
+    workers: list[Worker] = field(default_factory=list)
+    settings: Settings = field(default_factory=Settings)
+
+    def worker(self, worker_id: str) -> Worker | None:
+        return next((w for w in self.workers if w.id == worker_id), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        master: dict[str, Any] = {"port": self.master.port, "device": self.master.device,
+                                  "enabled": self.master.enabled}
+        if self.master.host:
+            master["host"] = self.master.host
+        return {
+            "master": master,
+            "workers": [
+                {"id": w.id, "name": w.name, "host": w.host, "port": w.port, "device": w.device,
+                 "enabled": w.enabled, "extra_args": w.extra_args}
+                for w in self.workers
+            ],
+            "settings": {"stagger_delay": self.settings.stagger_delay,
+                         "job_timeout": self.settings.job_timeout, "mode": self.settings.mode},
+        }
+
+
+# --- validation -------------------------------------------------------------------------------
+
+def _check_keys(obj: dict, allowed: set[str], where: str, errors: list[str]) -> None:
+    for key in obj:
+        if key not in allowed:
+            errors.append(f"{where}.{key}: unknown field (allowed: {', '.join(sorted(allowed))})")
+
+
+def _int(obj: dict, key: str, where: str, errors: list[str], default, lo: int, hi: int, nullable=False):
+    value = obj.get(key, default)
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        errors.append(f"{where}.{key}: must be a whole number from {lo} to {hi}"
+                      + (" or null" if nullable else "") + f", got {json.dumps(value)}")
+        return default
+    return value
+
+
+def _number(obj: dict, key: str, where: str, errors: list[str], default: float, lo: float, hi: float):
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        errors.append(f"{where}.{key}: must be a number from {lo:g} to {hi:g}, got {json.dumps(value)}")
+        return default
+    return float(value)
+
+
+def _bool(obj: dict, key: str, where: str, errors: list[str], default: bool) -> bool:
+    value = obj.get(key, default)
+    if not isinstance(value, bool):
+        errors.append(f"{where}.{key}: must be true or false, got {json.dumps(value)}")
+        return default
+    return value
+
+
+def _str(obj: dict, key: str, where: str, errors: list[str], default: str, max_len: int = 200) -> str:
+    value = obj.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str) or len(value) > max_len or any(ord(c) < 32 for c in value):
+        errors.append(f"{where}.{key}: must be text of at most {max_len} characters on one line")
+        return default
+    return value
+
+
+_HOST_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:_")
+_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def _host(obj: dict, key: str, where: str, errors: list[str], default: str) -> str:
+    value = _str(obj, key, where, errors, default, max_len=253)
+    if value and not set(value) <= _HOST_CHARS:
+        errors.append(f"{where}.{key}: must be a host name or IP address, got {json.dumps(value)}")
+        return default
+    return value
+
+
+def _extra_args(obj: dict, where: str, errors: list[str]) -> str:
+    value = _str(obj, "extra_args", where, errors, "", max_len=1000)
+    # Arguments never pass through a shell, but refuse what only makes sense to one: it is
+    # either a mistake or an attempt to run something else.
+    bad = sorted({c for c in value if c in ";|&`$<>\\\"'(){}*?!#\n"})
+    if bad:
+        errors.append(f"{where}.extra_args: shell characters are not allowed ({' '.join(bad)}); "
+                      "give plain ComfyUI arguments such as --lowvram")
+        return ""
+    return value
+
+
+def parse(data: Any) -> Config:
+    """Validate a JSON value and build a Config; raise ConfigError naming every bad field."""
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError(["config: must be a JSON object with master, workers and settings"])
+    _check_keys(data, {"master", "workers", "settings"}, "config", errors)
+
+    m = data.get("master", {})
+    if not isinstance(m, dict):
+        errors.append("master: must be an object")
+        m = {}
+    _check_keys(m, {"port", "device", "enabled", "host"}, "master", errors)
+    master = Master(port=_int(m, "port", "master", errors, 8188, 1, 65535),
+                    device=_int(m, "device", "master", errors, 0, 0, 1023, nullable=True),
+                    enabled=_bool(m, "enabled", "master", errors, True),
+                    host=_host(m, "host", "master", errors, ""))
+
+    raw_workers = data.get("workers", [])
+    if not isinstance(raw_workers, list):
+        errors.append("workers: must be a list")
+        raw_workers = []
+    if len(raw_workers) > MAX_WORKERS:
+        errors.append(f"workers: at most {MAX_WORKERS} workers")
+        raw_workers = raw_workers[:MAX_WORKERS]
+    workers: list[Worker] = []
+    for i, w in enumerate(raw_workers):
+        where = f"workers[{i}]"
+        if not isinstance(w, dict):
+            errors.append(f"{where}: must be an object")
+            continue
+        _check_keys(w, {"id", "name", "host", "port", "device", "enabled", "extra_args"}, where, errors)
+        worker_id = _str(w, "id", where, errors, "", max_len=64) or f"worker{i + 1}"
+        if not set(worker_id) <= _ID_CHARS:
+            errors.append(f"{where}.id: use letters, digits, '-' and '_' only")
+        workers.append(Worker(
+            id=worker_id,
+            port=_int(w, "port", where, errors, 8189, 1, 65535),
+            device=_int(w, "device", where, errors, None, 0, 1023, nullable=True),
+            enabled=_bool(w, "enabled", where, errors, True),
+            extra_args=_extra_args(w, where, errors),
+            host=_host(w, "host", where, errors, "127.0.0.1") or "127.0.0.1",
+            name=_str(w, "name", where, errors, "", max_len=64),
+        ))
+
+    s = data.get("settings", {})
+    if not isinstance(s, dict):
+        errors.append("settings: must be an object")
+        s = {}
+    _check_keys(s, {"stagger_delay", "job_timeout", "mode"}, "settings", errors)
+    mode = s.get("mode", "parallel")
+    if mode not in MODES:
+        errors.append(f"settings.mode: must be one of {', '.join(MODES)}, got {json.dumps(mode)}")
+        mode = "parallel"
+    settings = Settings(stagger_delay=_number(s, "stagger_delay", "settings", errors, 2.0, 0, 600),
+                        job_timeout=_number(s, "job_timeout", "settings", errors, 120, 1, 86400),
+                        mode=mode)
+
+    seen_ids: set[str] = set()
+    seen_addresses = {("127.0.0.1", master.port)}
+    for i, w in enumerate(workers):
+        if w.id in seen_ids:
+            errors.append(f"workers[{i}].id: {w.id!r} is used by another worker")
+        seen_ids.add(w.id)
+        address = ("127.0.0.1" if w.is_local else w.host, w.port)
+        if address in seen_addresses:
+            errors.append(f"workers[{i}].port: {w.port} on {w.host} is already used by the master "
+                          "or another worker")
+        seen_addresses.add(address)
+    if errors:
+        raise ConfigError(errors)
+    return Config(master=master, workers=workers, settings=settings)
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def config_path() -> Path:
+    """The file settings are read from and saved to."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    return LOCAL_FILE if LOCAL_FILE.exists() else DEFAULTS_FILE
+
+
+def save_path() -> Path:
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else LOCAL_FILE
+
+
+@dataclass
+class Loaded:
+    config: Config
+    path: Path
+    error: str = ""  # non-empty when the file was unusable and defaults are in force
+
+
+def load(path: Path | None = None) -> Loaded:
+    """Read the config. A missing or broken file never raises: defaults apply and ``error`` says why."""
+    path = path or config_path()
+    if not path.exists():
+        return Loaded(parse(copy.deepcopy(DEFAULT_CONFIG)), path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        return Loaded(parse(copy.deepcopy(DEFAULT_CONFIG)), path, f"{path}: cannot be read ({exc})")
+    except json.JSONDecodeError as exc:
+        return Loaded(parse(copy.deepcopy(DEFAULT_CONFIG)), path,
+                      f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})")
+    try:
+        return Loaded(parse(data), path)
+    except ConfigError as exc:
+        return Loaded(parse(copy.deepcopy(DEFAULT_CONFIG)), path, f"{path}: " + "; ".join(exc.errors))
+
+
+def save(config: Config, path: Path | None = None) -> Path:
+    """Write atomically: a crash mid-write leaves either the old file or the new one, never a mix.
+
+    A file that is currently broken is kept beside the new one (``.broken-<time>``) rather than lost.
+    """
+    path = path or save_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        try:
+            parse(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, OSError):
+            os.replace(path, path.with_name(f"{path.name}.broken-{int(time.time())}"))
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def new_worker_id(config: Config) -> str:
+    taken = {w.id for w in config.workers}
+    n = len(config.workers) + 1
+    while f"worker{n}" in taken:
+        n += 1
+    return f"worker{n}"

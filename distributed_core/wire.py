@@ -1,0 +1,108 @@
+"""The result frame a worker sends to the master: a small header, then the raw tensor bytes.
+
+    MAGIC (4 bytes) | header length (4 bytes, big-endian) | header (UTF-8 JSON) | payload
+
+The header names the job, the Collector, the unit, the per-job token, the dtype and the shape of an
+IMAGE batch (batch, height, width, channels). The payload is the array in C order, exactly
+``prod(shape) * itemsize`` bytes, so the receiver can size its buffer from the header and stream the
+body straight into it. No base64, no JSON-wrapped PNG.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"CDR1"
+PREFIX_SIZE = 8
+MAX_HEADER = 16 * 1024
+MAX_SIDE = 16384
+MAX_BATCH = 4096
+DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
+CONTENT_TYPE = "application/x-comfyui-distributed-result"
+
+
+class FrameError(ValueError):
+    """The frame is malformed; the message says how."""
+
+
+@dataclass(frozen=True)
+class Header:
+    job: str
+    collector: str
+    unit: int
+    token: str
+    dtype: str
+    shape: tuple[int, int, int, int]
+
+    @property
+    def payload_size(self) -> int:
+        return math.prod(self.shape) * np.dtype(DTYPES[self.dtype]).itemsize
+
+    def to_bytes(self) -> bytes:
+        body = json.dumps({"job": self.job, "collector": self.collector, "unit": self.unit,
+                           "token": self.token, "dtype": self.dtype, "shape": list(self.shape)},
+                          separators=(",", ":")).encode()
+        return MAGIC + len(body).to_bytes(4, "big") + body
+
+
+def header_length(prefix: bytes) -> int:
+    if len(prefix) != PREFIX_SIZE or prefix[:4] != MAGIC:
+        raise FrameError("not a result frame (bad magic); is the worker running the same extension version?")
+    size = int.from_bytes(prefix[4:], "big")
+    if not 2 <= size <= MAX_HEADER:
+        raise FrameError(f"header length {size} is outside 2..{MAX_HEADER}")
+    return size
+
+
+def parse_header(raw: bytes) -> Header:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FrameError(f"header is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise FrameError("header must be a JSON object")
+    for key in ("job", "collector", "token"):
+        if not isinstance(data.get(key), str) or not 0 < len(data[key]) <= 128:
+            raise FrameError(f"header.{key} must be a non-empty string")
+    unit = data.get("unit")
+    if not isinstance(unit, int) or isinstance(unit, bool) or not 0 <= unit < 1 << 20:
+        raise FrameError("header.unit must be a whole number >= 0")
+    if data.get("dtype") not in DTYPES:
+        raise FrameError(f"header.dtype must be one of {', '.join(DTYPES)}")
+    shape = data.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 4
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        raise FrameError("header.shape must be [batch, height, width, channels]")
+    batch, height, width, channels = shape
+    if not (0 <= batch <= MAX_BATCH and 1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE
+            and 1 <= channels <= 4):
+        raise FrameError(f"header.shape {shape} is out of range (batch <= {MAX_BATCH}, "
+                         f"sides <= {MAX_SIDE}, 1 to 4 channels)")
+    return Header(data["job"], data["collector"], unit, data["token"], data["dtype"], tuple(shape))
+
+
+def encode(header: Header, array: np.ndarray) -> list:
+    """The frame as a list of buffers (header, then the array's memory, uncopied)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype != DTYPES[header.dtype] or tuple(array.shape) != header.shape:
+        raise FrameError("array does not match its header")
+    return [header.to_bytes(), memoryview(array).cast("B")]
+
+
+def decode(frame: bytes) -> tuple[Header, np.ndarray]:
+    """Decode a whole frame held in memory (the server streams instead; this is for tests and tools)."""
+    size = header_length(frame[:PREFIX_SIZE])
+    header = parse_header(frame[PREFIX_SIZE:PREFIX_SIZE + size])
+    payload = frame[PREFIX_SIZE + size:]
+    if len(payload) != header.payload_size:
+        raise FrameError(f"payload has {len(payload)} bytes, the header promises {header.payload_size}")
+    array = np.frombuffer(payload, dtype=DTYPES[header.dtype]).reshape(header.shape)
+    return header, array
+
+
+def quantize(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] to 8 bits, rounding to nearest: at least the fidelity a PNG keeps."""
+    return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)

@@ -1,0 +1,111 @@
+"""Rewriting ComfyUI API prompts: what the master runs and what each worker runs.
+
+A prompt is ComfyUI's API format: ``{node_id: {"class_type": str, "inputs": {name: value | [src_id, out_index]}}}``.
+Our nodes find their instructions for a job in an extra input, ``FIELD``, holding a JSON string;
+ComfyUI passes only declared inputs to a node, so the nodes read it back through the hidden PROMPT
+and UNIQUE_ID inputs. A node that carries the field was rewritten already: that is how a worker
+knows not to distribute again.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+COLLECTOR = "MultiGPUCollector"
+SEED = "DistributedSeed"
+FIELD = "_distributed"
+
+Prompt = dict[str, dict[str, Any]]
+
+
+class WorkflowError(ValueError):
+    pass
+
+
+def is_link(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
+            and isinstance(value[1], int) and not isinstance(value[1], bool))
+
+
+def nodes_of(prompt: Prompt, class_type: str) -> list[str]:
+    return [nid for nid, node in prompt.items()
+            if isinstance(node, dict) and node.get("class_type") == class_type]
+
+
+def fresh_collectors(prompt: Any) -> list[str]:
+    """Collectors of a newly submitted prompt; [] for anything else (not a prompt, or rewritten)."""
+    if not isinstance(prompt, dict):
+        return []
+    found = nodes_of(prompt, COLLECTOR)
+    if any(FIELD in (prompt[nid].get("inputs") or {}) for nid in found):
+        return []
+    return found
+
+
+def upstream(prompt: Prompt, roots: list[str]) -> set[str]:
+    """Every node whose output some root needs, the roots included."""
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        nid = stack.pop()
+        if nid in seen:
+            continue
+        node = prompt.get(nid)
+        if not isinstance(node, dict):
+            raise WorkflowError(f"node {nid} is linked to but missing from the prompt")
+        seen.add(nid)
+        for value in (node.get("inputs") or {}).values():
+            if is_link(value):
+                stack.append(str(value[0]))
+    return seen
+
+
+def _with_field(node: dict, data: dict) -> dict:
+    node = copy.deepcopy(node)
+    node.setdefault("inputs", {})[FIELD] = json.dumps(data, separators=(",", ":"))
+    return node
+
+
+def master_prompt(prompt: Prompt, collectors: list[str], job: dict, units: list[int]) -> Prompt:
+    """The master's own prompt: the whole workflow, its seed nodes set to the master's units.
+
+    With no unit of its own (master disabled) the Collectors lose their image input, so that the
+    master renders nothing upstream of them and only gathers.
+    """
+    result = dict(prompt)
+    for nid in nodes_of(prompt, SEED):
+        result[nid] = _with_field(prompt[nid], {"units": units})
+    for nid in collectors:
+        node = _with_field(prompt[nid], {**job, "role": "master", "collector": nid, "units": units})
+        if not units:
+            node["inputs"].pop("images", None)
+        result[nid] = node
+    return result
+
+
+def worker_prompt(prompt: Prompt, collectors: list[str], job: dict, units: list[int]) -> Prompt:
+    """A worker's prompt: only what the Collectors need, with the Collectors in worker role."""
+    keep = upstream(prompt, collectors)
+    result: Prompt = {}
+    for nid in keep:
+        node = prompt[nid]
+        if nid in collectors:
+            node = _with_field(node, {**job, "role": "worker", "collector": nid, "units": units})
+        elif node.get("class_type") == SEED:
+            node = _with_field(node, {"units": units})
+        result[nid] = node
+    return result
+
+
+def read_field(prompt: Any, node_id: Any) -> dict | None:
+    """What the rewrite left for a node, or None when it has nothing (a prompt run without the hook)."""
+    try:
+        raw = prompt[str(node_id)]["inputs"][FIELD]
+    except (KeyError, TypeError):
+        return None
+    try:
+        data = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

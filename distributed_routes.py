@@ -1,0 +1,195 @@
+"""HTTP routes under /distributed/, the prompt hook and the middleware that ties a planned job to the
+master's answer. Handlers parse, validate, delegate to distributed_core and answer with a clear status."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import numpy as np
+from aiohttp import web
+
+from .distributed_core import config as config_file
+from .distributed_core import wire
+from .distributed_core.coordinator import Coordinator, submitted
+from .distributed_core.jobs import JobStore, JobState, ResultRejected
+
+log = logging.getLogger("comfyui-distributed")
+
+MAX_JSON_BODY = 1 << 20
+MAX_RESULT_PAYLOAD = 4 << 30
+PROMPT_PATHS = ("/prompt", "/api/prompt")
+
+_coordinator: Coordinator | None = None
+
+
+def coordinator() -> Coordinator:
+    if _coordinator is None:
+        raise RuntimeError("ComfyUI-Distributed did not start: see the log at ComfyUI's start")
+    return _coordinator
+
+
+def own_address() -> tuple[str, int]:
+    from comfy.cli_args import args
+    host = (args.listen or "127.0.0.1").split(",")[0].strip()
+    return host, int(args.port)
+
+
+def error(status: int, message: str, **extra) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+async def read_json(request: web.Request):
+    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_JSON_BODY, actual_size=request.content_length,
+                                            text=json.dumps({"error": "request body is too large"}),
+                                            content_type="application/json")
+    body = await request.content.read(MAX_JSON_BODY + 1)
+    if len(body) > MAX_JSON_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_JSON_BODY, actual_size=len(body),
+                                            text=json.dumps({"error": "request body is too large"}),
+                                            content_type="application/json")
+    try:
+        return json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"request body is not valid JSON: {exc}"}),
+                                 content_type="application/json") from None
+
+
+def setup(server) -> Coordinator:
+    """Wire the extension into a running PromptServer; called once from __init__."""
+    global _coordinator
+
+    def emit(job) -> None:
+        server.send_sync("distributed_progress", job.summary())
+
+    store = JobStore(on_change=emit)
+    coord = Coordinator(store, config_file.load, own_address)
+    _coordinator = coord
+    server.add_on_prompt_handler(coord.rewrite)
+    server.app.middlewares.append(_prompt_middleware(coord))
+    _add_routes(server.routes, coord)
+    loaded = config_file.load()
+    if loaded.error:
+        log.warning("[Distributed] gpu_config problem: %s. Running with defaults; the file was left "
+                    "as it is. Fix it, or save settings from the Distributed panel.", loaded.error)
+    return coord
+
+
+def _prompt_middleware(coord: Coordinator):
+    """Dispatch a job's workers only once the master has accepted its prompt, so that a prompt the
+    master rejects leaves nothing running on the workers."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if request.method != "POST" or request.path not in PROMPT_PATHS:
+            return await handler(request)
+        token = submitted.set([])
+        try:
+            response = await handler(request)
+        except BaseException:
+            for job_id in submitted.get() or []:
+                coord.drop(job_id, "the master could not take the prompt")
+            raise
+        finally:
+            planned = submitted.get() or []
+            submitted.reset(token)
+        prompt_id = ""
+        if response.status == 200 and planned:
+            try:
+                prompt_id = str(json.loads(response.body)["prompt_id"])
+            except (TypeError, ValueError, KeyError):
+                prompt_id = ""
+        for job_id in planned:
+            if prompt_id:
+                coord.spawn(coord.start(job_id, prompt_id))
+            else:
+                coord.drop(job_id, "the master rejected the prompt")
+        return response
+
+    return middleware
+
+
+def _add_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
+    @routes.get("/distributed/config")
+    async def get_config(request: web.Request) -> web.Response:
+        loaded = config_file.load()
+        return web.json_response({"config": loaded.config.to_dict(), "path": str(loaded.path),
+                                  "error": loaded.error})
+
+    @routes.post("/distributed/config")
+    async def post_config(request: web.Request) -> web.Response:
+        data = await read_json(request)
+        try:
+            new = config_file.parse(data)
+        except config_file.ConfigError as exc:
+            return error(400, "invalid config: " + "; ".join(exc.errors), errors=exc.errors)
+        path = await asyncio.get_running_loop().run_in_executor(None, config_file.save, new)
+        return web.json_response({"config": new.to_dict(), "path": str(path), "error": ""})
+
+    @routes.get("/distributed/status")
+    async def get_status(request: web.Request) -> web.Response:
+        loaded = config_file.load()
+        instances = await coord.status(loaded.config)
+        return web.json_response({"instances": instances, "config_error": loaded.error,
+                                  "mode": loaded.config.settings.mode,
+                                  "jobs": [job.summary() for job in coord.store.active()]})
+
+    @routes.post("/distributed/clear_vram")
+    async def clear_vram(request: web.Request) -> web.Response:
+        results = await coord.broadcast(config_file.load().config, "free")
+        return web.json_response({"results": results})
+
+    @routes.post("/distributed/interrupt")
+    async def interrupt(request: web.Request) -> web.Response:
+        for job in coord.store.active():
+            await coord.cancel(job.id, "interrupted from the Distributed panel")
+        results = await coord.broadcast(config_file.load().config, "interrupt")
+        return web.json_response({"results": results})
+
+    @routes.post("/distributed/result")
+    async def post_result(request: web.Request) -> web.Response:
+        reader = request.content
+        try:
+            size = wire.header_length(await reader.readexactly(wire.PREFIX_SIZE))
+            header = wire.parse_header(await reader.readexactly(size))
+        except asyncio.IncompleteReadError:
+            return error(400, "truncated result frame: the body ended inside the header")
+        except wire.FrameError as exc:
+            return error(400, f"bad result frame: {exc}")
+        if header.payload_size > MAX_RESULT_PAYLOAD:
+            return error(413, f"a result may hold at most {MAX_RESULT_PAYLOAD >> 30} GiB; "
+                              f"this one declares {header.payload_size} bytes")
+        expected = wire.PREFIX_SIZE + size + header.payload_size
+        if request.content_length is not None and request.content_length != expected:
+            return error(400, f"body is {request.content_length} bytes but the header promises {expected}")
+        try:
+            coord.store.check(header)
+            payload = await _read_into(reader, header.payload_size)
+            if payload is None:
+                return error(400, f"truncated result frame: fewer than the {header.payload_size} "
+                                  "payload bytes the header promises")
+            if await reader.read(1):
+                return error(400, "the body is longer than its header promises")
+            array = payload.view(wire.DTYPES[header.dtype]).reshape(header.shape)
+            coord.store.put(header, array)
+        except ResultRejected as exc:
+            return error(exc.status, exc.message)
+        return web.json_response({"ok": True, "job": header.job, "unit": header.unit})
+
+
+async def _read_into(reader, size: int) -> np.ndarray | None:
+    """Stream the payload into one buffer of its final size."""
+    buffer = np.empty(size, dtype=np.uint8)
+    view = memoryview(buffer)
+    filled = 0
+    while filled < size:
+        chunk = await reader.read(min(size - filled, 1 << 20))
+        if not chunk:
+            return None
+        view[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+    return buffer
+
+
+__all__ = ["setup", "coordinator", "JobState"]

@@ -1,0 +1,210 @@
+"""Real ComfyUI servers on loopback for the tests: a copy of the ComfyUI tree named by COMFYUI_ROOT
+with this extension (and the test-only nodes) in its custom_nodes, and instances started as processes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SUPPORT = Path(__file__).resolve().parent / "support"
+EXTENSION_NAME = "comfyui-distributed-under-test"  # deliberately not the repo's name: nothing may depend on it
+SKIP_DIRS = {".git", "models", "output", "temp", "user", "custom_nodes", "__pycache__", "tests", "tests-ui",
+             "tests-unit", "notebooks"}
+
+
+def comfy_root() -> Path:
+    root = os.environ.get("COMFYUI_ROOT")
+    if not root or not (Path(root) / "main.py").exists():
+        raise RuntimeError("COMFYUI_ROOT must name a ComfyUI folder (with main.py); "
+                           "run the suite through `python3 tests/run.py`, which sets it up")
+    return Path(root)
+
+
+def prepare_tree(dest: Path) -> Path:
+    """A private ComfyUI tree: the real code, our extension linked in, no user config files."""
+    src = comfy_root()
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        if entry.name in SKIP_DIRS or entry.name == "extra_model_paths.yaml":
+            continue
+        target = dest / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(entry, target)
+    for folder in ("custom_nodes", "output", "input", "temp", "user", "models/checkpoints"):
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+    (dest / "custom_nodes" / EXTENSION_NAME).symlink_to(REPO, target_is_directory=True)
+    (dest / "custom_nodes" / "distributed_test_nodes").symlink_to(SUPPORT / "distributed_test_nodes",
+                                                                  target_is_directory=True)
+    return dest
+
+
+def has_flag(tree: Path, flag: str) -> bool:
+    return flag in (tree / "comfy" / "cli_args.py").read_text(encoding="utf-8")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Instance:
+    """One ComfyUI server process."""
+
+    def __init__(self, tree: Path, name: str, port: int, workdir: Path, env: dict[str, str],
+                 extra_args: list[str] | None = None):
+        self.tree, self.name, self.port = tree, name, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.dirs = {d: workdir / name / d for d in ("output", "input", "temp")}
+        self.log_path = workdir / f"{name}.log"
+        self.env = env
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Instance":
+        for d in self.dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                "--output-directory", str(self.dirs["output"]), "--input-directory", str(self.dirs["input"]),
+                "--temp-directory", str(self.dirs["temp"]), *self.extra_args]
+        if has_flag(self.tree, "--front-end-root") and "--front-end-root" not in self.extra_args:
+            args += ["--front-end-root", str(_bare_frontend(self.tree))]
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(args, cwd=self.tree, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 240) -> "Instance":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/system_stats", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.name} did not answer within {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def signal(self, sig: int) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+
+    def stop(self) -> None:
+        if not self.process or self.process.poll() is not None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    # --- ComfyUI's HTTP API ------------------------------------------------------------------
+    def get(self, path: str, **kw):
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 10), **kw)
+
+    def post(self, path: str, body=None, **kw):
+        return requests.post(self.url + path, json=body, timeout=kw.pop("timeout", 30), **kw)
+
+    def queue_prompt(self, prompt: dict) -> str:
+        resp = self.post("/prompt", {"prompt": prompt, "client_id": "tests"})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["prompt_id"]
+
+    def wait_prompt(self, prompt_id: str, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").json().get(prompt_id)
+            if entry and (entry.get("status", {}).get("completed") is not None or entry.get("outputs")):
+                if entry.get("status", {}).get("status_str") in ("success", "error") or entry.get("outputs"):
+                    return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish on {self.name} within {timeout} s\n{self.log_tail()}")
+
+    def saved_images(self, entry: dict, node_id: str) -> list[np.ndarray]:
+        """The images a SaveImage node wrote, as uint8 arrays, in order."""
+        images = []
+        for item in entry["outputs"][node_id]["images"]:
+            path = self.dirs["output"] / item.get("subfolder", "") / item["filename"]
+            images.append(np.asarray(Image.open(path).convert("RGB")))
+        return images
+
+    def idle(self) -> bool:
+        queue = self.get("/queue").json()
+        return not queue["queue_running"] and not queue["queue_pending"]
+
+
+def _bare_frontend(tree: Path) -> Path:
+    path = tree / "bare_frontend"
+    path.mkdir(exist_ok=True)
+    (path / "index.html").write_text("<!doctype html><title>ComfyUI</title>")
+    return path
+
+
+def error_of(entry: dict) -> str:
+    """The execution error message of a finished prompt ('' if it succeeded)."""
+    for event, data in entry.get("status", {}).get("messages", []):
+        if event == "execution_error":
+            return str(data.get("exception_message", ""))
+    return ""
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+# --- workflows -----------------------------------------------------------------------------------
+
+def image_workflow(seed: int = 100, batch: int = 2, size: int = 8, seconds_per_image: float = 0.0,
+                   label: str = "") -> dict:
+    """Model-free: EmptyImage whose colour comes from Distributed Seed -> probe -> Collector -> SaveImage.
+
+    Each image's blue channel is the low byte of its participant's seed, so order and origin can be read back.
+    """
+    return {
+        "1": {"class_type": "DistributedSeed", "inputs": {"seed": seed}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": batch,
+                                                     "color": ["1", 0]}},
+        "3": {"class_type": "DistributedTestProbe", "inputs": {"images": ["2", 0],
+                                                               "seconds_per_image": seconds_per_image,
+                                                               "label": label}},
+        "4": {"class_type": "MultiGPUCollector", "inputs": {"images": ["3", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "dist"}},
+    }
+
+
+def blue_values(images: list[np.ndarray]) -> list[int]:
+    return [int(round(float(img[..., 2].mean()))) for img in images]
+
+
+def write_config(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2))

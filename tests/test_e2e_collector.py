@@ -1,0 +1,163 @@
+"""The Multi-GPU Collector end to end: a real master and two real workers on loopback."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import requests
+
+from harness import blue_values, error_of, image_workflow, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def run(cluster, prompt, timeout=120):
+    prompt_id = cluster.master.queue_prompt(prompt)
+    entry = cluster.master.wait_prompt(prompt_id, timeout)
+    return prompt_id, entry
+
+
+def test_every_participant_renders_in_order(live):
+    _pid, entry = run(live, image_workflow(seed=100, batch=2))
+    assert error_of(entry) == ""
+    images = live.master.saved_images(entry, "5")
+    # master (seed+0) first, then worker1 (slot 1), then worker2 (slot 2); each keeps its batch of 2
+    assert blue_values(images) == [100, 100, 101, 101, 102, 102]
+    ports = sorted(p["port"] for p in live.probes())
+    assert ports == sorted([live.master.port, live.workers[0].port, live.workers[1].port])
+
+
+def test_workers_run_only_the_upstream_part(live):
+    _pid, entry = run(live, image_workflow(seed=7, batch=1))
+    assert error_of(entry) == ""
+    for worker in live.workers:
+        history = worker.get("/history").json()
+        assert history, f"{worker.name} ran nothing"
+        for item in history.values():
+            classes = {n["class_type"] for n in item["prompt"][2].values()}
+            assert "SaveImage" not in classes
+            assert "MultiGPUCollector" in classes
+        assert not list(worker.dirs["output"].rglob("*.png")), "a worker saved images"
+
+
+def test_same_seed_same_images_and_api_client(live):
+    # a plain HTTP client (no browser) gets distribution too, and reruns are reproducible
+    first = blue_values(live.master.saved_images(run(live, image_workflow(seed=5, batch=1))[1], "5"))
+    second = blue_values(live.master.saved_images(run(live, image_workflow(seed=5, batch=1))[1], "5"))
+    assert first == second == [5, 6, 7]
+
+
+def test_disabled_worker_is_left_out(live):
+    config = live.default_config()
+    config["workers"][0]["enabled"] = False
+    live.reset_config(config)
+    _pid, entry = run(live, image_workflow(seed=50, batch=1))
+    # worker2 keeps its slot-2 seed offset although worker1 is off
+    assert blue_values(live.master.saved_images(entry, "5")) == [50, 52]
+    assert live.workers[0].port not in {p["port"] for p in live.probes()}
+
+
+def test_unreachable_worker_share_is_rendered_elsewhere(live):
+    from harness import free_port
+    config = live.default_config()
+    config["workers"].insert(1, {"id": "ghost", "name": "ghost", "port": free_port(), "device": 3,
+                                 "enabled": True, "extra_args": ""})
+    live.reset_config(config)
+    _pid, entry = run(live, image_workflow(seed=10, batch=1))
+    assert error_of(entry) == ""
+    # the ghost's slot (2) is rendered by someone else with the ghost's seed: the count and order hold
+    assert blue_values(live.master.saved_images(entry, "5")) == [10, 11, 12, 13]
+
+
+def test_staggered_mode_spaces_the_workers(live):
+    live.reset_config(live.default_config(mode="staggered", stagger_delay=1.5))
+    _pid, entry = run(live, image_workflow(seed=1, batch=1))
+    assert error_of(entry) == ""
+    starts = {p["port"]: p["started"] for p in live.probes()}
+    gap = starts[live.workers[1].port] - starts[live.workers[0].port]
+    assert gap >= 1.2, f"workers started only {gap:.2f} s apart"
+
+
+def test_parallel_mode_starts_workers_together(live):
+    _pid, entry = run(live, image_workflow(seed=1, batch=1, seconds_per_image=1.0))
+    assert error_of(entry) == ""
+    starts = {p["port"]: p["started"] for p in live.probes()}
+    # both workers were working at once: each started before the other ended
+    probes = {p["port"]: p for p in live.probes()}
+    w1, w2 = probes[live.workers[0].port], probes[live.workers[1].port]
+    assert w1["started"] < w2["ended"] and w2["started"] < w1["ended"], starts
+
+
+def test_clear_vram_reaches_every_instance(live):
+    resp = live.master.post("/distributed/clear_vram")
+    assert resp.status_code == 200
+    results = {r["id"]: r for r in resp.json()["results"]}
+    assert set(results) == {"master", "worker1", "worker2"}
+    assert all(r["ok"] for r in results.values()), results
+
+
+def test_clear_vram_names_an_unreachable_worker(live):
+    from harness import free_port
+    config = live.default_config()
+    config["workers"].append({"id": "ghost", "port": free_port(), "enabled": True})
+    live.reset_config(config)
+    results = {r["id"]: r for r in live.master.post("/distributed/clear_vram").json()["results"]}
+    assert results["ghost"]["ok"] is False and "cannot connect" in results["ghost"]["error"]
+    assert results["worker1"]["ok"] and results["master"]["ok"]
+
+
+def test_status_reports_every_instance(live):
+    body = live.master.get("/distributed/status").json()
+    rows = {r["id"]: r for r in body["instances"]}
+    assert list(rows) == ["master", "worker1", "worker2"]
+    for row in rows.values():
+        assert row["state"] == "online"
+        assert row["queue"] == 0
+        assert row["device_name"]
+        assert row["url"].startswith("http://127.0.0.1:")
+        assert {"name", "role", "enabled", "vram_total", "vram_free"} <= set(row)
+
+
+def test_timeout_names_the_frozen_worker(live):
+    config = live.default_config(job_timeout=3)
+    config["workers"] = config["workers"][:1]
+    live.reset_config(config)
+    worker = live.workers[0]
+    prompt_id = live.master.queue_prompt(image_workflow(seed=3, batch=1, seconds_per_image=2.0))
+    wait_until(lambda: any(p["port"] == live.master.port for p in live.probes()) or
+               not worker.idle(), 20, what="the worker to get its prompt")
+    worker.signal(signal.SIGSTOP)
+    try:
+        entry = live.master.wait_prompt(prompt_id, 60)
+    finally:
+        worker.signal(signal.SIGCONT)
+    message = error_of(entry)
+    assert "worker1" in message and "no sign of progress" in message, message
+
+
+def test_two_jobs_back_to_back(live):
+    ids = [live.master.queue_prompt(image_workflow(seed=s, batch=1, seconds_per_image=0.3)) for s in (20, 40)]
+    entries = [live.master.wait_prompt(i, 120) for i in ids]
+    assert [blue_values(live.master.saved_images(e, "5")) for e in entries] == [[20, 21, 22], [40, 41, 42]]
+    # nothing is held once both jobs are done
+    assert live.master.get("/distributed/status").json()["jobs"] == []
+
+
+def test_everything_disabled_is_a_clear_error(live):
+    config = live.default_config()
+    config["master"]["enabled"] = False
+    for w in config["workers"]:
+        w["enabled"] = False
+    live.reset_config(config)
+    _pid, entry = run(live, image_workflow(seed=1, batch=1))
+    assert "Nothing to render on" in error_of(entry)
+
+
+def test_master_disabled_only_gathers(live):
+    config = live.default_config()
+    config["master"]["enabled"] = False
+    live.reset_config(config)
+    _pid, entry = run(live, image_workflow(seed=30, batch=2))
+    assert blue_values(live.master.saved_images(entry, "5")) == [31, 31, 32, 32]
+    assert live.master.port not in {p["port"] for p in live.probes()}
