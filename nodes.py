@@ -69,7 +69,8 @@ class MultiGPUCollector:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {}, "optional": {"images": ("IMAGE",)}, "hidden": HIDDEN}
+        # Required, not optional: ComfyUI 2024 validates nothing upstream of an optional input.
+        return {"required": {"images": ("IMAGE",)}, "hidden": HIDDEN}
 
     @classmethod
     def IS_CHANGED(cls, **_kwargs):

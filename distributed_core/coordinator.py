@@ -261,7 +261,7 @@ class Coordinator:
         """End the job when the master's prompt ends without its Collector finishing it
         (an error upstream, an interrupt, or the prompt deleted from the queue)."""
         me = self.client(self.own_url())
-        while self.active(job_id):
+        while self.store.get(job_id) is not None:  # failed jobs too: they still hold results
             await asyncio.sleep(POLL_SECONDS)
             try:
                 if await me.history(prompt_id) is None:
@@ -273,8 +273,7 @@ class Coordinator:
                         return
             except InstanceError:
                 continue
-            if self.active(job_id):
-                await self.cancel(job_id, "the master's prompt ended before its Collector finished")
+            await self.cancel(job_id, "the master's prompt ended before its Collector finished")
             return
 
     async def cancel(self, job_id: str, reason: str) -> None:

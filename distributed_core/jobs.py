@@ -132,7 +132,8 @@ class JobStore:
             job = self._jobs.pop(job_id, None)
             if job is None:
                 return None
-            job.state = state
+            if job.state is not JobState.FAILED:  # a failure stays the reason it ended
+                job.state = state
             job.error = job.error or error
             job.results.clear()
             job.held_bytes = 0

@@ -89,7 +89,7 @@ def encode(header: Header, array: np.ndarray) -> list:
     array = np.ascontiguousarray(array)
     if array.dtype != DTYPES[header.dtype] or tuple(array.shape) != header.shape:
         raise FrameError("array does not match its header")
-    return [header.to_bytes(), memoryview(array).cast("B")]
+    return [header.to_bytes(), memoryview(array.reshape(-1).view(np.uint8))]
 
 
 def decode(frame: bytes) -> tuple[Header, np.ndarray]:

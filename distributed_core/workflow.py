@@ -70,8 +70,8 @@ def _with_field(node: dict, data: dict) -> dict:
 def master_prompt(prompt: Prompt, collectors: list[str], job: dict, units: list[int]) -> Prompt:
     """The master's own prompt: the whole workflow, its seed nodes set to the master's units.
 
-    With no unit of its own (master disabled) the Collectors lose their image input, so that the
-    master renders nothing upstream of them and only gathers.
+    With no unit of its own (master disabled) each Collector's input comes from a 1x1 EmptyImage
+    instead, so that the master renders nothing upstream of it and only gathers.
     """
     result = dict(prompt)
     for nid in nodes_of(prompt, SEED):
@@ -79,7 +79,10 @@ def master_prompt(prompt: Prompt, collectors: list[str], job: dict, units: list[
     for nid in collectors:
         node = _with_field(prompt[nid], {**job, "role": "master", "collector": nid, "units": units})
         if not units:
-            node["inputs"].pop("images", None)
+            placeholder = f"{nid}-idle"
+            result[placeholder] = {"class_type": "EmptyImage",
+                                   "inputs": {"width": 1, "height": 1, "batch_size": 1, "color": 0}}
+            node["inputs"]["images"] = [placeholder, 0]
         result[nid] = node
     return result
 

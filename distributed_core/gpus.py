@@ -1,0 +1,71 @@
+"""NVIDIA GPU detection through nvidia-smi, and the config a fresh machine starts with."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Any
+
+NVIDIA_SMI_QUERY = ["--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"]
+MASTER_PORT = 8188
+CPU_WORKER_COUNT = 2
+
+
+def parse_nvidia_smi(output: str) -> list[dict[str, Any]]:
+    """Parse ``index, name, memory.total`` CSV lines; lines that do not fit are skipped."""
+    gpus: list[dict[str, Any]] = []
+    for line in output.splitlines():
+        if line.count(",") < 2:
+            continue
+        # A GPU name may itself hold a comma: index is the first field, memory the last.
+        index_text, rest = line.split(",", 1)
+        name, memory_text = rest.rsplit(",", 1)
+        try:
+            index = int(index_text)
+            vram_total_mb = int(float(memory_text))
+        except ValueError:  # e.g. "[N/A]" or a header line
+            continue
+        gpus.append({"index": index, "name": name.strip(), "vram_total_mb": vram_total_mb})
+    return sorted(gpus, key=lambda gpu: gpu["index"])
+
+
+def detect_gpus(timeout: float = 15.0) -> list[dict[str, Any]]:
+    """The NVIDIA GPUs of this machine as ``{index, name, vram_total_mb}``; [] without nvidia-smi."""
+    executable = shutil.which("nvidia-smi")
+    if not executable:
+        return []
+    try:
+        result = subprocess.run([executable, *NVIDIA_SMI_QUERY], capture_output=True, text=True,
+                                timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if result.returncode != 0:  # e.g. a driver/library version mismatch
+        return []
+    return parse_nvidia_smi(result.stdout)
+
+
+def config_from_gpus(gpus: list[dict[str, Any]]) -> dict[str, Any]:
+    """Master on the first GPU, one worker per further GPU; without a GPU, a CPU setup to try things."""
+    if not gpus:
+        workers = [{"id": f"worker{n}", "name": f"CPU worker {n}", "host": "127.0.0.1",
+                    "port": MASTER_PORT + n, "device": None, "enabled": True, "extra_args": "--cpu"}
+                   for n in range(1, CPU_WORKER_COUNT + 1)]
+        master_device = None
+    else:
+        workers = [{"id": f"worker{n}", "name": f"GPU {gpu['index']}", "host": "127.0.0.1",
+                    "port": MASTER_PORT + n, "device": gpu["index"], "enabled": True, "extra_args": ""}
+                   for n, gpu in enumerate(gpus[1:], start=1)]
+        master_device = gpus[0]["index"]
+    return {
+        "master": {"port": MASTER_PORT, "device": master_device, "enabled": True},
+        "workers": workers,
+        "settings": {"stagger_delay": 2.0, "job_timeout": 120, "mode": "parallel"},
+    }
+
+
+def describe_gpus(gpus: list[dict[str, Any]]) -> str:
+    if not gpus:
+        return "No NVIDIA GPU found (nvidia-smi missing, failing or listing none)."
+    lines = [f"Found {len(gpus)} NVIDIA GPU{'s' if len(gpus) != 1 else ''}:"]
+    lines += [f"  GPU {gpu['index']}: {gpu['name']} ({gpu['vram_total_mb'] / 1024:.1f} GiB VRAM)"
+              for gpu in gpus]
+    return "\n".join(lines)

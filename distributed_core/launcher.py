@@ -1,0 +1,542 @@
+"""Start the master and the local workers of gpu_config.json, one ComfyUI per GPU, and stop them together.
+
+Run ``python -m distributed_core.launcher --help`` from the extension folder, or the wrappers
+``launch_distributed.sh`` / ``launch_distributed.bat``, which run this file by its path.
+Importing it has no side effects: the panel's HTTP routes use ``LocalProcesses``,
+``read_log_tail`` and ``log_path`` from here.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if not __package__:
+    # Run as a file (the wrappers do): embedded Pythons such as ComfyUI portable's ignore the
+    # current folder, so ``-m`` cannot find the package there. Before any other import, put the
+    # extension folder on the path in place of this one, whose modules must not shadow the stdlib.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    __package__ = "distributed_core"
+
+import argparse
+import ctypes
+import http.client
+import importlib
+import json
+import re
+import shlex
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import config as cfg
+from .gpus import config_from_gpus, describe_gpus, detect_gpus
+
+LOG_DIR = cfg.EXTENSION_DIR / "logs"
+MASTER_ID = "master"
+STOP_GRACE_S = 10.0
+DEFAULT_WAIT_TIMEOUT_S = 180.0
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
+COMFYUI_ROOT_ENV = "COMFYUI_ROOT"
+
+
+class LauncherError(Exception):
+    """A problem the user must fix, told in one message."""
+
+
+# --- logs -------------------------------------------------------------------------------------
+
+def log_path(instance_id: str) -> Path:
+    """``<extension>/logs/<id>.log``; ids outside [A-Za-z0-9_-] are refused so no path escapes."""
+    if not isinstance(instance_id, str) or not SAFE_ID.fullmatch(instance_id):
+        raise ValueError(f"invalid instance id {instance_id!r}: use letters, digits, '-' and '_' only")
+    return LOG_DIR / f"{instance_id}.log"
+
+
+def read_log_tail(instance_id: str, lines: int = 50) -> str:
+    """The last ``lines`` lines of an instance's log; "" when it has none."""
+    path = log_path(instance_id)
+    lines = max(1, min(int(lines), 10_000))
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - max(65_536, 1_000 * lines)))  # logs of long runs grow large
+            data = handle.read()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+
+# --- what to run ------------------------------------------------------------------------------
+
+@dataclass
+class Instance:
+    id: str
+    label: str
+    port: int
+    url: str  # where this machine reaches it
+    device: int | None = None
+    cpu: bool = False
+    local: bool = True
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # set on top of the launcher's own environment
+
+    @property
+    def gpu(self) -> str:
+        if not self.local:
+            return "remote"
+        return "CPU" if self.cpu else ("default GPU" if self.device is None else f"GPU {self.device}")
+
+
+def build_command(python: str, listen: str, port: int, extra_args: str = "", cpu: bool = False) -> list[str]:
+    """The one way an instance's command is built: a list of words for exec, never a shell string."""
+    args = shlex.split(extra_args)
+    if cpu and "--cpu" not in args:
+        args.append("--cpu")
+    return [python, "main.py", "--listen", listen, "--port", str(port), *args]
+
+
+def instance_env(device: int | None, cpu: bool, config_file: Path | None) -> dict[str, str]:
+    env = {"PYTHONUNBUFFERED": "1"}  # so that log tails are current
+    if device is not None and not cpu:
+        env["CUDA_VISIBLE_DEVICES"] = str(device)
+    if config_file is not None:
+        env[cfg.ENV_VAR] = str(config_file)
+    return env
+
+
+def _local_url(host: str, port: int) -> str:
+    return f"http://[::1]:{port}" if host == "::1" else f"http://127.0.0.1:{port}"
+
+
+def _master_on_cpu(config: cfg.Config) -> bool:
+    # The schema has no master.extra_args, so the CPU setup written when no GPU is found is
+    # recognised by its shape; without --cpu, ComfyUI would not start on such a machine.
+    local = [w for w in config.workers if w.is_local and w.enabled]
+    return (config.master.device is None and bool(local)
+            and all("--cpu" in shlex.split(w.extra_args) for w in local))
+
+
+def master_instance(config: cfg.Config, python: str, cpu: bool = False,
+                    config_file: Path | None = None) -> Instance:
+    # Remote workers must reach the master; otherwise nothing outside this machine needs to.
+    listen = "0.0.0.0" if any(not w.is_local for w in config.workers) else "127.0.0.1"
+    cpu = cpu or _master_on_cpu(config)
+    port, device = config.master.port, config.master.device
+    return Instance(MASTER_ID, "master", port, _local_url("127.0.0.1", port), device, cpu,
+                    argv=build_command(python, listen, port, "", cpu), env=instance_env(device, cpu, config_file))
+
+
+def worker_instance(config: cfg.Config, worker: cfg.Worker, python: str, cpu: bool = False,
+                    config_file: Path | None = None) -> Instance:
+    if not worker.is_local:
+        return Instance(worker.id, worker.label, worker.port, worker.url, worker.device, local=False)
+    cpu = cpu or "--cpu" in shlex.split(worker.extra_args)
+    listen = "::1" if worker.host == "::1" else "127.0.0.1"
+    return Instance(worker.id, worker.label, worker.port, _local_url(worker.host, worker.port), worker.device,
+                    cpu, argv=build_command(python, listen, worker.port, worker.extra_args, cpu),
+                    env=instance_env(worker.device, cpu, config_file))
+
+
+def answers(url: str, timeout: float = 2.0) -> bool:
+    """True when a ComfyUI answers ``GET /system_stats`` at ``url``."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    try:
+        with opener.open(f"{url}/system_stats", timeout=timeout) as response:
+            return response.status == 200 and isinstance(json.loads(response.read()), dict)
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+
+
+# --- processes --------------------------------------------------------------------------------
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """On Linux, a preexec_fn that has the kernel kill the child when its parent dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
+    except (OSError, AttributeError):
+        return None
+    parent_pid = os.getpid()
+
+    def die_with_parent() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return die_with_parent
+
+
+def _signal_group(process: subprocess.Popen, hard: bool) -> None:
+    if os.name == "nt":
+        process.kill() if hard else process.terminate()
+        return
+    try:  # each child leads its own session, so its group id is its pid
+        os.killpg(process.pid, signal.SIGKILL if hard else signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_processes(processes: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
+    """Terminate all at once, wait up to ``grace_s`` for them together, then kill what is left."""
+    for process in processes:
+        if process.poll() is None:
+            _signal_group(process, hard=False)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for process in processes:
+        _signal_group(process, hard=True)  # also whatever the instance itself started
+        process.wait()
+
+
+class LocalProcesses:
+    """ComfyUI instances started by this process, by id; it never touches others.
+
+    On Linux a child is killed when the thread that started it ends (PR_SET_PDEATHSIG is per
+    thread), so start from a thread that lives as long as the process, e.g. the event loop's.
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    def start(self, instance: Instance, comfy_root: Path) -> int:
+        if not instance.local:
+            raise LauncherError(f"{instance.label} is on another machine ({instance.url}); start it there")
+        path = log_path(instance.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        options: dict = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
+                         else {"start_new_session": True, "preexec_fn": _die_with_parent_hook()})
+        with self._lock:
+            running = self._by_id.get(instance.id)
+            if running is not None and running.poll() is None:
+                raise LauncherError(f"{instance.label} is already running (pid {running.pid})")
+            with path.open("wb") as log:
+                log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} in {comfy_root}: "
+                          f"{env_words(instance.env)} {shlex.join(instance.argv)}\n".encode())
+                log.flush()
+                process = subprocess.Popen(instance.argv, cwd=comfy_root, env={**os.environ, **instance.env},
+                                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           **options)
+            self._by_id[instance.id] = process
+            return process.pid
+
+    def start_worker(self, config: cfg.Config, worker: cfg.Worker, comfy_root: Path,
+                     python: str = sys.executable, cpu: bool = False, config_file: Path | None = None) -> int:
+        """Start one local worker exactly as the launcher would; returns its pid."""
+        return self.start(worker_instance(config, worker, python, cpu, config_file), Path(comfy_root))
+
+    def process(self, instance_id: str) -> subprocess.Popen | None:
+        with self._lock:
+            return self._by_id.get(instance_id)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._by_id)
+
+    def is_running(self, instance_id: str) -> bool:
+        process = self.process(instance_id)
+        return process is not None and process.poll() is None
+
+    def exit_code(self, instance_id: str) -> int | None:
+        process = self.process(instance_id)
+        return None if process is None else process.poll()
+
+    def stop(self, instance_ids: list[str], grace_s: float = STOP_GRACE_S) -> list[str]:
+        """Stop these instances (among those this object started); returns the ids it stopped."""
+        with self._lock:
+            chosen = {i: self._by_id.pop(i) for i in instance_ids if i in self._by_id}
+        stop_processes(list(chosen.values()), grace_s)
+        return list(chosen)
+
+    def stop_worker(self, worker_id: str, grace_s: float = STOP_GRACE_S) -> bool:
+        return bool(self.stop([worker_id], grace_s))
+
+    def stop_all(self, grace_s: float = STOP_GRACE_S) -> list[str]:
+        return self.stop(self.ids(), grace_s)
+
+
+# --- finding things ---------------------------------------------------------------------------
+
+def find_comfyui(flag: str | None = None) -> tuple[Path, str]:
+    """ComfyUI's folder and how it was found: --comfyui, else the custom_nodes holding us, else $COMFYUI_ROOT."""
+    options = ("Install this extension in ComfyUI/custom_nodes/, set COMFYUI_ROOT to the ComfyUI "
+               "folder, or pass --comfyui PATH.")
+    if flag:
+        root = Path(flag).expanduser().resolve()
+        if (root / "main.py").is_file():
+            return root, "--comfyui"
+        raise LauncherError(f"--comfyui {flag}: no main.py there, so it is not a ComfyUI folder. {options}")
+    parent = cfg.EXTENSION_DIR.parent
+    if parent.name == "custom_nodes" and (parent.parent / "main.py").is_file():
+        return parent.parent, "the custom_nodes folder holding this extension"
+    env_root = os.environ.get(COMFYUI_ROOT_ENV)
+    if env_root:
+        root = Path(env_root).expanduser().resolve()
+        if (root / "main.py").is_file():
+            return root, COMFYUI_ROOT_ENV
+        raise LauncherError(f"COMFYUI_ROOT={env_root}: no main.py there. {options}")
+    raise LauncherError(f"Cannot find ComfyUI: this extension is not in a ComfyUI/custom_nodes folder. {options}")
+
+
+def load_config(flag: str | None = None) -> tuple[cfg.Config, Path, Path | None]:
+    """The config, its file, and the file to name to the instances (None: they find the same one).
+
+    With no user config yet, the GPUs are detected and the result is saved for next time.
+    """
+    chosen = flag or os.environ.get(cfg.ENV_VAR)
+    path = Path(chosen).expanduser().resolve() if chosen else (cfg.LOCAL_FILE if cfg.LOCAL_FILE.exists() else None)
+    named = path if chosen else None  # absolute: the instances run in ComfyUI's folder
+    if path is None or not path.exists():
+        gpus = detect_gpus()
+        print(describe_gpus(gpus))
+        config = cfg.parse(config_from_gpus(gpus))
+        saved = cfg.save(config, path or cfg.save_path())
+        print(f"Wrote the detected setup to {saved} (edit it, or use the panel, to change it).")
+        return config, saved, named
+    loaded = cfg.load(path)
+    if loaded.error:  # unlike the server, never run on defaults the user did not ask for
+        raise LauncherError(f"{loaded.error}\nFix the file, or remove it to have a new one detected.")
+    return loaded.config, path, named
+
+
+# --- the command line -------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    comfy_root: Path
+    config: cfg.Config
+    to_start: list[Instance]
+    to_check: list[Instance]  # remote workers, and the master with --workers-only
+    master: Instance
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    comfy_root, found_by = find_comfyui(args.comfyui)
+    config, path, named = load_config(args.config)
+    master = master_instance(config, sys.executable, args.cpu, named)
+    workers = [] if args.master_only else [worker_instance(config, w, sys.executable, args.cpu, named)
+                                            for w in config.workers if w.enabled]
+    to_start = ([] if args.workers_only else [master]) + [w for w in workers if w.local]
+    to_check = ([master] if args.workers_only else []) + [w for w in workers if not w.local]
+    settings, disabled = config.settings, sum(not w.enabled for w in config.workers)
+    print(f"ComfyUI: {comfy_root} (found via {found_by})")
+    print(f"Config:  {path} (mode {settings.mode}"
+          + (f", {settings.stagger_delay:g} s apart)" if settings.mode == "staggered" else ")"))
+    print(f"Plan:    start {', '.join(f'{i.label} ({i.gpu})' for i in to_start) or 'nothing'}"
+          + (f"; check {', '.join(i.label for i in to_check)}" if to_check else "")
+          + (f"; {disabled} disabled worker(s) left off" if disabled else ""))
+    return Plan(comfy_root, config, to_start, to_check, master)
+
+
+def env_words(env: dict[str, str]) -> str:
+    return " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
+
+
+def print_dry_run(plan: Plan) -> None:
+    print(f"\nDry run: nothing is started. Commands run in {plan.comfy_root}:")
+    for instance in plan.to_start:
+        named = f", name {instance.label!r}" if instance.label != instance.id else ""
+        print(f"\n{instance.id}: {instance.gpu}, port {instance.port}{named}")
+        print(f"  env: {env_words(instance.env)}")
+        print(f"  command: {shlex.join(instance.argv)}")
+        print(f"  log: {log_path(instance.id)}")
+    for instance in plan.to_check:
+        print(f"\n{instance.label}: not started here, would be checked at {instance.url}")
+
+
+def print_table(plan: Plan, status: dict[str, str]) -> None:
+    rows = [("NAME", "GPU", "PORT", "URL", "STATUS", "LOG")]
+    for instance in plan.to_start + plan.to_check:
+        state = status.get(instance.id, "not started")
+        ours = instance.local and state not in ("already running", "not started", "online", "offline")
+        rows.append((instance.label, instance.gpu, str(instance.port), instance.url, state,
+                     str(log_path(instance.id)) if ours else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print("\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows) + "\n")
+
+
+class _StopRequest:
+    """Set by SIGINT/SIGTERM. A plain flag: taking a lock (threading.Event) in a signal handler can deadlock."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.interrupt = False  # raise KeyboardInterrupt instead, to break out of the example
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        if self.interrupt:
+            raise KeyboardInterrupt
+
+    def sleep(self, seconds: float) -> bool:
+        end = time.monotonic() + seconds
+        while not self.requested and (left := end - time.monotonic()) > 0:
+            time.sleep(min(0.2, left))
+        return self.requested
+
+
+def _report_failure(instance_id: str, what: str) -> None:
+    tail = "\n".join(f"    {line}" for line in read_log_tail(instance_id, 30).splitlines())
+    print(f"\nERROR: {what}.\nLast lines of {log_path(instance_id)}:\n{tail}", file=sys.stderr, flush=True)
+
+
+def start_and_wait(plan: Plan, processes: LocalProcesses, stop: _StopRequest, wait_timeout: float,
+                   status: dict[str, str]) -> bool:
+    """Start what is not running yet and wait until it answers; False when the master failed."""
+    staggered = plan.config.settings.mode == "staggered"
+    started: list[Instance] = []
+    for instance in plan.to_start:
+        if stop.requested:
+            break
+        if answers(instance.url):  # not ours: neither started nor stopped
+            status[instance.id] = "already running"
+            print(f"{instance.label} already answers at {instance.url}: left alone")
+            continue
+        if staggered and started:
+            stop.sleep(plan.config.settings.stagger_delay)
+        pid = processes.start(instance, plan.comfy_root)
+        status[instance.id] = f"started (pid {pid})"
+        started.append(instance)
+        print(f"Started {instance.label} (pid {pid}), log {log_path(instance.id)}")
+    deadline = time.monotonic() + wait_timeout
+    pending = list(started)
+    while pending and not stop.requested:
+        for instance in list(pending):
+            code = processes.exit_code(instance.id)
+            if code is not None:
+                status[instance.id] = f"exited ({code})"
+                _report_failure(instance.id, f"{instance.label} exited with code {code} before answering "
+                                             f"on {instance.url}")
+            elif answers(instance.url, timeout=1.0):
+                status[instance.id] = status[instance.id].replace("started", "running")
+                print(f"{instance.label} is up at {instance.url}")
+            else:
+                continue
+            pending.remove(instance)
+        if pending and time.monotonic() > deadline:
+            for instance in pending:
+                status[instance.id] = "no answer, stopped"
+                _report_failure(instance.id, f"{instance.label} did not answer on {instance.url} within "
+                                             f"{wait_timeout:g} s, so it was stopped (see --wait-timeout)")
+            processes.stop([i.id for i in pending])
+            pending = []
+        stop.sleep(0.5 if pending else 0)
+    for instance in plan.to_check:
+        status[instance.id] = "online" if answers(instance.url, timeout=3.0) else "offline"
+    return all(status[i.id].startswith("running") for i in started if i.id == MASTER_ID)
+
+
+def watch(processes: LocalProcesses, stop: _StopRequest) -> int:
+    """Run until asked to stop; a master that dies takes the workers with it."""
+    if not processes.ids():
+        print("Nothing was started by this launcher, so there is nothing to watch.")
+        return 0
+    print("Running. Press Ctrl-C to stop everything this launcher started.", flush=True)
+    reported = {i for i in processes.ids() if processes.exit_code(i) is not None}  # told at start-up
+    while not stop.sleep(0.5):
+        for instance_id in processes.ids():
+            code = processes.exit_code(instance_id)
+            if code is None or instance_id in reported:
+                continue
+            reported.add(instance_id)
+            if instance_id == MASTER_ID:
+                _report_failure(MASTER_ID, f"the master exited (code {code}), so its workers are stopped")
+                return 1
+            print(f"WARNING: {instance_id} exited (code {code}); see {log_path(instance_id)}", file=sys.stderr)
+        if len(reported) == len(processes.ids()):
+            print("ERROR: every instance this launcher started has exited.", file=sys.stderr)
+            return 1
+    return 0
+
+
+def run_example(master_url: str) -> int:
+    """Hook for the example run: ``distributed_core.example.run(master_url) -> int`` when it exists."""
+    name = f"{__package__}.example"
+    try:
+        example = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        print("The example is not available in this version (distributed_core/example.py is missing).")
+        return 1
+    return int(example.run(master_url) or 0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="launch_distributed", description="Start the ComfyUI master and the local workers of "
+        "gpu_config.json, each on its own GPU; Ctrl-C stops all that it started.")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--master-only", action="store_true", help="start the master only, no workers")
+    only.add_argument("--workers-only", action="store_true",
+                      help="start the local workers only (the master runs already, or elsewhere)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print each instance's command and environment variables; start nothing")
+    parser.add_argument("--cpu", action="store_true",
+                        help="run every instance on the CPU (adds --cpu, sets no CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--config", metavar="PATH",
+                        help="config file to use and to hand to the master; created from the detected "
+                             "GPUs when missing (default: gpu_config.local.json)")
+    parser.add_argument("--comfyui", metavar="PATH",
+                        help="ComfyUI folder, the one holding main.py (default: the ComfyUI whose "
+                             "custom_nodes holds this extension, else $COMFYUI_ROOT)")
+    parser.add_argument("--wait-timeout", metavar="S", type=float, default=DEFAULT_WAIT_TIMEOUT_S,
+                        help="seconds to wait for each instance to answer (default %(default)g)")
+    parser.add_argument("--example", action="store_true",
+                        help="once all answer, run the example workflow on the master, then stop "
+                             "everything and exit with its result")
+    args = parser.parse_args(argv)
+    if args.wait_timeout <= 0:
+        parser.error("--wait-timeout must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = make_plan(args)
+    except LauncherError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print_dry_run(plan)
+        return 0
+    processes, stop, status = LocalProcesses(), _StopRequest(), {}
+    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
+    previous = {sig: signal.signal(sig, stop.handle) for sig in signals}
+    try:
+        master_ok = start_and_wait(plan, processes, stop, args.wait_timeout, status)
+        print_table(plan, status)
+        if stop.requested:
+            return 0
+        if not master_ok:
+            return 1
+        if args.example:
+            stop.interrupt = True
+            return run_example(plan.master.url)
+        return watch(processes, stop)
+    except KeyboardInterrupt:
+        return 0 if stop.requested else 130
+    finally:
+        stop.interrupt = False
+        if processes.ids():
+            print("Stopping the instances this launcher started...", flush=True)
+            print(f"Stopped: {', '.join(processes.stop_all())}.", flush=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows at once, even through a pipe
+    sys.exit(main())

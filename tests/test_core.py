@@ -1,0 +1,252 @@
+"""Unit tests of the core logic on plain values (no ComfyUI)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from distributed_core import config, plan, wire, workflow
+from distributed_core.jobs import Job, JobFailed, JobState, JobStore, ResultRejected
+
+PRODUCT_SHEET_CONFIG = {
+    "master": {"port": 8188, "device": 0, "enabled": True},
+    "workers": [
+        {"port": 8189, "device": 1, "enabled": True, "extra_args": "--enable-cors-header"},
+        {"port": 8190, "device": 2, "enabled": True, "extra_args": "--enable-cors-header"},
+    ],
+    "settings": {"stagger_delay": 2.0, "job_timeout": 120},
+}
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+def test_product_sheet_config_is_honoured_as_it_is():
+    c = config.parse(PRODUCT_SHEET_CONFIG)
+    assert [w.port for w in c.workers] == [8189, 8190]
+    assert [w.id for w in c.workers] == ["worker1", "worker2"]
+    assert c.workers[0].host == "127.0.0.1" and c.workers[0].url == "http://127.0.0.1:8189"
+    assert c.settings.mode == "parallel" and c.settings.job_timeout == 120
+
+
+def test_shipped_defaults_file_is_valid():
+    c = config.parse(json.loads(config.DEFAULTS_FILE.read_text()))
+    assert c.master.port == 8188
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["workers"][1].__setitem__("port", 70000), "workers[1].port"),
+    (lambda d: d["workers"][0].__setitem__("enabled", "yes"), "workers[0].enabled"),
+    (lambda d: d["settings"].__setitem__("mode", "fast"), "settings.mode"),
+    (lambda d: d["settings"].__setitem__("stagger_delay", -1), "settings.stagger_delay"),
+    (lambda d: d["master"].__setitem__("port", "8188"), "master.port"),
+    (lambda d: d["workers"][0].__setitem__("extra_args", "--cpu; rm -rf /"), "workers[0].extra_args"),
+    (lambda d: d["workers"][0].__setitem__("host", "a b"), "workers[0].host"),
+    (lambda d: d["workers"][0].__setitem__("prot", 1), "workers[0].prot"),
+    (lambda d: d["workers"][1].__setitem__("port", 8189), "workers[1].port"),
+    (lambda d: d.__setitem__("workers", {}), "workers"),
+])
+def test_validation_names_the_field(mutate, field):
+    data = json.loads(json.dumps(PRODUCT_SHEET_CONFIG))
+    mutate(data)
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(data)
+    assert any(e.startswith(field) for e in info.value.errors), info.value.errors
+
+
+def test_round_trip_keeps_everything():
+    c = config.parse(PRODUCT_SHEET_CONFIG)
+    assert config.parse(c.to_dict()) == c
+
+
+def test_broken_file_gives_defaults_and_keeps_the_file(tmp_path):
+    path = tmp_path / "gpu_config.json"
+    path.write_text('{"master": {"port": 8188,,}')
+    loaded = config.load(path)
+    assert "not valid JSON" in loaded.error and "line 1" in loaded.error
+    assert loaded.config == config.parse(config.DEFAULT_CONFIG)
+    assert path.read_text() == '{"master": {"port": 8188,,}'
+
+
+def test_invalid_file_names_the_field(tmp_path):
+    path = tmp_path / "gpu_config.json"
+    path.write_text(json.dumps({"master": {"port": 0}}))
+    assert "master.port" in config.load(path).error
+
+
+def test_save_is_atomic_and_moves_a_broken_file_aside(tmp_path):
+    path = tmp_path / "gpu_config.json"
+    path.write_text("not json")
+    config.save(config.parse(PRODUCT_SHEET_CONFIG), path)
+    assert config.load(path).error == ""
+    assert [p.name for p in tmp_path.glob("gpu_config.json.broken-*")]
+    assert not list(tmp_path.glob(".gpu_config.json.*.tmp"))
+
+
+def test_user_settings_live_outside_the_tracked_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(config.ENV_VAR, raising=False)
+    assert config.save_path() == config.LOCAL_FILE
+    assert config.LOCAL_FILE.name in (config.EXTENSION_DIR / ".gitignore").read_text()
+    monkeypatch.setenv(config.ENV_VAR, str(tmp_path / "x.json"))
+    assert config.config_path() == tmp_path / "x.json" == config.save_path()
+
+
+# --- plan -----------------------------------------------------------------------------------------
+
+def test_slots_follow_config_positions():
+    c = config.parse(PRODUCT_SHEET_CONFIG)
+    assert plan.slots(c) == [plan.Slot("master", 0), plan.Slot("worker1", 1), plan.Slot("worker2", 2)]
+    c.workers[0].enabled = False
+    assert plan.slots(c) == [plan.Slot("master", 0), plan.Slot("worker2", 2)]
+    c.master.enabled = False
+    c.workers[1].enabled = False
+    with pytest.raises(plan.PlanError, match="Nothing to render on"):
+        plan.slots(c)
+
+
+def test_assign_spreads_orphans_evenly_and_deterministically():
+    units = {"master": [0], "a": [1], "b": [2], "c": [3], "d": [4]}
+    assert plan.assign(units, ["master", "a", "b", "c", "d"]) == units
+    assert plan.assign(units, ["master", "a", "b"]) == {"master": [0, 3], "a": [1, 4], "b": [2]}
+    assert plan.assign(units, ["b"]) == {"b": [0, 1, 2, 3, 4]}
+    with pytest.raises(plan.PlanError):
+        plan.assign(units, [])
+
+
+def test_seed_offsets_wrap_like_comfyui_seeds():
+    assert plan.seed_for(100, 0) == 100 and plan.seed_for(100, 2) == 102
+    assert plan.seed_for(0xFFFFFFFFFFFFFFFF, 1) == 0
+
+
+# --- workflow -------------------------------------------------------------------------------------
+
+PROMPT = {
+    "1": {"class_type": "DistributedSeed", "inputs": {"seed": 5}},
+    "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": ["1", 0]}},
+    "3": {"class_type": "MultiGPUCollector", "inputs": {"images": ["2", 0]}},
+    "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}},
+    "5": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+}
+
+
+def test_worker_prompt_holds_only_the_upstream_part():
+    wp = workflow.worker_prompt(PROMPT, ["3"], {"job": "j"}, [1, 3])
+    assert set(wp) == {"1", "2", "3"}
+    assert workflow.read_field(wp, "3") == {"job": "j", "role": "worker", "collector": "3", "units": [1, 3]}
+    assert workflow.read_field(wp, "1") == {"units": [1, 3]}
+    assert workflow.fresh_collectors(wp) == []  # a worker never distributes again
+    assert workflow.FIELD not in PROMPT["3"]["inputs"]  # the original is untouched
+
+
+def test_master_prompt_keeps_the_workflow_and_drops_the_input_when_it_renders_nothing():
+    mp = workflow.master_prompt(PROMPT, ["3"], {"job": "j"}, [0])
+    assert set(mp) == set(PROMPT) and mp["3"]["inputs"]["images"] == ["2", 0]
+    assert workflow.read_field(mp, "1") == {"units": [0]}
+    idle = workflow.master_prompt(PROMPT, ["3"], {"job": "j"}, [])
+    source = idle["3"]["inputs"]["images"][0]
+    assert idle[source]["class_type"] == "EmptyImage" and source not in PROMPT
+
+
+def test_fresh_collectors_ignores_non_prompts():
+    assert workflow.fresh_collectors(PROMPT) == ["3"]
+    assert workflow.fresh_collectors(None) == [] and workflow.fresh_collectors([1]) == []
+    with pytest.raises(workflow.WorkflowError):
+        workflow.upstream({"3": {"class_type": "MultiGPUCollector", "inputs": {"images": ["9", 0]}}}, ["3"])
+    assert workflow.read_field({"3": {"inputs": {workflow.FIELD: "not json"}}}, "3") is None
+
+
+# --- wire -----------------------------------------------------------------------------------------
+
+def _header(shape, dtype="float32", unit=1):
+    return wire.Header("job", "3", unit, "tok", dtype, shape)
+
+
+@pytest.mark.parametrize("shape, dtype", [((2, 3, 5, 3), "float32"), ((0, 4, 4, 3), "float32"),
+                                          ((1, 7, 1, 4), "uint8"), ((3, 64, 33, 1), "float16"),
+                                          ((8, 256, 256, 3), "float32")])
+def test_frame_round_trip(shape, dtype):
+    rng = np.random.default_rng(0)
+    array = rng.random(shape).astype(wire.DTYPES[dtype]) if dtype != "uint8" else \
+        rng.integers(0, 256, shape, dtype=np.uint8)
+    frame = b"".join(bytes(p) for p in wire.encode(_header(shape, dtype), array))
+    header, back = wire.decode(frame)
+    assert header == _header(shape, dtype)
+    assert back.dtype == array.dtype and back.shape == shape and np.array_equal(back, array)
+
+
+def test_frames_that_are_wrong_are_refused():
+    frame = b"".join(bytes(p) for p in wire.encode(_header((1, 2, 2, 3)), np.zeros((1, 2, 2, 3), np.float32)))
+    with pytest.raises(wire.FrameError, match="payload"):
+        wire.decode(frame[:-1])
+    with pytest.raises(wire.FrameError, match="magic"):
+        wire.decode(b"XXXX" + frame[4:])
+    with pytest.raises(wire.FrameError, match="header length"):
+        wire.header_length(wire.MAGIC + (10 ** 9).to_bytes(4, "big"))
+    for bad in ({"job": "j"}, {**json.loads(_header((1, 2, 2, 3)).to_bytes()[8:]), "shape": [1, 2, 2, 9]},
+                {**json.loads(_header((1, 2, 2, 3)).to_bytes()[8:]), "dtype": "float64"}):
+        with pytest.raises(wire.FrameError):
+            wire.parse_header(json.dumps(bad).encode())
+    with pytest.raises(wire.FrameError):
+        wire.encode(_header((1, 2, 2, 3)), np.zeros((1, 2, 2, 4), np.float32))
+
+
+def test_quantize_rounds_to_nearest():
+    assert wire.quantize(np.array([0.0, 0.5, 1.0, 1.2, -0.1, 0.499 / 255])).tolist() == [0, 128, 255, 255, 0, 0]
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+def _job(units=(0, 1, 2), collectors=("3",)):
+    return Job(id="j1", collectors=list(collectors), units=list(units))
+
+
+def test_results_are_checked_before_they_are_read():
+    store = JobStore()
+    job = _job()
+    store.add(job)
+    ok = wire.Header("j1", "3", 1, job.token, "uint8", (1, 2, 2, 3))
+    store.put(ok, np.zeros((1, 2, 2, 3), np.uint8))
+    cases = [(wire.Header("nope", "3", 1, "t", "uint8", (1, 2, 2, 3)), 404),
+             (wire.Header("j1", "3", 1, "bad", "uint8", (1, 2, 2, 3)), 403),
+             (wire.Header("j1", "3", 9, job.token, "uint8", (1, 2, 2, 3)), 400),
+             (ok, 409)]
+    for header, status in cases:
+        with pytest.raises(ResultRejected) as info:
+            store.check(header)
+        assert info.value.status == status
+    store.end("j1", JobState.DONE)
+    with pytest.raises(ResultRejected) as info:
+        store.check(ok)
+    assert info.value.status == 410
+
+
+def test_budget_holds_later_jobs_but_never_the_oldest():
+    store = JobStore(budget_bytes=100)
+    first, second = Job(id="a", collectors=["3"], units=[1]), Job(id="b", collectors=["3"], units=[1, 2])
+    store.add(first)
+    store.add(second)
+    big = lambda job, unit: wire.Header(job.id, "3", unit, job.token, "uint8", (1, 8, 8, 1))  # 64 bytes
+    store.put(big(second, 1), np.zeros((1, 8, 8, 1), np.uint8))
+    with pytest.raises(ResultRejected) as info:
+        store.check(big(second, 2))
+    assert info.value.status == 503
+    store.put(big(first, 1), np.zeros((1, 8, 8, 1), np.uint8))  # the oldest job is always let in
+
+
+def test_wait_wakes_on_results_and_raises_on_failure():
+    store = JobStore()
+    job = _job(units=(0, 1))
+    store.add(job)
+    store.put_local("j1", "3", 0, "mine")
+    assert store.wait("j1", "3", 0.01) == (1, False)
+    threading.Timer(0.05, lambda: store.put(wire.Header("j1", "3", 1, job.token, "uint8", (1, 1, 1, 1)),
+                                            "theirs")).start()
+    started = time.monotonic()
+    assert store.wait("j1", "3", 10) == (2, True)
+    assert time.monotonic() - started < 5
+    assert store.take("j1", "3") == ["mine", "theirs"] and store.get("j1").all_taken()
+    store.fail("j1", "worker1 failed: gone")
+    with pytest.raises(JobFailed, match="worker1 failed"):
+        store.wait("j1", "3", 1)
