@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,11 +15,11 @@ import numpy as np
 import requests
 from PIL import Image
 
+from distributed_core import sandbox
+
 REPO = Path(__file__).resolve().parent.parent
 SUPPORT = Path(__file__).resolve().parent / "support"
 EXTENSION_NAME = "comfyui-distributed-under-test"  # deliberately not the repo's name: nothing may depend on it
-SKIP_DIRS = {".git", "models", "output", "temp", "user", "custom_nodes", "__pycache__", "tests", "tests-ui",
-             "tests-unit", "notebooks"}
 
 
 def comfy_root() -> Path:
@@ -32,23 +31,9 @@ def comfy_root() -> Path:
 
 
 def prepare_tree(dest: Path) -> Path:
-    """A private ComfyUI tree: the real code, our extension linked in, no user config files."""
-    src = comfy_root()
-    dest.mkdir(parents=True, exist_ok=True)
-    for entry in src.iterdir():
-        if entry.name in SKIP_DIRS or entry.name == "extra_model_paths.yaml":
-            continue
-        target = dest / entry.name
-        if entry.is_dir():
-            shutil.copytree(entry, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(entry, target)
-    for folder in ("custom_nodes", "output", "input", "temp", "user", "models/checkpoints"):
-        (dest / folder).mkdir(parents=True, exist_ok=True)
-    (dest / "custom_nodes" / EXTENSION_NAME).symlink_to(REPO, target_is_directory=True)
-    (dest / "custom_nodes" / "distributed_test_nodes").symlink_to(SUPPORT / "distributed_test_nodes",
-                                                                  target_is_directory=True)
-    return dest
+    """A private ComfyUI tree: the real code, our extension and the test-only nodes linked in."""
+    return sandbox.prepare_tree(comfy_root(), dest, EXTENSION_NAME,
+                                {"distributed_test_nodes": SUPPORT / "distributed_test_nodes"})
 
 
 def has_flag(tree: Path, flag: str) -> bool:

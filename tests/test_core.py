@@ -250,3 +250,15 @@ def test_wait_wakes_on_results_and_raises_on_failure():
     store.fail("j1", "worker1 failed: gone")
     with pytest.raises(JobFailed, match="worker1 failed"):
         store.wait("j1", "3", 1)
+
+
+# --- the bundled example ----------------------------------------------------------------------------
+
+def test_example_template_is_the_same_graph_as_the_example_prompt():
+    from distributed_core import example
+    template = json.loads(example.TEMPLATE.read_text())
+    nodes = {str(n["id"]): n for n in template["nodes"]}
+    assert {k: v["type"] for k, v in nodes.items()} == {k: v["class_type"] for k, v in example.PROMPT.items()}
+    for _link, src, src_slot, dst, dst_slot, _type in template["links"]:
+        name = nodes[str(dst)]["inputs"][dst_slot]["name"]
+        assert example.PROMPT[str(dst)]["inputs"][name] == [str(src), src_slot]

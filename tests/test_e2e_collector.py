@@ -161,3 +161,12 @@ def test_master_disabled_only_gathers(live):
     _pid, entry = run(live, image_workflow(seed=30, batch=2))
     assert blue_values(live.master.saved_images(entry, "5")) == [31, 31, 32, 32]
     assert live.master.port not in {p["port"] for p in live.probes()}
+
+
+def test_bundled_example_runs_and_says_where_images_are(live, capsys):
+    from distributed_core import example
+    assert example.run(live.master.url, live.master.dirs["output"], timeout=120) == 0
+    out = capsys.readouterr().out
+    saved = [line.strip() for line in out.splitlines() if line.strip().endswith(".png")]
+    assert len(saved) == 6  # batch 2 on each of three participants
+    assert all(__import__("os").path.exists(path) for path in saved)
