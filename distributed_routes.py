@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 from aiohttp import web
 
 from .distributed_core import config as config_file
-from .distributed_core import wire
+from .distributed_core import launcher, wire
+from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, submitted
 from .distributed_core.jobs import JobStore, JobState, ResultRejected
 
@@ -21,6 +24,7 @@ MAX_RESULT_PAYLOAD = 4 << 30
 PROMPT_PATHS = ("/prompt", "/api/prompt")
 
 _coordinator: Coordinator | None = None
+WORKER_FIELDS = {"name", "host", "port", "device", "enabled", "extra_args"}
 
 
 def coordinator() -> Coordinator:
@@ -69,6 +73,7 @@ def setup(server) -> Coordinator:
     server.add_on_prompt_handler(coord.rewrite)
     server.app.middlewares.append(_prompt_middleware(coord))
     _add_routes(server.routes, coord)
+    _add_worker_routes(server.routes, coord, launcher.LocalProcesses())
     loaded = config_file.load()
     if loaded.error:
         log.warning("[Distributed] gpu_config problem: %s. Running with defaults; the file was left "
@@ -124,7 +129,8 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
             new = config_file.parse(data)
         except config_file.ConfigError as exc:
             return error(400, "invalid config: " + "; ".join(exc.errors), errors=exc.errors)
-        path = await asyncio.get_running_loop().run_in_executor(None, config_file.save, new)
+        async with config_lock:
+            path = await asyncio.get_running_loop().run_in_executor(None, config_file.save, new)
         return web.json_response({"config": new.to_dict(), "path": str(path), "error": ""})
 
     @routes.get("/distributed/status")
@@ -176,6 +182,133 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
         except ResultRejected as exc:
             return error(exc.status, exc.message)
         return web.json_response({"ok": True, "job": header.job, "unit": header.unit})
+
+
+# Read-modify-write of the config happens one request at a time, so concurrent edits never lose
+# each other's changes; the file write itself runs off the event loop.
+config_lock = asyncio.Lock()
+
+
+async def _save_changed(change) -> web.Response:
+    """Apply ``change`` to the config as a plain dict, validate the result and save it.
+
+    ``change`` returns an error response to refuse, or the id of the worker it touched."""
+    async with config_lock:
+        data = config_file.load().config.to_dict()
+        outcome = change(data)
+        if isinstance(outcome, web.Response):
+            return outcome
+        try:
+            new = config_file.parse(data)
+        except config_file.ConfigError as exc:
+            # "workers[3].port: ..." -> "port: ...": the form shows one worker
+            errors = [e.split("].", 1)[1] if e.startswith("workers[") and "]." in e else e for e in exc.errors]
+            return error(400, "; ".join(errors), errors=errors)
+        await asyncio.get_running_loop().run_in_executor(None, config_file.save, new)
+    worker = new.worker(outcome) if outcome else None
+    return web.json_response({"config": new.to_dict(),
+                              "worker": worker and next(w for w in new.to_dict()["workers"] if w["id"] == worker.id)})
+
+
+def _worker_fields(body) -> dict | web.Response:
+    if not isinstance(body, dict):
+        return error(400, "body must be a JSON object of worker fields")
+    unknown = set(body) - WORKER_FIELDS
+    if unknown:
+        return error(400, f"unknown field(s): {', '.join(sorted(unknown))} "
+                          f"(allowed: {', '.join(sorted(WORKER_FIELDS))})")
+    return body
+
+
+def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> None:
+    def index_of(data: dict, worker_id: str) -> int | None:
+        return next((i for i, w in enumerate(data["workers"]) if w["id"] == worker_id), None)
+
+    def not_found(worker_id: str) -> web.Response:
+        return error(404, f"no worker {worker_id!r} in the config")
+
+    @routes.get("/distributed/gpus")
+    async def get_gpus(request: web.Request) -> web.Response:
+        gpus = await asyncio.get_running_loop().run_in_executor(None, detect_gpus)
+        return web.json_response({"gpus": gpus})
+
+    @routes.post("/distributed/workers")
+    async def add_worker(request: web.Request) -> web.Response:
+        fields = _worker_fields(await read_json(request))
+        if isinstance(fields, web.Response):
+            return fields
+
+        def change(data: dict):
+            worker_id = config_file.new_worker_id(config_file.parse(data))
+            data["workers"].append({"id": worker_id, **fields})
+            return worker_id
+        return await _save_changed(change)
+
+    @routes.patch("/distributed/workers/{worker_id}")
+    async def edit_worker(request: web.Request) -> web.Response:
+        worker_id = request.match_info["worker_id"]
+        fields = _worker_fields(await read_json(request))
+        if isinstance(fields, web.Response):
+            return fields
+
+        def change(data: dict):
+            i = index_of(data, worker_id)
+            if i is None:
+                return not_found(worker_id)
+            data["workers"][i].update(fields)
+            return worker_id
+        return await _save_changed(change)
+
+    @routes.delete("/distributed/workers/{worker_id}")
+    async def remove_worker(request: web.Request) -> web.Response:
+        worker_id = request.match_info["worker_id"]
+
+        def change(data: dict):
+            i = index_of(data, worker_id)
+            if i is None:
+                return not_found(worker_id)
+            del data["workers"][i]
+            return None
+        return await _save_changed(change)
+
+    @routes.post("/distributed/workers/{worker_id}/start")
+    async def start_worker(request: web.Request) -> web.Response:
+        import sys
+
+        import folder_paths
+        from comfy.cli_args import args
+
+        config = config_file.load().config
+        worker = config.worker(request.match_info["worker_id"])
+        if worker is None:
+            return not_found(request.match_info["worker_id"])
+        if not worker.is_local:
+            return error(409, f"{worker.label} runs on {worker.host}; start it on that machine")
+        named = os.environ.get(config_file.ENV_VAR)
+        try:
+            pid = processes.start_worker(config, worker, Path(folder_paths.base_path), sys.executable,
+                                         cpu=bool(args.cpu), config_file=Path(named) if named else None)
+        except launcher.LauncherError as exc:
+            return error(409, str(exc))
+        return web.json_response({"ok": True, "pid": pid})
+
+    @routes.post("/distributed/workers/{worker_id}/stop")
+    async def stop_worker(request: web.Request) -> web.Response:
+        worker_id = request.match_info["worker_id"]
+        if not processes.is_running(worker_id):
+            return error(409, f"{worker_id} was not started from this master; stop it where it was started")
+        await asyncio.get_running_loop().run_in_executor(None, processes.stop_worker, worker_id)
+        return web.json_response({"ok": True})
+
+    @routes.get("/distributed/workers/{worker_id}/log")
+    async def worker_log(request: web.Request) -> web.Response:
+        worker_id = request.match_info["worker_id"]
+        try:
+            lines = int(request.query.get("lines", "200"))
+            text = launcher.read_log_tail(worker_id, lines)
+        except ValueError as exc:
+            return error(400, str(exc))
+        return web.json_response({"id": worker_id, "log": text, "running": processes.is_running(worker_id)})
 
 
 async def _read_into(reader, size: int) -> np.ndarray | None:

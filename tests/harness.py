@@ -114,6 +114,9 @@ class Instance:
     def post(self, path: str, body=None, **kw):
         return requests.post(self.url + path, json=body, timeout=kw.pop("timeout", 30), **kw)
 
+    def request(self, method: str, path: str, body=None, **kw):
+        return requests.request(method, self.url + path, json=body, timeout=kw.pop("timeout", 30), **kw)
+
     def queue_prompt(self, prompt: dict) -> str:
         resp = self.post("/prompt", {"prompt": prompt, "client_id": "tests"})
         assert resp.status_code == 200, resp.text
