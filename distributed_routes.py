@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
+from .distributed_core import access, launcher, wire
 from .distributed_core import config as config_file
-from .distributed_core import launcher, wire
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, submitted
 from .distributed_core.jobs import JobStore, JobState, ResultRejected
@@ -71,6 +71,7 @@ def setup(server) -> Coordinator:
     coord = Coordinator(store, config_file.load, own_address)
     _coordinator = coord
     server.add_on_prompt_handler(coord.rewrite)
+    server.app.middlewares.append(_access_middleware(access.load_or_create()))
     server.app.middlewares.append(_prompt_middleware(coord))
     _add_routes(server.routes, coord)
     _add_worker_routes(server.routes, coord, launcher.LocalProcesses())
@@ -79,6 +80,18 @@ def setup(server) -> Coordinator:
         log.warning("[Distributed] gpu_config problem: %s. Running with defaults; the file was left "
                     "as it is. Fix it, or save settings from the Distributed panel.", loaded.error)
     return coord
+
+
+def _access_middleware(secret: str):
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if not access.allowed(request.method, request.path, request.headers, request.host, secret):
+            return error(403, f"this route changes state: call it from the ComfyUI page, or send the "
+                              f"{access.HEADER} header with the secret shown in the Distributed panel "
+                              f"(also in {access.secret_path()})")
+        return await handler(request)
+
+    return middleware
 
 
 def _prompt_middleware(coord: Coordinator):
@@ -140,6 +153,14 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
         return web.json_response({"instances": instances, "config_error": loaded.error,
                                   "mode": loaded.config.settings.mode,
                                   "jobs": [job.summary() for job in coord.store.active()]})
+
+    @routes.get("/distributed/secret")
+    async def get_secret(request: web.Request) -> web.Response:
+        # Only the ComfyUI page itself may read it (a GET is not checked by the access middleware).
+        if not access.same_origin(request.headers, request.host):
+            return error(403, "the secret is shown only on the ComfyUI page")
+        return web.json_response({"header": access.HEADER, "secret": access.load_or_create(),
+                                  "path": str(access.secret_path())})
 
     @routes.post("/distributed/clear_vram")
     async def clear_vram(request: web.Request) -> web.Response:

@@ -21,7 +21,8 @@ class Cluster:
         self.config_path = workdir / "gpu_config.json"
         self.probe_log = workdir / "probe.jsonl"
         self.env = {**os.environ, "COMFYUI_DISTRIBUTED_CONFIG": str(self.config_path),
-                    "DISTRIBUTED_TEST_PROBE_LOG": str(self.probe_log), "PYTHONUNBUFFERED": "1"}
+                    "DISTRIBUTED_TEST_PROBE_LOG": str(self.probe_log), "PYTHONUNBUFFERED": "1",
+                    "COMFYUI_DISTRIBUTED_SECRET_FILE": str(workdir / "secret.key")}
         ports = [harness.free_port() for _ in range(3)]
         self.master = harness.Instance(self.tree, "master", ports[0], workdir, self.env)
         self.workers = [harness.Instance(self.tree, f"worker{i + 1}", p, workdir, self.env)

@@ -108,14 +108,23 @@ class Instance:
             self.process.wait(10)
 
     # --- ComfyUI's HTTP API ------------------------------------------------------------------
+    def auth(self) -> dict[str, str]:
+        """The shared-secret header an API client sends to the state-changing routes."""
+        path = self.env.get("COMFYUI_DISTRIBUTED_SECRET_FILE")
+        if path and Path(path).exists():
+            return {"X-Distributed-Secret": Path(path).read_text().strip()}
+        return {}
+
     def get(self, path: str, **kw):
         return requests.get(self.url + path, timeout=kw.pop("timeout", 10), **kw)
 
     def post(self, path: str, body=None, **kw):
-        return requests.post(self.url + path, json=body, timeout=kw.pop("timeout", 30), **kw)
+        return self.request("POST", path, body, **kw)
 
     def request(self, method: str, path: str, body=None, **kw):
-        return requests.request(method, self.url + path, json=body, timeout=kw.pop("timeout", 30), **kw)
+        headers = {**self.auth(), **kw.pop("headers", {})}
+        return requests.request(method, self.url + path, json=body, timeout=kw.pop("timeout", 30),
+                                headers=headers, **kw)
 
     def queue_prompt(self, prompt: dict) -> str:
         resp = self.post("/prompt", {"prompt": prompt, "client_id": "tests"})

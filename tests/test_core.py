@@ -262,3 +262,27 @@ def test_example_template_is_the_same_graph_as_the_example_prompt():
     for _link, src, src_slot, dst, dst_slot, _type in template["links"]:
         name = nodes[str(dst)]["inputs"][dst_slot]["name"]
         assert example.PROMPT[str(dst)]["inputs"][name] == [str(src), src_slot]
+
+
+# --- access ---------------------------------------------------------------------------------------
+
+def test_access_rules():
+    from distributed_core import access
+    ok = lambda method, path, headers: access.allowed(method, path, headers, "127.0.0.1:8188", "s" * 20)
+    assert ok("GET", "/distributed/status", {})
+    assert ok("POST", "/prompt", {})  # ComfyUI's own routes are ComfyUI's business
+    assert ok("POST", "/distributed/result", {})  # per-job token instead
+    assert not ok("POST", "/distributed/config", {})
+    assert not ok("POST", "/api/distributed/config", {"Origin": "http://other:8188"})
+    assert ok("POST", "/distributed/config", {"Origin": "http://127.0.0.1:8188"})
+    assert ok("DELETE", "/distributed/workers/x", {"Sec-Fetch-Site": "same-origin"})
+    assert not ok("POST", "/distributed/config", {"Sec-Fetch-Site": "cross-site", "X-Distributed-Secret": "s"})
+    assert ok("POST", "/distributed/config", {"X-Distributed-Secret": "s" * 20})
+
+
+def test_secret_is_made_once_and_private(tmp_path):
+    from distributed_core import access
+    path = tmp_path / "secret.key"
+    first = access.load_or_create(path)
+    assert access.load_or_create(path) == first and len(first) >= 32
+    assert path.stat().st_mode & 0o077 == 0

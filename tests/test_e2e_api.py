@@ -40,9 +40,11 @@ def test_bad_config_is_refused_with_the_field_named(live, body, expect):
 
 
 def test_malformed_and_oversized_bodies_get_4xx(live):
-    resp = requests.post(live.master.url + "/distributed/config", data=b"{not json", timeout=10)
+    resp = requests.post(live.master.url + "/distributed/config", data=b"{not json", timeout=10,
+                         headers=live.master.auth())
     assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]
-    resp = requests.post(live.master.url + "/distributed/config", data=b" " * (2 << 20), timeout=30)
+    resp = requests.post(live.master.url + "/distributed/config", data=b" " * (2 << 20), timeout=30,
+                         headers=live.master.auth())
     assert resp.status_code == 413
 
 
@@ -119,3 +121,33 @@ def test_interrupt_reaches_every_instance(live):
     resp = live.master.post("/distributed/interrupt")
     assert resp.status_code == 200
     assert {r["id"] for r in resp.json()["results"] if r["ok"]} == {"master", "worker1", "worker2"}
+
+
+@pytest.mark.parametrize("headers", [
+    {},                                                   # a script without the secret
+    {"X-Distributed-Secret": "guess"},                    # a wrong secret
+    {"Origin": "http://evil.example"},                    # another web site, from a browser
+    {"Origin": "null"},
+])
+def test_state_changing_routes_refuse_strangers(live, headers):
+    before = live.config_path.read_text()
+    for method, path in [("POST", "/distributed/config"), ("POST", "/distributed/clear_vram"),
+                         ("POST", "/distributed/interrupt"), ("POST", "/distributed/workers"),
+                         ("DELETE", "/distributed/workers/worker1"), ("POST", "/distributed/workers/worker1/start"),
+                         ("POST", "/api/distributed/config")]:
+        resp = requests.request(method, live.master.url + path, json={}, headers=headers, timeout=10)
+        assert resp.status_code == 403, (method, path, resp.status_code)
+        assert "X-Distributed-Secret" in resp.json()["error"]
+    assert live.config_path.read_text() == before
+
+
+def test_the_page_itself_and_secret_holders_are_let_in(live):
+    config = live.master.get("/distributed/config").json()["config"]
+    same_origin = {"Origin": live.master.url}
+    assert requests.post(live.master.url + "/distributed/config", json=config, headers=same_origin,
+                         timeout=10).status_code == 200
+    assert live.master.post("/distributed/config", config).status_code == 200  # sends the secret
+    shown = requests.get(live.master.url + "/distributed/secret", headers={"Sec-Fetch-Site": "same-origin"},
+                         timeout=10).json()
+    assert {"X-Distributed-Secret": shown["secret"]} == live.master.auth()
+    assert requests.get(live.master.url + "/distributed/secret", timeout=10).status_code == 403

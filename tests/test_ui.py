@@ -1,0 +1,297 @@
+"""The Distributed panel in a real browser against the real cluster (a master and two workers).
+
+Each test opens ComfyUI on the master, opens the panel from whichever UI it serves (the legacy menu
+button, or the sidebar tab of the current frontend), acts as a user would and checks the outcome where
+it matters: in the config file the servers read, in the next job, and in the panel's own DOM (cdist-*).
+Every test also fails on any console error or uncaught exception in the page.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import harness
+from ui_support import ComfyPage, launch
+
+pytestmark = pytest.mark.browser
+
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+TIMEOUT = 30_000  # ms: the panel polls every 3 s, and three ComfyUI servers share two cores here
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = launch(playwright)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def comfy(live, browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    comfy_page = ComfyPage(page, live.master.url)
+    yield comfy_page
+    errors = comfy_page.own_errors()
+    context.close()
+    assert not errors, "the page logged errors:\n" + "\n".join(errors)
+
+
+def config_on_disk(live) -> dict:
+    return json.loads(live.config_path.read_text())
+
+
+def run_job(live, **workflow) -> tuple[dict, int]:
+    prompt_id = live.master.queue_prompt(harness.image_workflow(**workflow))
+    entry = live.master.wait_prompt(prompt_id)
+    assert harness.error_of(entry) == ""
+    return entry, len(live.master.saved_images(entry, "5"))
+
+
+def test_panel_lists_every_instance_online(live, comfy, tmp_path):
+    panel = comfy.open_panel()
+    cards = panel.locator(".cdist-instance")
+    expect(panel.locator('.cdist-instance[data-state="online"]')).to_have_count(3, timeout=TIMEOUT)
+
+    # master first, then the workers in config order; each with its role, URL, GPU, VRAM and queue
+    assert cards.evaluate_all("cards => cards.map(c => c.dataset.id)") == ["master", "worker1", "worker2"]
+    for instance, instance_id in zip(live.instances, ["master", "worker1", "worker2"]):
+        card = comfy.card(instance_id)
+        expect(card.locator(".cdist-name")).to_have_text(instance.name)
+        expect(card.locator(".cdist-role")).to_have_text("master" if instance_id == "master" else "worker")
+        expect(card.locator(".cdist-state")).to_have_text("online")
+        expect(card.locator(".cdist-url")).to_contain_text(f":{instance.port}")
+        expect(card.locator(".cdist-vram-text")).to_have_text(re.compile(r"^\d+\.\d / \d+\.\d GB$"))
+        expect(card.locator(".cdist-queue")).to_have_text("queue 0")
+        expect(card.locator(".cdist-enable")).to_be_checked()
+    expect(panel.locator(".cdist-summary")).to_have_text("3 of 3 online · parallel")
+    expect(panel.locator(".cdist-mode")).to_have_value("parallel")
+
+    shot = comfy.screenshot(f"panel-{comfy.ui}-dark", tmp_path)
+    assert shot.stat().st_size > 10_000
+    comfy.use_light_theme()
+    comfy.page.wait_for_timeout(500)
+    comfy.screenshot(f"panel-{comfy.ui}-light", tmp_path)
+
+
+def test_switching_the_master_off_leaves_it_out_of_the_next_job(live, comfy):
+    comfy.open_panel()
+    switch = comfy.card("master").locator(".cdist-enable")
+    expect(switch).to_be_checked(timeout=TIMEOUT)
+    switch.click()
+    harness.wait_until(lambda: config_on_disk(live)["master"]["enabled"] is False, 15, what="master disabled on disk")
+    expect(comfy.card("master")).to_have_attribute("data-state", "disabled", timeout=TIMEOUT)
+    expect(switch).not_to_be_checked()
+
+    _entry, images = run_job(live, seed=7, batch=2)
+    assert images == 4  # the two workers' batches only
+    assert live.master.port not in {p["port"] for p in live.probes()}
+
+
+def test_switching_a_worker_off_leaves_it_out_of_the_next_job(live, comfy):
+    comfy.open_panel()
+    switch = comfy.card("worker2").locator(".cdist-enable")
+    expect(switch).to_be_checked(timeout=TIMEOUT)
+    switch.click()
+    harness.wait_until(lambda: config_on_disk(live)["workers"][1]["enabled"] is False, 15,
+                       what="worker2 disabled on disk")
+    assert config_on_disk(live)["workers"][0]["enabled"] is True
+    expect(comfy.card("worker2")).to_have_attribute("data-state", "disabled", timeout=TIMEOUT)
+
+    _entry, images = run_job(live, seed=8, batch=2)
+    assert images == 4  # master and worker1
+    ports = {p["port"] for p in live.probes()}
+    assert live.workers[1].port not in ports and live.workers[0].port in ports
+
+
+def test_settings_are_saved_to_the_config(live, comfy):
+    panel = comfy.open_panel()
+    expect(panel.locator(".cdist-mode")).to_have_value("parallel", timeout=TIMEOUT)
+    expect(panel.locator(".cdist-stagger")).to_be_disabled()
+    panel.locator(".cdist-mode").select_option("staggered")
+    harness.wait_until(lambda: config_on_disk(live)["settings"]["mode"] == "staggered", 15, what="mode saved")
+    expect(panel.locator(".cdist-stagger")).to_be_enabled()
+    panel.locator(".cdist-stagger").fill("1.5")
+    panel.locator(".cdist-stagger").press("Enter")
+    harness.wait_until(lambda: config_on_disk(live)["settings"]["stagger_delay"] == 1.5, 15, what="delay saved")
+    panel.locator(".cdist-timeout").fill("0")
+    panel.locator(".cdist-timeout").press("Enter")
+    expect(panel.locator(".cdist-settings .cdist-form-error")).to_contain_text("Job timeout")
+    assert config_on_disk(live)["settings"]["job_timeout"] == 20  # unchanged
+    expect(panel.locator(".cdist-summary")).to_contain_text("staggered", timeout=TIMEOUT)
+
+
+def test_clear_vram_reports_every_instance_reached(live, comfy):
+    panel = comfy.open_panel()
+    expect(panel.locator('.cdist-instance[data-state="online"]')).to_have_count(3, timeout=TIMEOUT)
+    panel.locator(".cdist-clear-vram").click()
+    results = panel.locator(".cdist-results .cdist-result")
+    expect(results).to_have_count(3)
+    expect(panel.locator('.cdist-result[data-ok="true"]')).to_have_count(3)
+    assert results.evaluate_all("rows => rows.map(r => r.dataset.id)") == ["master", "worker1", "worker2"]
+    expect(panel.locator(".cdist-results .cdist-box-title")).to_contain_text("3 of 3 reached")
+
+
+def test_a_bad_port_is_refused_in_the_form_and_nothing_is_saved(live, comfy):
+    before = live.config_path.read_bytes()
+    sent = []
+    comfy.page.on("request", lambda r: sent.append(r.url) if r.method != "GET" else None)
+    panel = comfy.open_panel()
+    panel.locator(".cdist-add-worker").click()
+    form = panel.locator(".cdist-worker-form")
+    form.locator(".cdist-field-name").fill("gpu9")
+    form.locator(".cdist-field-port").fill("70000")
+    form.locator(".cdist-submit").click()
+    expect(form.locator(".cdist-error-port")).to_be_visible()
+    expect(form.locator(".cdist-error-port")).to_contain_text("1 to 65535")
+    expect(form.locator(".cdist-field-port")).to_have_attribute("aria-invalid", "")
+    form.locator(".cdist-field-port").fill("8200")
+    form.locator(".cdist-field-extra_args").fill("--lowvram; rm -rf /")
+    form.locator(".cdist-submit").click()
+    expect(form.locator(".cdist-error-port")).to_be_hidden()
+    expect(form.locator(".cdist-error-extra_args")).to_contain_text("shell characters")
+    comfy.page.wait_for_timeout(500)
+    assert live.config_path.read_bytes() == before
+    assert not [url for url in sent if "/distributed/workers" in url]
+
+
+def test_the_servers_refusal_is_shown_beside_the_form(live, comfy):
+    comfy.expects_refusal = True
+    before = live.config_path.read_bytes()
+    panel = comfy.open_panel()
+    panel.locator(".cdist-add-worker").click()
+    form = panel.locator(".cdist-worker-form")
+    form.locator(".cdist-field-name").fill("clash")
+    form.locator(".cdist-field-port").fill(str(live.workers[0].port))  # already worker1's port
+    form.locator(".cdist-submit").click()
+    expect(form.locator(".cdist-error-port, .cdist-form-error").filter(visible=True).first).to_contain_text(
+        str(live.workers[0].port))
+    assert live.config_path.read_bytes() == before
+
+
+def test_add_edit_and_remove_a_worker(live, comfy):
+    panel = comfy.open_panel()
+    port = harness.free_port()
+    panel.locator(".cdist-add-worker").click()
+    form = panel.locator(".cdist-worker-form")
+    form.locator(".cdist-field-name").fill("spare")
+    form.locator(".cdist-field-port").fill(str(port))
+    form.locator(".cdist-field-device").fill("3")
+    form.locator(".cdist-field-extra_args").fill("--lowvram")
+    form.locator(".cdist-submit").click()
+    expect(form).to_have_count(0)
+    added = harness.wait_until(lambda: [w for w in config_on_disk(live)["workers"] if w["port"] == port], 15,
+                               what="the new worker on disk")[0]
+    assert (added["name"], added["device"], added["extra_args"], added["enabled"]) == ("spare", 3, "--lowvram", True)
+    card = comfy.card(added["id"])
+    expect(card).to_have_attribute("data-state", "offline", timeout=TIMEOUT)  # nothing runs on that port
+
+    card.locator(".cdist-edit").click()
+    card.locator(".cdist-field-name").fill("spare-renamed")
+    card.locator(".cdist-submit").click()
+    harness.wait_until(lambda: any(w["name"] == "spare-renamed" for w in config_on_disk(live)["workers"]), 15,
+                       what="the rename on disk")
+    expect(card.locator(".cdist-name")).to_have_text("spare-renamed", timeout=TIMEOUT)
+
+    card.locator(".cdist-remove").click()
+    expect(card.locator(".cdist-remove")).to_have_text("Confirm remove")
+    card.locator(".cdist-remove").click()
+    harness.wait_until(lambda: all(w["port"] != port for w in config_on_disk(live)["workers"]), 15,
+                       what="the worker removed on disk")
+    expect(card).to_have_count(0, timeout=TIMEOUT)
+
+
+def test_detect_gpus_lists_the_masters_gpus(live, comfy):
+    gpus = live.master.get("/distributed/gpus").json()["gpus"]
+    panel = comfy.open_panel()
+    panel.locator(".cdist-detect-gpus").click()
+    expect(panel.locator(".cdist-gpus .cdist-box-title")).to_contain_text(f"GPUs on the master's machine: {len(gpus)}")
+    expect(panel.locator(".cdist-gpu-item")).to_have_count(len(gpus))
+    if not gpus:
+        expect(panel.locator(".cdist-gpus .cdist-empty")).to_be_visible()
+
+
+def test_the_running_job_shows_each_participants_progress(live, comfy, tmp_path):
+    panel = comfy.open_panel()
+    expect(panel.locator('.cdist-instance[data-state="online"]')).to_have_count(3, timeout=TIMEOUT)
+    prompt_id = live.master.queue_prompt(harness.image_workflow(seed=11, batch=2, seconds_per_image=2.5))
+
+    job = panel.locator(".cdist-job").first
+    expect(job).to_have_attribute("data-state", "running", timeout=TIMEOUT)
+    shares = job.locator(".cdist-share")
+    expect(shares).to_have_count(3)
+    assert shares.evaluate_all("rows => rows.map(r => r.dataset.participant)") == ["master", "worker1", "worker2"]
+    expect(job.locator('.cdist-share[data-state="running"], .cdist-share[data-state="queued"]').first).to_be_visible()
+    comfy.screenshot(f"progress-{comfy.ui}-running", tmp_path)
+
+    live.master.wait_prompt(prompt_id)
+    expect(job).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    expect(job.locator(".cdist-row .cdist-count").first).to_have_text("3 of 3")
+    for participant in ("master", "worker1", "worker2"):
+        share = job.locator(f'.cdist-share[data-participant="{participant}"]')
+        expect(share.locator(".cdist-count")).to_have_text("1 of 1")
+    comfy.screenshot(f"progress-{comfy.ui}-done", tmp_path)
+
+
+def test_a_failed_worker_is_named_with_its_error(live, comfy, tmp_path):
+    config = live.default_config()
+    ghost_port = harness.free_port()  # nothing listens there: dispatch fails at once
+    config["workers"].append({"id": "ghost", "name": "ghost", "port": ghost_port, "device": None,
+                              "enabled": True, "extra_args": ""})
+    live.reset_config(config)
+    panel = comfy.open_panel()
+    expect(comfy.card("ghost")).to_have_attribute("data-state", "offline", timeout=TIMEOUT)
+    expect(comfy.card("ghost").locator(".cdist-error")).to_contain_text(str(ghost_port))
+
+    _entry, images = run_job(live, seed=12, batch=1)
+    assert images == 4  # the ghost's unit was rendered by another worker
+    ghost = panel.locator('.cdist-job .cdist-share[data-participant="ghost"]').first
+    expect(ghost).to_have_attribute("data-state", "failed", timeout=TIMEOUT)
+    expect(ghost.locator(".cdist-error")).to_contain_text("ghost failed:")
+    expect(ghost.locator(".cdist-error")).to_contain_text(str(ghost_port))
+    expect(panel.locator(".cdist-job").first).to_have_attribute("data-state", "done")
+    comfy.screenshot(f"failed-worker-{comfy.ui}", tmp_path)
+
+
+def test_start_a_local_worker_view_its_log_and_stop_it(live, comfy, tmp_path):
+    port = harness.free_port()
+    worker = live.master.post("/distributed/workers", {"name": "extra", "port": port}).json()["worker"]
+    panel = comfy.open_panel()
+    card = comfy.card(worker["id"])
+    expect(card).to_have_attribute("data-state", "offline", timeout=TIMEOUT)
+    expect(card.locator(".cdist-stop")).to_be_hidden()
+    try:
+        card.locator(".cdist-start").click()
+        expect(card).to_have_attribute("data-state", "online", timeout=240_000)  # a whole ComfyUI starts
+        expect(card.locator(".cdist-start")).to_be_hidden()
+        card.locator(".cdist-log-button").click()
+        expect(card.locator(".cdist-log")).to_contain_text(str(port), timeout=TIMEOUT)
+        comfy.screenshot(f"worker-log-{comfy.ui}", tmp_path)
+        card.locator(".cdist-stop").click()
+        expect(card).to_have_attribute("data-state", "offline", timeout=60_000)
+        expect(card.locator(".cdist-start")).to_be_visible()
+        expect(panel.locator(".cdist-message, .cdist-error").filter(has_text="Could not")).to_have_count(0)
+    finally:
+        live.master.post(f"/distributed/workers/{worker['id']}/stop", timeout=60)  # 409 if already stopped
+
+
+def test_opening_and_closing_the_panel_stops_polling_and_logs_no_errors(live, comfy):
+    polls = []
+    comfy.page.on("request", lambda r: polls.append(r.url) if r.url.endswith("/distributed/status") else None)
+    comfy.open_panel()
+    expect(comfy.panel().locator('.cdist-instance[data-state="online"]')).to_have_count(3, timeout=TIMEOUT)
+    comfy.page.wait_for_timeout(3500)
+    assert len(polls) >= 2  # it polls while open
+    comfy.close_panel()
+    comfy.page.wait_for_timeout(500)
+    count = len(polls)
+    comfy.page.wait_for_timeout(4000)
+    assert len(polls) == count  # and stops when closed
+    comfy.open_panel()
+    expect(comfy.panel().locator(".cdist-instance")).to_have_count(3, timeout=TIMEOUT)
+    assert comfy.panel().count() == 1
+    # the fixture then fails the test on any console error or page error
