@@ -200,6 +200,7 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
                 return error(400, "the body is longer than its header promises")
             array = payload.view(wire.DTYPES[header.dtype]).reshape(header.shape)
             coord.store.put(header, array)
+            coord.result_arrived(header.job)
         except ResultRejected as exc:
             return error(exc.status, exc.message)
         return web.json_response({"ok": True, "job": header.job, "unit": header.unit})

@@ -25,13 +25,13 @@ def _first(value):
     return value[0] if isinstance(value, list) and value else value
 
 
-def _per_unit(batches: list, units: list[int]) -> list:
-    """One image batch per unit. A workflow without a Distributed Seed yields one batch for all of
-    them: every unit has the same seed, so the same images."""
-    if len(batches) == 1 and len(units) > 1:
-        return batches * len(units)
-    if len(batches) != len(units):
-        raise RuntimeError(f"Multi-GPU Collector: got {len(batches)} image batches for {len(units)} shares; "
+def _per_chunk(batches: list, chunks: list) -> list:
+    """One image batch per chunk. A multiply workflow without a Distributed Seed yields one batch
+    for all of them: every chunk has the same seed, so the same images."""
+    if len(batches) == 1 and len(chunks) > 1:
+        return batches * len(chunks)
+    if len(batches) != len(chunks):
+        raise RuntimeError(f"Multi-GPU Collector: got {len(batches)} image batches for {len(chunks)} shares; "
                            "a node before it produces a list of its own, which cannot be split across GPUs.")
     return batches
 
@@ -92,15 +92,15 @@ class MultiGPUCollector:
 
     @staticmethod
     def _send(job: dict, batches: list) -> torch.Tensor:
-        units = job["units"]
-        batches = _per_unit(batches, units)
+        chunks = job["chunks"]
+        batches = _per_chunk(batches, chunks)
         deadline = time.monotonic() + float(job.get("timeout", 120))
         url = job["master_url"].rstrip("/") + "/distributed/result"
-        for unit, batch in zip(units, batches):
+        for (first, count), batch in zip(chunks, batches):
             comfy.model_management.throw_exception_if_processing_interrupted()
             array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-            header = wire.Header(job["job"], job["collector"], unit, job["token"], "float32",
-                                 tuple(array.shape))
+            header = wire.Header(job["job"], job["collector"], first, job["token"], "float32",
+                                 tuple(array.shape), count)
             try:
                 deliver(url, header, array, deadline)
             except InstanceError as exc:
@@ -112,14 +112,15 @@ class MultiGPUCollector:
         from .distributed_routes import coordinator
 
         coord = coordinator()
-        job_id, collector, units = job["job"], job["collector"], job["units"]
+        job_id, collector, chunks = job["job"], job["collector"], job["chunks"]
         store = coord.store
         try:
-            if units:
-                for unit, batch in zip(units, _per_unit(batches, units)):
-                    store.put_local(job_id, collector, unit, batch)
+            if chunks:
+                for (first, count), batch in zip(chunks, _per_chunk(batches, chunks)):
+                    store.put_local(job_id, collector, first, count, batch)
+                coord.local_done(job_id, sum(count for _first, count in chunks))
             known = store.get(job_id)
-            total = len(known.units) if known else len(units)
+            total = len(known.units) if known else 0
             progress = comfy.utils.ProgressBar(total)
             while True:
                 done, complete = store.wait(job_id, collector, WAIT_SLICE)
@@ -167,11 +168,43 @@ class DistributedSeed:
         return ([plan.seed_for(seed, unit) for unit in units],)
 
 
+class DistributedEmptyLatent:
+    """Split mode: one logical batch divided among the GPUs by batch index, with the same images
+    as one GPU rendering the whole batch."""
+
+    DESCRIPTION = ("An Empty Latent Image whose batch is split across the GPUs: each renders only "
+                   "its own images (the faster ones more), with exactly the starting noise a single "
+                   "GPU would give them. The Collector returns the batch in its usual order.")
+    CATEGORY = "distributed"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "make"
+    OUTPUT_IS_LIST = (True,)  # one latent per chunk this participant renders
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"width": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
+                             "height": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
+                             "batch_size": ("INT", {"default": 8, "min": 1, "max": 4096,
+                                                    "tooltip": "The whole batch, over all GPUs."})},
+                "hidden": HIDDEN}
+
+    def make(self, width, height, batch_size, prompt=None, unique_id=None):
+        field = workflow.read_field(prompt, unique_id)
+        chunks = (field or {}).get("chunks") or [[0, batch_size]]
+        device = getattr(comfy.model_management, "intermediate_device", lambda: torch.device("cpu"))()
+        # batch_index makes KSampler draw each image's noise as the whole batch would have.
+        return ([{"samples": torch.zeros([count, 4, height // 8, width // 8], device=device),
+                  "batch_index": list(range(first, first + count))} for first, count in chunks],)
+
+
 NODE_CLASS_MAPPINGS = {
     "MultiGPUCollector": MultiGPUCollector,
     "DistributedSeed": DistributedSeed,
+    "DistributedEmptyLatent": DistributedEmptyLatent,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MultiGPUCollector": "Multi-GPU Collector",
     "DistributedSeed": "Distributed Seed",
+    "DistributedEmptyLatent": "Distributed Empty Latent",
 }

@@ -12,13 +12,14 @@ import logging
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import aiohttp
 
 from . import plan, workflow
 from .client import InstanceClient, InstanceError
+from . import config as config_file
 from .config import Config, Loaded, Worker
 from .jobs import Job, JobState, JobStore, Share
 
@@ -34,9 +35,16 @@ submitted: contextvars.ContextVar[list | None] = contextvars.ContextVar("distrib
 
 @dataclass
 class JobPlan:
+    """What the coordinator keeps beside a job: the original prompt, the config it was planned
+    with and, in split mode, the indices not handed out yet and who is taking them."""
     prompt: dict
     collectors: list[str]
     config: Config
+    pool: plan.ChunkPool | None = None
+    signature: str = ""
+    pullers: dict[str, tuple[float, float]] = field(default_factory=dict)  # worker -> (free at, rate)
+    looping: set[str] = field(default_factory=set)                          # workers taking chunks now
+    started: float = field(default_factory=time.monotonic)
 
 
 class Coordinator:
@@ -48,6 +56,8 @@ class Coordinator:
         self.plans: dict[str, JobPlan] = {}
         self.offline_until: dict[str, float] = {}
         self.tasks: set[asyncio.Task] = set()
+        self.wakeups: dict[str, asyncio.Event] = {}
+        self._throughput: plan.Throughput | None = None
         self._session: aiohttp.ClientSession | None = None
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -109,27 +119,34 @@ class Coordinator:
             return json_data
         try:
             slots = plan.slots(config)
-            available = [s.participant for s in slots
-                         if s.participant == plan.MASTER_ID or not self.is_offline(s.participant)]
-            assignment = plan.assign({s.participant: [s.unit] for s in slots}, available)
+            batch = workflow.split_batch(prompt, collectors)
+        except (plan.PlanError, workflow.WorkflowError) as exc:
+            json_data["prompt"] = _with_error(prompt, collectors, str(exc))
+            return json_data
+        if len(slots) == 1 and slots[0].participant == plan.MASTER_ID:
+            return json_data  # nobody else takes part: the Collector passes its images through
+        available = [s.participant for s in slots
+                     if s.participant == plan.MASTER_ID or not self.is_offline(s.participant)]
+        labels = {w.id: w.label for w in config.workers} | {plan.MASTER_ID: "master"}
+        job_plan = JobPlan(prompt, collectors, config)
+        try:
+            if batch is None:
+                job, own = self._plan_multiply(slots, available, labels)
+            else:
+                job, own = self._plan_split(batch, available, job_plan)
         except plan.PlanError as exc:
             json_data["prompt"] = _with_error(prompt, collectors, str(exc))
             return json_data
-        if list(assignment) == [plan.MASTER_ID] and len(slots) == 1:
-            return json_data  # nobody else takes part: the Collector passes its images through
-
-        job = Job(id=uuid.uuid4().hex, collectors=collectors, units=[s.unit for s in slots])
-        labels = {w.id: w.label for w in config.workers} | {plan.MASTER_ID: "master"}
-        for participant, units in assignment.items():
-            job.shares[participant] = Share(participant, labels[participant], units)
+        job.collectors = collectors
         for s in slots:
-            if s.participant not in assignment:
+            if s.participant not in available:
                 job.notices.append(f"{labels[s.participant]} was unreachable moments ago; "
-                                   f"its share goes to another participant")
+                                   "its share goes to the others")
         self.store.add(job)
-        self.plans[job.id] = JobPlan(prompt, collectors, config)
-        json_data["prompt"] = workflow.master_prompt(prompt, collectors, {"job": job.id},
-                                                     assignment.get(plan.MASTER_ID, []))
+        self.plans[job.id] = job_plan
+        chunks = plan.chunks_of(own) if job.split else [[u, 1] for u in own]
+        seeds = [0] * len(chunks) if job.split else own
+        json_data["prompt"] = workflow.master_prompt(prompt, collectors, {"job": job.id}, chunks, seeds)
         pending = submitted.get()
         if pending is not None:
             pending.append(job.id)
@@ -137,8 +154,46 @@ class Coordinator:
             asyncio.get_running_loop().call_soon(lambda: self.spawn(self.start(job.id, "")))
         return json_data
 
+    def _plan_multiply(self, slots, available, labels) -> tuple[Job, list[int]]:
+        """Every participant renders the whole workflow with its own seed slot."""
+        assignment = plan.assign({s.participant: [s.unit] for s in slots}, available)
+        job = Job(id=uuid.uuid4().hex, collectors=[], units=[s.unit for s in slots])
+        for participant, units in assignment.items():
+            job.shares[participant] = Share(participant, labels[participant], units)
+        return job, assignment.get(plan.MASTER_ID, [])
+
+    def _plan_split(self, batch: int, available: list[str], job_plan: JobPlan) -> tuple[Job, list[int]]:
+        """One batch divided by index: the master's share fixed now, the rest pulled by workers."""
+        workers = [p for p in available if p != plan.MASTER_ID]
+        rates = self.throughput()
+        sig = job_plan.signature = plan.signature(job_plan.prompt,
+                                                  workflow.upstream(job_plan.prompt, job_plan.collectors))
+        own = 0
+        if plan.MASTER_ID in available:
+            own = plan.master_share(batch, rates.rate(sig, plan.MASTER_ID), [rates.rate(sig, w) for w in workers])
+        elif not workers:
+            raise plan.PlanError("no worker can be reached and the master is disabled")
+        job = Job(id=uuid.uuid4().hex, collectors=[], units=list(range(batch)), split=True)
+        if own:
+            job.shares[plan.MASTER_ID] = Share(plan.MASTER_ID, "master", list(range(own)))
+        job_plan.pool = plan.ChunkPool(range(own, batch))
+        return job, list(range(own))
+
+    def throughput(self) -> plan.Throughput:
+        if self._throughput is None:
+            self._throughput = plan.Throughput(config_file.save_path().with_name("throughput.json"))
+        return self._throughput
+
+    def local_done(self, job_id: str, images: int) -> None:
+        """The master's Collector has its own share (called on ComfyUI's execution thread)."""
+        job_plan, job = self.plans.get(job_id), self.store.get(job_id)
+        if job_plan is not None and job is not None and job.split:
+            self.throughput().observe(job_plan.signature, plan.MASTER_ID, images,
+                                      time.monotonic() - job_plan.started)
+
     def drop(self, job_id: str, reason: str) -> None:
         self.plans.pop(job_id, None)
+        self.wakeups.pop(job_id, None)
         self.store.end(job_id, JobState.CANCELLED, reason)
 
     # --- running a job -----------------------------------------------------------------------
@@ -146,11 +201,21 @@ class Coordinator:
         job = self.store.update(job_id, lambda j: _set_running(j, prompt_id))
         if job is None:
             return
-        config = self.plans[job_id].config
-        worker_shares = [s for s in job.shares.values() if s.participant != plan.MASTER_ID]
-        for k, share in enumerate(worker_shares):
-            delay = k * config.settings.stagger_delay if config.settings.mode == "staggered" else 0.0
-            self.spawn(self.run_share(job_id, share, delay))
+        job_plan = self.plans[job_id]
+        job_plan.started = time.monotonic()
+        settings = job_plan.config.settings
+        if job.split:
+            workers = [w.id for w in job_plan.config.workers if w.enabled and not self.is_offline(w.id)]
+        else:
+            workers = [p for p in job.shares if p != plan.MASTER_ID]
+        now = time.monotonic()
+        for k, worker_id in enumerate(workers):
+            delay = k * settings.stagger_delay if settings.mode == "staggered" else 0.0
+            if job.split:  # everyone counts from the start, so the first to ask does not take it all
+                job_plan.pullers[worker_id] = (now + delay, self.throughput().rate(job_plan.signature, worker_id))
+                self.spawn(self.pull(job_id, worker_id, delay))
+            else:
+                self.spawn(self.run_share(job_id, job.shares[worker_id], delay))
         if prompt_id:
             self.spawn(self.watch_master(job_id, prompt_id))
 
@@ -158,32 +223,85 @@ class Coordinator:
         job = self.store.get(job_id)
         return job is not None and job.state in (JobState.PLANNED, JobState.RUNNING)
 
-    async def run_share(self, job_id: str, share: Share, delay: float) -> None:
+    def result_arrived(self, job_id: str) -> None:
+        """Wake whoever watches this job now rather than at its next poll."""
+        event = self.wakeups.get(job_id)
+        if event is not None:
+            event.set()
+
+    async def _nap(self, job_id: str) -> None:
+        event = self.wakeups.setdefault(job_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), POLL_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+        event.clear()
+
+    async def pull(self, job_id: str, worker_id: str, delay: float) -> None:
+        """Split mode: keep taking chunks for one worker until none is left for it."""
+        if delay:
+            await asyncio.sleep(delay)
+        job_plan = self.plans.get(job_id)
+        if job_plan is None or worker_id in job_plan.looping:
+            return
+        rates = self.throughput()
+        rate = rates.rate(job_plan.signature, worker_id)
+        job_plan.looping.add(worker_id)
+        job_plan.pullers[worker_id] = (time.monotonic(), rate)
+        try:
+            while self.active(job_id):
+                now = time.monotonic()
+                others = [(max(0.0, free - now), r) for w, (free, r) in job_plan.pullers.items() if w != worker_id]
+                size = plan.next_chunk(len(job_plan.pool), rate, others)
+                if size == 0:
+                    return
+                units = job_plan.pool.take(size)
+                job_plan.pullers[worker_id] = (now + len(units) / rate, rate)
+                worker = job_plan.config.worker(worker_id)
+                share = Share(worker_id, worker.label, units)
+                self.store.update(job_id, lambda j: j.shares.__setitem__(f"{worker_id}#{len(j.shares)}", share))
+                if not await self.run_share(job_id, share, 0.0):
+                    return
+                job = self.store.get(job_id)
+                arrived = job.arrived.get(units[0]) if job else None
+                if arrived:
+                    rates.observe(job_plan.signature, worker_id, len(units), arrived - share.dispatched)
+                    rate = rates.rate(job_plan.signature, worker_id)
+                job_plan.pullers[worker_id] = (time.monotonic(), rate)
+        finally:
+            job_plan.pullers.pop(worker_id, None)
+            job_plan.looping.discard(worker_id)
+
+    async def run_share(self, job_id: str, share: Share, delay: float) -> bool:
+        """Send one share to its worker and watch it; True once all its units have arrived."""
         if delay:
             await asyncio.sleep(delay)
         if not self.active(job_id):
-            return
+            return False
         job_plan = self.plans[job_id]
         worker = job_plan.config.worker(share.participant)
         job = self.store.get(job_id)
         fields = {"job": job_id, "token": job.token, "timeout": job_plan.config.settings.job_timeout,
                   "master_url": self.master_url_for(job_plan.config, worker)}
-        prompt = workflow.worker_prompt(job_plan.prompt, job_plan.collectors, fields, share.units)
+        chunks = plan.chunks_of(share.units) if job.split else [[u, 1] for u in share.units]
+        seeds = [0] * len(chunks) if job.split else share.units
+        prompt = workflow.worker_prompt(job_plan.prompt, job_plan.collectors, fields, chunks, seeds)
         client = self.client(worker.url)
+        share.dispatched = time.monotonic()
         try:
             share.prompt_id = await client.post_prompt(prompt, CLIENT_ID)
         except InstanceError as exc:
             self.offline_until[worker.id] = time.monotonic() + OFFLINE_MEMORY
             await self.failover(job_id, share, str(exc))
-            return
+            return False
         self.offline_until.pop(worker.id, None)
         self.store.update(job_id, lambda j: setattr(share, "state", "queued"))
         if not self.active(job_id):  # the job ended while we were dispatching
             await _quietly(client.withdraw(share.prompt_id))
-            return
-        await self.supervise(job_id, share, client, job_plan.config.settings.job_timeout)
+            return False
+        return await self.supervise(job_id, share, client, job_plan.config.settings.job_timeout)
 
-    async def supervise(self, job_id: str, share: Share, client: InstanceClient, timeout: float) -> None:
+    async def supervise(self, job_id: str, share: Share, client: InstanceClient, timeout: float) -> bool:
         """Watch one worker prompt until its units arrive, it fails, or it shows no sign of life."""
         last_sign = time.monotonic()
         finished_at = None
@@ -191,7 +309,7 @@ class Coordinator:
             job = self.store.get(job_id)
             if job is None or not job.missing_units(share.units):
                 self.store.update(job_id, lambda j: setattr(share, "state", "done"))
-                return
+                return True
             try:
                 entry = await client.history(share.prompt_id)
                 if entry is None:
@@ -207,27 +325,29 @@ class Coordinator:
             except InstanceError as exc:
                 if time.monotonic() - last_sign > timeout:
                     await self.failover(job_id, share, f"no sign of progress for {timeout:g} s: {exc}")
-                    return
+                    return False
             except _Lost as exc:
                 await self.failover(job_id, share, str(exc))
-                return
-            if entry is not None:
+                return False
+            if entry is not None and job.missing_units(share.units):
                 status = entry.get("status") or {}
                 if status.get("status_str") == "error":
                     await self.failover(job_id, share, _history_error(status))
-                    return
+                    return False
                 # Finished: results are posted before the prompt ends, so allow only a moment more.
                 finished_at = finished_at or time.monotonic()
                 if time.monotonic() - finished_at > 5:
                     await self.failover(job_id, share, "its prompt finished but no result reached the master; "
                                                        "check that the worker can reach the master's address")
-                    return
-            await asyncio.sleep(POLL_SECONDS)
+                    return False
+            await self._nap(job_id)
+        return False
 
     async def failover(self, job_id: str, failed: Share, reason: str) -> None:
-        """Give a failed share's missing units to another worker; fail the job if nobody is left."""
+        """Give a failed share's missing units to other workers; fail the job if nobody is left."""
         job = self.store.get(job_id)
-        if job is None or not self.active(job_id):
+        job_plan = self.plans.get(job_id)
+        if job is None or job_plan is None or not self.active(job_id):
             return
         missing = job.missing_units(failed.units)
         log.warning("[Distributed] %s failed: %s", failed.label, reason)
@@ -237,17 +357,23 @@ class Coordinator:
             j.notices.append(f"{failed.label} failed: {reason}")
         self.store.update(job_id, mark)
         if failed.prompt_id:
-            self.spawn(_quietly(self.client(self.plans[job_id].config.worker(failed.participant).url)
+            self.spawn(_quietly(self.client(job_plan.config.worker(failed.participant).url)
                                 .withdraw(failed.prompt_id)))
         if not missing:
             return
         failed_workers = {s.participant for s in job.shares.values() if s.state == "failed"}
-        candidates = [w for w in self.plans[job_id].config.workers
+        candidates = [w for w in job_plan.config.workers
                       if w.enabled and w.id not in failed_workers and not self.is_offline(w.id)]
         if not candidates:
             self.store.fail(job_id, f"{failed.label} failed: {reason}. No other worker is left to render "
-                                    f"its share (units {missing}); the job stops rather than return a "
-                                    "partial batch.")
+                                    f"its share (units {plan.chunks_of(missing)} as [first, count]); "
+                                    "the job stops rather than return a partial batch.")
+            return
+        if job.split:
+            job_plan.pool.give_back(missing)
+            if not job_plan.looping - {failed.participant}:
+                for worker in candidates:
+                    self.spawn(self.pull(job_id, worker.id, 0.0))
             return
         load = {w.id: sum(len(s.units) for s in job.shares.values()
                           if s.participant == w.id and s.state != "failed") for w in candidates}
@@ -278,6 +404,7 @@ class Coordinator:
 
     async def cancel(self, job_id: str, reason: str) -> None:
         job_plan = self.plans.pop(job_id, None)
+        self.wakeups.pop(job_id, None)
         job = self.store.end(job_id, JobState.CANCELLED, reason)
         if job is None or job_plan is None:
             return
@@ -290,6 +417,7 @@ class Coordinator:
     def finish(self, job_id: str, state: JobState, error: str = "") -> None:
         """Called by the master's Collector when it has what it needs, or gives up."""
         self.plans.pop(job_id, None)
+        self.wakeups.pop(job_id, None)
         self.store.end(job_id, state, error)
 
     # --- the panel's operations -----------------------------------------------------------------

@@ -41,11 +41,15 @@ class JobFailed(RuntimeError):
 
 @dataclass
 class Share:
-    """What one participant has been asked to render, and how it is going."""
+    """What one participant has been asked to render, and how it is going.
+
+    ``units`` lists the units it covers; a unit is a seed slot (multiply mode) or one global batch
+    index (split mode, where a share is one contiguous chunk)."""
     participant: str
     label: str
     units: list[int]
     prompt_id: str = ""
+    dispatched: float = 0.0
     state: str = "waiting"    # waiting | queued | running | done | failed
     error: str = ""
 
@@ -55,12 +59,16 @@ class Job:
     id: str
     collectors: list[str]
     units: list[int]                              # every unit, in output order
+    split: bool = False                           # units are global batch indices, shared out in chunks
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     prompt_id: str = ""
     state: JobState = JobState.PLANNED
     created: float = field(default_factory=time.monotonic)
     shares: dict[str, Share] = field(default_factory=dict)
-    results: dict[tuple[str, int], Any] = field(default_factory=dict)
+    # (collector, first unit) -> (units covered, images); a chunk covers a run of units
+    results: dict[tuple[str, int], tuple[int, Any]] = field(default_factory=dict)
+    covered: dict[str, set[int]] = field(default_factory=dict)
+    arrived: dict[int, float] = field(default_factory=dict)  # first unit of a chunk -> when it came
     held_bytes: int = 0
     error: str = ""
     notices: list[str] = field(default_factory=list)  # failures that were recovered from
@@ -75,20 +83,26 @@ class Job:
         return {
             "job_id": self.id, "prompt_id": self.prompt_id, "state": self.state.value,
             "error": self.error, "notices": list(self.notices), "units": len(self.units),
-            "done": len(self.units) if first in self.taken else self.delivered(first),
+            "done": len(self.units) if first in self.taken else self.delivered(first), "split": self.split,
             "shares": [{"participant": s.participant, "name": s.label, "units": list(s.units),
-                        "done": sum(1 for u in s.units if (first, u) in self.results or first in self.taken),
+                        "done": sum(1 for u in s.units if self.has(first, u) or first in self.taken),
                         "state": s.state, "error": s.error} for s in self.shares.values()],
         }
 
     def delivered(self, collector: str) -> int:
-        return sum(1 for (c, _u) in self.results if c == collector)
+        return len(self.covered.get(collector, ()))
 
-    def complete(self) -> bool:
-        return all((c, u) in self.results for c in self.collectors for u in self.units)
+    def has(self, collector: str, unit: int) -> bool:
+        return unit in self.covered.get(collector, ())
 
     def missing_units(self, units: list[int]) -> list[int]:
-        return [u for u in units if any((c, u) not in self.results for c in self.collectors)]
+        return [u for u in units if any(not self.has(c, u) for c in self.collectors)]
+
+    def record(self, collector: str, first: int, count: int, value: Any, nbytes: int = 0) -> None:
+        self.results[(collector, first)] = (count, value)
+        self.covered.setdefault(collector, set()).update(range(first, first + count))
+        self.arrived[first] = time.monotonic()
+        self.held_bytes += nbytes
 
 
 class JobStore:
@@ -164,13 +178,15 @@ class JobStore:
                 raise ResultRejected(404, f"no job {header.job} on this master")
             if not secrets.compare_digest(header.token, job.token):
                 raise ResultRejected(403, "wrong token for this job")
-            if header.collector not in job.collectors or header.unit not in job.units:
-                raise ResultRejected(400, f"job {job.id} has no unit {header.unit} "
+            covers = range(header.unit, header.unit + header.count)
+            if (header.collector not in job.collectors or not set(covers) <= set(job.units)
+                    or (not job.split and header.count != 1)):
+                raise ResultRejected(400, f"job {job.id} has no units {header.unit}..{header.unit + header.count - 1} "
                                           f"for collector {header.collector}")
             if job.state not in (JobState.PLANNED, JobState.RUNNING):
                 raise ResultRejected(410, f"job {job.id} is {job.state.value}; result discarded")
-            if (header.collector, header.unit) in job.results:
-                raise ResultRejected(409, f"unit {header.unit} of job {job.id} was delivered already")
+            if any(job.has(header.collector, u) for u in covers):
+                raise ResultRejected(409, f"units from {header.unit} of job {job.id} were delivered already")
             oldest = min(self._jobs.values(), key=lambda j: j.created)
             held = sum(j.held_bytes for j in self._jobs.values())
             if job is not oldest and held + header.payload_size > self.budget_bytes:
@@ -179,16 +195,12 @@ class JobStore:
 
     def put(self, header: Header, value: Any) -> None:
         self.check(header)
-        self.update(header.job, lambda job: self._store(job, header, value))
+        self.update(header.job, lambda job: job.record(header.collector, header.unit, header.count, value,
+                                                       header.payload_size))
 
-    @staticmethod
-    def _store(job: Job, header: Header, value: Any) -> None:
-        job.results[(header.collector, header.unit)] = value
-        job.held_bytes += header.payload_size
-
-    def put_local(self, job_id: str, collector: str, unit: int, value: Any) -> None:
+    def put_local(self, job_id: str, collector: str, first: int, count: int, value: Any) -> None:
         """The master's own share: no frame, no budget (it exists already)."""
-        self.update(job_id, lambda job: job.results.__setitem__((collector, unit), value))
+        self.update(job_id, lambda job: job.record(collector, first, count, value))
 
     def wait(self, job_id: str, collector: str, timeout: float) -> tuple[int, bool]:
         """Block up to ``timeout`` for progress; returns (units delivered, complete). Raises JobFailed."""
@@ -212,7 +224,9 @@ class JobStore:
         """The results for one Collector in unit order, handed over (the store lets go of them)."""
         with self._cond:
             job = self._jobs[job_id]
-            values = [job.results.pop((collector, u)) for u in job.units]
+            order = {u: i for i, u in enumerate(job.units)}
+            mine = sorted((k for k in job.results if k[0] == collector), key=lambda k: order[k[1]])
+            values = [job.results.pop(k)[1] for k in mine]
             job.taken.add(collector)
-            job.held_bytes = sum(getattr(v, "nbytes", 0) for v in job.results.values())
+            job.held_bytes = sum(getattr(v, "nbytes", 0) for _c, v in job.results.values())
             return values

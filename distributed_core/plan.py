@@ -7,7 +7,13 @@ that cannot be reached keeps its unit, which another participant renders.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import Config
 
@@ -55,3 +61,124 @@ def assign(units: dict[str, list[int]], available: list[str]) -> dict[str, list[
 def seed_for(seed: int, unit: int) -> int:
     """Each unit's seed: the user's seed plus the unit's offset, wrapped like ComfyUI's 64-bit seeds."""
     return (seed + unit) % (1 << 64)
+
+
+# --- split mode -----------------------------------------------------------------------------------
+# One logical batch of N images is divided among the participants by global batch index. The
+# master's share is fixed when the prompt arrives (its prompt cannot grow later); the workers pull
+# the rest in chunks as they finish, so a slow or busy GPU never holds the job back.
+
+def master_share(batch: int, master_rate: float, worker_rates: list[float]) -> int:
+    """How many of the batch's first images the master renders itself, in proportion to speed."""
+    if not worker_rates:
+        return batch
+    return int(round(batch * master_rate / (master_rate + sum(worker_rates))))
+
+
+def next_chunk(remaining: int, rate: float, others: list[tuple[float, float]]) -> int:
+    """How many images an idle worker should take now (0: leave them to the others).
+
+    ``others`` holds (seconds until free, rate) for every other worker still taking work. The chunk
+    is half this worker's proportional share of what is left (so chunks shrink towards the end
+    and the last ones balance out), and never more than it can finish by the time all the work
+    would ideally be done. A slow worker therefore stops taking work near the end rather than
+    becoming the one everybody waits for.
+    """
+    if remaining <= 0:
+        return 0
+    total_rate = rate + sum(r for _busy, r in others)
+    backlog = sum(busy * r for busy, r in others)
+    finish = (remaining + backlog) / total_rate
+    size = min(remaining, math.ceil(remaining * rate / total_rate / 2), math.floor(rate * finish + 1e-9))
+    if size < 1 and not others:
+        size = 1  # the last worker standing takes everything, one chunk at a time
+    return max(0, size)
+
+
+class ChunkPool:
+    """The global batch indices of a split job that nobody is rendering yet."""
+
+    def __init__(self, units):
+        self.pending = sorted(units)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def take(self, count: int) -> list[int]:
+        """Up to ``count`` contiguous indices from the lowest pending one."""
+        taken = self.pending[:1]
+        for unit in self.pending[1:count]:
+            if unit != taken[-1] + 1:
+                break
+            taken.append(unit)
+        self.pending = self.pending[len(taken):]
+        return taken
+
+    def give_back(self, units) -> None:
+        self.pending = sorted(set(self.pending) | set(units))
+
+
+def chunks_of(units: list[int]) -> list[list[int]]:
+    """[first, count] runs of consecutive units: [3, 4, 5, 9] -> [[3, 3], [9, 1]]."""
+    runs: list[list[int]] = []
+    for unit in sorted(units):
+        if runs and unit == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([unit, 1])
+    return runs
+
+
+def signature(prompt: dict, nodes) -> str:
+    """What a workflow's speed depends on: its node types and numeric settings, not its seeds,
+    batch size or prompt text. Rates are learned per signature, since only their ratios between
+    participants matter and those hold across reruns of the same workflow."""
+    skip = {"seed", "noise_seed", "batch_size"}
+    parts = sorted(json.dumps([prompt[n].get("class_type"),
+                               {k: v for k, v in (prompt[n].get("inputs") or {}).items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}],
+                              sort_keys=True) for n in nodes)
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+class Throughput:
+    """Images per second that each participant has shown on split work, per workflow signature,
+    kept across restarts. Unknown participants count as fast as the median of the known ones."""
+
+    SMOOTHING = 0.5
+    MAX_SIGNATURES = 200
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()  # the master's own share is measured on another thread
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self.rates = {str(sig): {str(p): float(r) for p, r in rates.items() if float(r) > 0}
+                          for sig, rates in data.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            self.rates = {}
+
+    def rate(self, sig: str, participant: str) -> float:
+        known = self.rates.get(sig, {})
+        if participant in known:
+            return known[participant]
+        values = sorted(known.values())
+        return values[len(values) // 2] if values else 1.0
+
+    def observe(self, sig: str, participant: str, images: int, seconds: float) -> None:
+        if images <= 0 or seconds <= 0:
+            return
+        measured = images / seconds
+        with self._lock:
+            known = self.rates.pop(sig, {})
+            self.rates[sig] = known  # most recent last, so the oldest go first below
+            old = known.get(participant)
+            known[participant] = measured if old is None else old + self.SMOOTHING * (measured - old)
+            while len(self.rates) > self.MAX_SIGNATURES:
+                self.rates.pop(next(iter(self.rates)))
+            try:
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(json.dumps(self.rates, indent=1), encoding="utf-8")
+                os.replace(tmp, self.path)
+            except OSError:
+                pass  # losing a measurement is harmless

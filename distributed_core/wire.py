@@ -2,8 +2,9 @@
 
     MAGIC (4 bytes) | header length (4 bytes, big-endian) | header (UTF-8 JSON) | payload
 
-The header names the job, the Collector, the unit, the per-job token, the dtype and the shape of an
-IMAGE batch (batch, height, width, channels). The payload is the array in C order, exactly
+The header names the job, the Collector, the first unit and how many units the frame covers (one
+seed slot in multiply mode; a range of global batch indices in split mode), the per-job token, the
+dtype and the shape of an IMAGE batch (batch, height, width, channels). The payload is the array in C order, exactly
 ``prod(shape) * itemsize`` bytes, so the receiver can size its buffer from the header and stream the
 body straight into it. No base64, no JSON-wrapped PNG.
 """
@@ -36,6 +37,7 @@ class Header:
     token: str
     dtype: str
     shape: tuple[int, int, int, int]
+    count: int = 1
 
     @property
     def payload_size(self) -> int:
@@ -43,7 +45,8 @@ class Header:
 
     def to_bytes(self) -> bytes:
         body = json.dumps({"job": self.job, "collector": self.collector, "unit": self.unit,
-                           "token": self.token, "dtype": self.dtype, "shape": list(self.shape)},
+                           "count": self.count, "token": self.token, "dtype": self.dtype,
+                           "shape": list(self.shape)},
                           separators=(",", ":")).encode()
         return MAGIC + len(body).to_bytes(4, "big") + body
 
@@ -70,6 +73,9 @@ def parse_header(raw: bytes) -> Header:
     unit = data.get("unit")
     if not isinstance(unit, int) or isinstance(unit, bool) or not 0 <= unit < 1 << 20:
         raise FrameError("header.unit must be a whole number >= 0")
+    count = data.get("count", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_BATCH:
+        raise FrameError(f"header.count must be a whole number from 1 to {MAX_BATCH}")
     if data.get("dtype") not in DTYPES:
         raise FrameError(f"header.dtype must be one of {', '.join(DTYPES)}")
     shape = data.get("shape")
@@ -81,7 +87,7 @@ def parse_header(raw: bytes) -> Header:
             and 1 <= channels <= 4):
         raise FrameError(f"header.shape {shape} is out of range (batch <= {MAX_BATCH}, "
                          f"sides <= {MAX_SIDE}, 1 to 4 channels)")
-    return Header(data["job"], data["collector"], unit, data["token"], data["dtype"], tuple(shape))
+    return Header(data["job"], data["collector"], unit, data["token"], data["dtype"], tuple(shape), count)
 
 
 def encode(header: Header, array: np.ndarray) -> list:

@@ -14,6 +14,7 @@ from typing import Any
 
 COLLECTOR = "MultiGPUCollector"
 SEED = "DistributedSeed"
+LATENT = "DistributedEmptyLatent"
 FIELD = "_distributed"
 
 Prompt = dict[str, dict[str, Any]]
@@ -67,18 +68,45 @@ def _with_field(node: dict, data: dict) -> dict:
     return node
 
 
-def master_prompt(prompt: Prompt, collectors: list[str], job: dict, units: list[int]) -> Prompt:
-    """The master's own prompt: the whole workflow, its seed nodes set to the master's units.
+def split_batch(prompt: Prompt, collectors: list[str]) -> int | None:
+    """The logical batch size when the Collectors' inputs come from a Distributed Empty Latent
+    (split mode), or None (multiply mode)."""
+    latents = [nid for nid in upstream(prompt, collectors) if prompt[nid].get("class_type") == LATENT]
+    if not latents:
+        return None
+    if len(latents) > 1:
+        raise WorkflowError("split mode takes one Distributed Empty Latent before the Collector; "
+                            f"this workflow has {len(latents)}")
+    size = prompt[latents[0]].get("inputs", {}).get("batch_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise WorkflowError("the Distributed Empty Latent's batch_size must be a number in the node, "
+                            "not a link: the master splits it before anything runs")
+    return size
 
-    With no unit of its own (master disabled) each Collector's input comes from a 1x1 EmptyImage
-    instead, so that the master renders nothing upstream of it and only gathers.
+
+def _set_nodes(result: Prompt, source: Prompt, keep, chunks: list[list[int]], seeds: list[int]) -> None:
+    """Give seed and latent nodes their part: one list item per chunk."""
+    for nid in keep:
+        kind = source[nid].get("class_type")
+        if kind == SEED:
+            result[nid] = _with_field(source[nid], {"units": seeds})
+        elif kind == LATENT:
+            result[nid] = _with_field(source[nid], {"chunks": chunks})
+
+
+def master_prompt(prompt: Prompt, collectors: list[str], job: dict, chunks: list[list[int]],
+                  seeds: list[int]) -> Prompt:
+    """The master's own prompt: the whole workflow, its seed and latent nodes set to its own chunks.
+
+    ``chunks`` holds [first unit, count] pairs, ``seeds`` the seed offset for each chunk. With no
+    chunk of its own (master disabled) each Collector's input comes from a 1x1 EmptyImage instead,
+    so that the master renders nothing upstream of it and only gathers.
     """
     result = dict(prompt)
-    for nid in nodes_of(prompt, SEED):
-        result[nid] = _with_field(prompt[nid], {"units": units})
+    _set_nodes(result, prompt, prompt, chunks, seeds)
     for nid in collectors:
-        node = _with_field(prompt[nid], {**job, "role": "master", "collector": nid, "units": units})
-        if not units:
+        node = _with_field(prompt[nid], {**job, "role": "master", "collector": nid, "chunks": chunks})
+        if not chunks:
             placeholder = f"{nid}-idle"
             result[placeholder] = {"class_type": "EmptyImage",
                                    "inputs": {"width": 1, "height": 1, "batch_size": 1, "color": 0}}
@@ -87,17 +115,14 @@ def master_prompt(prompt: Prompt, collectors: list[str], job: dict, units: list[
     return result
 
 
-def worker_prompt(prompt: Prompt, collectors: list[str], job: dict, units: list[int]) -> Prompt:
+def worker_prompt(prompt: Prompt, collectors: list[str], job: dict, chunks: list[list[int]],
+                  seeds: list[int]) -> Prompt:
     """A worker's prompt: only what the Collectors need, with the Collectors in worker role."""
     keep = upstream(prompt, collectors)
-    result: Prompt = {}
-    for nid in keep:
-        node = prompt[nid]
-        if nid in collectors:
-            node = _with_field(node, {**job, "role": "worker", "collector": nid, "units": units})
-        elif node.get("class_type") == SEED:
-            node = _with_field(node, {"units": units})
-        result[nid] = node
+    result: Prompt = {nid: prompt[nid] for nid in keep}
+    _set_nodes(result, prompt, keep, chunks, seeds)
+    for nid in collectors:
+        result[nid] = _with_field(prompt[nid], {**job, "role": "worker", "collector": nid, "chunks": chunks})
     return result
 
 

@@ -22,7 +22,8 @@ class Cluster:
         self.probe_log = workdir / "probe.jsonl"
         self.env = {**os.environ, "COMFYUI_DISTRIBUTED_CONFIG": str(self.config_path),
                     "DISTRIBUTED_TEST_PROBE_LOG": str(self.probe_log), "PYTHONUNBUFFERED": "1",
-                    "COMFYUI_DISTRIBUTED_SECRET_FILE": str(workdir / "secret.key")}
+                    "COMFYUI_DISTRIBUTED_SECRET_FILE": str(workdir / "secret.key"),
+                    "DISTRIBUTED_TEST_SPEED_FILE": str(workdir / "speeds.json")}
         ports = [harness.free_port() for _ in range(3)]
         self.master = harness.Instance(self.tree, "master", ports[0], workdir, self.env)
         self.workers = [harness.Instance(self.tree, f"worker{i + 1}", p, workdir, self.env)
@@ -57,6 +58,12 @@ class Cluster:
         for instance in self.instances:
             instance.stop()
 
+    def set_speeds(self, speeds: dict | None = None) -> None:
+        """Emulated speed factor per instance name for the probe node; missing names run at 1."""
+        import json
+        ports = {i.name: i.port for i in self.instances}
+        (self.workdir / "speeds.json").write_text(json.dumps({str(ports[n]): f for n, f in (speeds or {}).items()}))
+
     def probes(self) -> list[dict]:
         import json
         if not self.probe_log.exists():
@@ -85,6 +92,9 @@ def live(cluster):
         if instance.process.poll() is not None:
             instance.start().wait_ready()
     cluster.reset_config()
+    cluster.set_speeds()
+    for leftover in cluster.workdir.glob("throughput.json*"):
+        leftover.unlink()
     harness.wait_until(lambda: all(i.idle() for i in cluster.instances), 60, what="idle instances")
     if cluster.probe_log.exists():
         cluster.probe_log.unlink()

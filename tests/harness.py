@@ -205,3 +205,23 @@ def blue_values(images: list[np.ndarray]) -> list[int]:
 
 def write_config(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2))
+
+
+def split_workflow(batch: int = 10, seconds_per_image: float = 0.0) -> dict:
+    """Model-free split mode: Distributed Empty Latent -> a decode stand-in whose colours encode
+    each image's global batch index -> probe -> Collector -> SaveImage."""
+    return {
+        "1": {"class_type": "DistributedEmptyLatent", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "2": {"class_type": "DistributedTestDecode", "inputs": {"samples": ["1", 0]}},
+        "3": {"class_type": "DistributedTestProbe", "inputs": {"images": ["2", 0],
+                                                               "seconds_per_image": seconds_per_image,
+                                                               "label": "split"}},
+        "4": {"class_type": "MultiGPUCollector", "inputs": {"images": ["3", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "split"}},
+    }
+
+
+def batch_indices(images: list[np.ndarray]) -> list[int]:
+    """Read back the global batch index that DistributedTestDecode painted into each image."""
+    return [int(round(float(img[..., 2].mean()))) + 256 * int(round(float(img[..., 1].mean())))
+            for img in images]

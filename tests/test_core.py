@@ -132,19 +132,20 @@ PROMPT = {
 
 
 def test_worker_prompt_holds_only_the_upstream_part():
-    wp = workflow.worker_prompt(PROMPT, ["3"], {"job": "j"}, [1, 3])
+    wp = workflow.worker_prompt(PROMPT, ["3"], {"job": "j"}, [[1, 1], [3, 1]], [1, 3])
     assert set(wp) == {"1", "2", "3"}
-    assert workflow.read_field(wp, "3") == {"job": "j", "role": "worker", "collector": "3", "units": [1, 3]}
+    assert workflow.read_field(wp, "3") == {"job": "j", "role": "worker", "collector": "3",
+                                            "chunks": [[1, 1], [3, 1]]}
     assert workflow.read_field(wp, "1") == {"units": [1, 3]}
     assert workflow.fresh_collectors(wp) == []  # a worker never distributes again
     assert workflow.FIELD not in PROMPT["3"]["inputs"]  # the original is untouched
 
 
 def test_master_prompt_keeps_the_workflow_and_drops_the_input_when_it_renders_nothing():
-    mp = workflow.master_prompt(PROMPT, ["3"], {"job": "j"}, [0])
+    mp = workflow.master_prompt(PROMPT, ["3"], {"job": "j"}, [[0, 1]], [0])
     assert set(mp) == set(PROMPT) and mp["3"]["inputs"]["images"] == ["2", 0]
     assert workflow.read_field(mp, "1") == {"units": [0]}
-    idle = workflow.master_prompt(PROMPT, ["3"], {"job": "j"}, [])
+    idle = workflow.master_prompt(PROMPT, ["3"], {"job": "j"}, [], [])
     source = idle["3"]["inputs"]["images"][0]
     assert idle[source]["class_type"] == "EmptyImage" and source not in PROMPT
 
@@ -239,7 +240,7 @@ def test_wait_wakes_on_results_and_raises_on_failure():
     store = JobStore()
     job = _job(units=(0, 1))
     store.add(job)
-    store.put_local("j1", "3", 0, "mine")
+    store.put_local("j1", "3", 0, 1, "mine")
     assert store.wait("j1", "3", 0.01) == (1, False)
     threading.Timer(0.05, lambda: store.put(wire.Header("j1", "3", 1, job.token, "uint8", (1, 1, 1, 1)),
                                             "theirs")).start()
@@ -286,3 +287,98 @@ def test_secret_is_made_once_and_private(tmp_path):
     first = access.load_or_create(path)
     assert access.load_or_create(path) == first and len(first) >= 32
     assert path.stat().st_mode & 0o077 == 0
+
+
+# --- split mode -----------------------------------------------------------------------------------
+
+SPLIT = {
+    "1": {"class_type": "DistributedEmptyLatent", "inputs": {"width": 64, "height": 64, "batch_size": 10}},
+    "2": {"class_type": "DistributedTestDecode", "inputs": {"samples": ["1", 0]}},
+    "3": {"class_type": "MultiGPUCollector", "inputs": {"images": ["2", 0]}},
+}
+
+
+def test_split_mode_is_chosen_by_the_latent_node():
+    assert workflow.split_batch(SPLIT, ["3"]) == 10
+    assert workflow.split_batch(PROMPT, ["3"]) is None
+    linked = json.loads(json.dumps(SPLIT))
+    linked["1"]["inputs"]["batch_size"] = ["9", 0]
+    linked["9"] = {"class_type": "PrimitiveNode", "inputs": {}}
+    with pytest.raises(workflow.WorkflowError, match="must be a number"):
+        workflow.split_batch(linked, ["3"])
+    wp = workflow.worker_prompt(SPLIT, ["3"], {"job": "j"}, [[4, 3]], [0])
+    assert workflow.read_field(wp, "1") == {"chunks": [[4, 3]]}
+
+
+def test_master_share_follows_measured_speed():
+    assert plan.master_share(28, 1.0, [1.0, 2.0, 4.0]) == 4
+    assert plan.master_share(8, 1.0, []) == 8
+    assert plan.master_share(8, 0.0, [1.0]) == 0
+
+
+def test_pool_hands_out_contiguous_chunks_and_takes_them_back():
+    pool = plan.ChunkPool(range(4, 12))
+    assert pool.take(3) == [4, 5, 6] and pool.take(2) == [7, 8]
+    pool.give_back([5, 6])
+    assert pool.take(5) == [5, 6] and pool.take(9) == [9, 10, 11] and len(pool) == 0
+    assert plan.chunks_of([9, 3, 4, 5]) == [[3, 3], [9, 1]]
+
+
+def simulate(batch, rates, overhead=0.0):
+    """Workers pull chunks by next_chunk; returns the makespan divided by the ideal."""
+    pool = plan.ChunkPool(range(batch))
+    free = {w: 0.0 for w in rates}
+    busy_until = dict(free)
+    pulling = set(rates)
+    now = 0.0
+    while pulling:
+        w = min(pulling, key=lambda x: busy_until[x])
+        now = busy_until[w]
+        others = [(max(0.0, busy_until[v] - now), rates[v]) for v in pulling if v != w]
+        size = plan.next_chunk(len(pool), rates[w], others)
+        if size == 0:
+            pulling.discard(w)
+            continue
+        busy_until[w] = now + overhead + len(pool.take(size)) / rates[w]
+    return max(busy_until.values()) / (batch / sum(rates.values()))
+
+
+def test_chunking_balances_unequal_workers():
+    assert simulate(28, {"a": 1.0, "b": 2.0, "c": 4.0}) <= 1.15
+    assert simulate(64, {"a": 1.0, "b": 1.0}) <= 1.1
+    assert simulate(5, {"a": 3.0}) == pytest.approx(1.0)
+    assert plan.next_chunk(0, 1.0, []) == 0
+
+
+def test_throughput_is_kept_across_restarts(tmp_path):
+    path = tmp_path / "throughput.json"
+    rates = plan.Throughput(path)
+    assert rates.rate("sig", "w") == 1.0
+    rates.observe("sig", "w", 8, 2.0)
+    rates.observe("sig", "v", 2, 2.0)
+    again = plan.Throughput(path)
+    assert again.rate("sig", "w") == 4.0 and again.rate("sig", "v") == 1.0
+    assert again.rate("sig", "new") in (1.0, 4.0) and again.rate("other", "w") == 1.0
+    path.write_text("garbage")
+    assert plan.Throughput(path).rate("sig", "w") == 1.0
+
+
+def test_signature_ignores_seeds_and_text_but_not_settings():
+    base = {"1": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 20, "text": "a cat"}}}
+    other = {"1": {"class_type": "KSampler", "inputs": {"seed": 9, "steps": 20, "text": "a dog"}}}
+    slower = {"1": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 40, "text": "a cat"}}}
+    assert plan.signature(base, ["1"]) == plan.signature(other, ["1"]) != plan.signature(slower, ["1"])
+
+
+def test_split_results_cover_ranges():
+    store = JobStore()
+    job = Job(id="s", collectors=["3"], units=list(range(6)), split=True)
+    store.add(job)
+    store.put_local("s", "3", 0, 2, "A")
+    store.put(wire.Header("s", "3", 4, job.token, "uint8", (2, 1, 1, 1), 2), "C")
+    with pytest.raises(ResultRejected) as info:
+        store.check(wire.Header("s", "3", 3, job.token, "uint8", (2, 1, 1, 1), 2))  # overlaps 4
+    assert info.value.status == 409
+    store.put(wire.Header("s", "3", 2, job.token, "uint8", (2, 1, 1, 1), 2), "B")
+    assert store.wait("s", "3", 0) == (6, True)
+    assert store.take("s", "3") == ["A", "B", "C"]

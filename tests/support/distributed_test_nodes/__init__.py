@@ -1,9 +1,10 @@
 """Test-only ComfyUI nodes, installed into custom_nodes by the test harness (never shipped to users).
 
 DistributedTestProbe passes images through after costing a set time, and records when it ran and on
-which instance, so tests can see staggering and slow or frozen workers. The time per image can be
-scaled per instance with DISTRIBUTED_TEST_SPEED (a factor; 2 means twice as fast), to emulate GPUs of
-different speeds honestly: the instance really spends that time.
+which instance, so tests can see staggering and slow or frozen workers. The time per image is
+divided by the instance's speed factor (2 means twice as fast), read at every call from the JSON file
+named by DISTRIBUTED_TEST_SPEED_FILE ({"<port>": factor}), to emulate GPUs of different speeds
+honestly: the instance really spends that time.
 """
 import json
 import os
@@ -30,7 +31,11 @@ class DistributedTestProbe:
 
     def probe(self, images, seconds_per_image, label):
         started = time.time()
-        speed = float(os.environ.get("DISTRIBUTED_TEST_SPEED", "1") or 1)
+        speed = 1.0
+        speed_file = os.environ.get("DISTRIBUTED_TEST_SPEED_FILE")
+        if speed_file and os.path.exists(speed_file):
+            with open(speed_file, encoding="utf-8") as handle:
+                speed = float(json.load(handle).get(str(args.port), 1.0))
         cost = seconds_per_image * images.shape[0] / speed
         end = time.monotonic() + cost
         while time.monotonic() < end:
@@ -45,3 +50,29 @@ class DistributedTestProbe:
 
 
 NODE_CLASS_MAPPINGS = {"DistributedTestProbe": DistributedTestProbe}
+
+
+class DistributedTestDecode:
+    """A model-free stand-in for VAE Decode: one 8x8 image per latent, whose colour encodes the
+    image's global batch index (blue: low byte, green: high byte), so tests can read order back."""
+
+    CATEGORY = "distributed/testing"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+
+    def decode(self, samples):
+        import torch
+        count = samples["samples"].shape[0]
+        indices = samples.get("batch_index") or list(range(count))
+        images = torch.zeros([count, 8, 8, 3])
+        for i, index in enumerate(indices):
+            images[i, :, :, 2] = (index & 0xFF) / 255.0
+            images[i, :, :, 1] = ((index >> 8) & 0xFF) / 255.0
+        return (images,)
+
+
+NODE_CLASS_MAPPINGS["DistributedTestDecode"] = DistributedTestDecode

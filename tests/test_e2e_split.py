@@ -1,0 +1,67 @@
+"""Split mode end to end on real ComfyUI: one logical batch shared out by global batch index."""
+from __future__ import annotations
+
+import pytest
+
+from harness import batch_indices, error_of, split_workflow
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def run(cluster, prompt, timeout=180):
+    entry = cluster.master.wait_prompt(cluster.master.queue_prompt(prompt), timeout)
+    assert error_of(entry) == "", error_of(entry)
+    return cluster.master.saved_images(entry, "5")
+
+
+def images_by_port(cluster) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for probe in cluster.probes():
+        if probe["label"] == "split":
+            counts[probe["port"]] = counts.get(probe["port"], 0) + probe["batch"]
+    return counts
+
+
+def test_split_batch_comes_back_in_global_order(live):
+    images = run(live, split_workflow(batch=10))
+    assert batch_indices(images) == list(range(10))
+    counts = images_by_port(live)
+    assert sum(counts.values()) == 10 and len(counts) == 3, counts  # everyone took part, nobody twice
+
+
+def test_split_without_workers_is_the_whole_batch_on_the_master(live):
+    config = live.default_config()
+    for worker in config["workers"]:
+        worker["enabled"] = False
+    live.reset_config(config)
+    assert batch_indices(run(live, split_workflow(batch=5))) == list(range(5))
+
+
+def test_slow_worker_receives_fewer_images(live):
+    config = live.default_config()
+    config["master"]["enabled"] = False
+    live.reset_config(config)
+    live.set_speeds({"worker1": 1.0, "worker2": 4.0})
+    run(live, split_workflow(batch=6, seconds_per_image=0.3))  # the master learns the speeds
+    live.probe_log.unlink()
+    images = run(live, split_workflow(batch=20, seconds_per_image=0.3))
+    assert batch_indices(images) == list(range(20))
+    counts = images_by_port(live)
+    slow, fast = counts.get(live.workers[0].port, 0), counts.get(live.workers[1].port, 0)
+    assert slow + fast == 20 and slow < fast, counts
+
+
+def test_unreachable_worker_in_split_mode(live):
+    from harness import free_port
+    config = live.default_config()
+    config["workers"].insert(0, {"id": "ghost", "port": free_port(), "enabled": True})
+    live.reset_config(config)
+    assert batch_indices(run(live, split_workflow(batch=12))) == list(range(12))
+
+
+def test_linked_batch_size_is_a_clear_error(live):
+    prompt = split_workflow(batch=4)
+    prompt["6"] = {"class_type": "DistributedSeed", "inputs": {"seed": 4}}
+    prompt["1"]["inputs"]["batch_size"] = ["6", 0]
+    entry = live.master.wait_prompt(live.master.queue_prompt(prompt), 60)
+    assert "must be a number in the node" in error_of(entry)
