@@ -137,7 +137,9 @@ def test_state_changing_routes_refuse_strangers(live, headers):
                          ("POST", "/api/distributed/config")]:
         resp = requests.request(method, live.master.url + path, json={}, headers=headers, timeout=10)
         assert resp.status_code == 403, (method, path, resp.status_code)
-        assert "X-Distributed-Secret" in resp.json()["error"]
+        if resp.headers.get("Content-Type", "").startswith("application/json"):
+            assert "X-Distributed-Secret" in resp.json()["error"]
+        # else: newer ComfyUI refuses cross-site requests itself, before our routes see them
     assert live.config_path.read_text() == before
 
 
