@@ -8,19 +8,17 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 from aiohttp import web
 
-from .distributed_core import access, launcher, wire
+from .distributed_core import access, launcher
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, submitted
-from .distributed_core.jobs import JobStore, JobState, ResultRejected
+from .distributed_core.jobs import JobState, JobStore, ResultRejected, receive
 
 log = logging.getLogger("comfyui-distributed")
 
 MAX_JSON_BODY = 1 << 20
-MAX_RESULT_PAYLOAD = 4 << 30
 PROMPT_PATHS = ("/prompt", "/api/prompt")
 
 _coordinator: Coordinator | None = None
@@ -176,33 +174,11 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
 
     @routes.post("/distributed/result")
     async def post_result(request: web.Request) -> web.Response:
-        reader = request.content
         try:
-            size = wire.header_length(await reader.readexactly(wire.PREFIX_SIZE))
-            header = wire.parse_header(await reader.readexactly(size))
-        except asyncio.IncompleteReadError:
-            return error(400, "truncated result frame: the body ended inside the header")
-        except wire.FrameError as exc:
-            return error(400, f"bad result frame: {exc}")
-        if header.payload_size > MAX_RESULT_PAYLOAD:
-            return error(413, f"a result may hold at most {MAX_RESULT_PAYLOAD >> 30} GiB; "
-                              f"this one declares {header.payload_size} bytes")
-        expected = wire.PREFIX_SIZE + size + header.payload_size
-        if request.content_length is not None and request.content_length != expected:
-            return error(400, f"body is {request.content_length} bytes but the header promises {expected}")
-        try:
-            coord.store.check(header)
-            payload = await _read_into(reader, header.payload_size)
-            if payload is None:
-                return error(400, f"truncated result frame: fewer than the {header.payload_size} "
-                                  "payload bytes the header promises")
-            if await reader.read(1):
-                return error(400, "the body is longer than its header promises")
-            array = payload.view(wire.DTYPES[header.dtype]).reshape(header.shape)
-            coord.store.put(header, array)
-            coord.result_arrived(header.job)
+            header = await receive(coord.store, request.content, request.content_length)
         except ResultRejected as exc:
             return error(exc.status, exc.message)
+        coord.result_arrived(header.job)
         return web.json_response({"ok": True, "job": header.job, "unit": header.unit})
 
 
@@ -331,20 +307,6 @@ def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes)
         except ValueError as exc:
             return error(400, str(exc))
         return web.json_response({"id": worker_id, "log": text, "running": processes.is_running(worker_id)})
-
-
-async def _read_into(reader, size: int) -> np.ndarray | None:
-    """Stream the payload into one buffer of its final size."""
-    buffer = np.empty(size, dtype=np.uint8)
-    view = memoryview(buffer)
-    filled = 0
-    while filled < size:
-        chunk = await reader.read(min(size - filled, 1 << 20))
-        if not chunk:
-            return None
-        view[filled:filled + len(chunk)] = chunk
-        filled += len(chunk)
-    return buffer
 
 
 __all__ = ["setup", "coordinator", "JobState"]

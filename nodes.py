@@ -44,13 +44,12 @@ def _concat(batches: list) -> torch.Tensor:
     return batches[0] if len(batches) == 1 else torch.cat(batches, dim=0)
 
 
-def _as_tensor(value) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.float()
-    array = value
-    if array.dtype == np.uint8:
-        return torch.from_numpy(array).float().div_(255.0)
-    return torch.from_numpy(array).float()
+def _as_array(images: torch.Tensor) -> np.ndarray:
+    return images.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def _as_tensor(value: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
 
 
 class MultiGPUCollector:
@@ -98,11 +97,10 @@ class MultiGPUCollector:
         url = job["master_url"].rstrip("/") + "/distributed/result"
         for (first, count), batch in zip(chunks, batches):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-            header = wire.Header(job["job"], job["collector"], first, job["token"], "float32",
-                                 tuple(array.shape), count)
+            parts = wire.frame(job["job"], job["collector"], first, count, job["token"], _as_array(batch),
+                               job.get("transport", "float32"))
             try:
-                deliver(url, header, array, deadline)
+                deliver(url, parts, deadline)
             except InstanceError as exc:
                 raise RuntimeError(f"Multi-GPU Collector: {exc}") from None
         return _concat(batches)
@@ -117,7 +115,7 @@ class MultiGPUCollector:
         try:
             if chunks:
                 for (first, count), batch in zip(chunks, _per_chunk(batches, chunks)):
-                    store.put_local(job_id, collector, first, count, batch)
+                    store.put_local(job_id, collector, first, count, _as_array(batch))
                 coord.local_done(job_id, sum(count for _first, count in chunks))
             known = store.get(job_id)
             total = len(known.units) if known else 0

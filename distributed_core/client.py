@@ -111,19 +111,19 @@ def _error_text(text: str) -> str:
     return text[:300]
 
 
-def deliver(url: str, header: wire.Header, array, deadline: float) -> None:
-    """POST one result frame to the master, retrying while it asks us to wait (503) or is briefly away.
+def deliver(url: str, parts: list, deadline: float) -> None:
+    """POST one result frame (from wire.frame) to the master. Runs on the worker's execution thread.
 
-    Runs on the worker's execution thread; uses requests, which streams the buffers without joining them.
+    While the master answers "retry later" (503: it holds results for earlier jobs) the worker
+    waits as long as it takes; when the master cannot be reached it retries until ``deadline``.
     """
     import requests
 
-    body = _Body(wire.encode(header, array))
-    last = ""
+    body = _Body(parts)
     delay = 0.2
     while True:
         try:
-            resp = requests.post(url, data=body, timeout=(5, 120), headers={"Content-Type": wire.CONTENT_TYPE})
+            resp = requests.post(url, data=body, timeout=(5, 300), headers={"Content-Type": wire.CONTENT_TYPE})
             if resp.status_code == 200:
                 return
             last = f"{url} answered {resp.status_code}: {resp.text[:300]}"
@@ -132,8 +132,8 @@ def deliver(url: str, header: wire.Header, array, deadline: float) -> None:
         except requests.RequestException as exc:
             last = (f"cannot deliver results to the master at {url} ({type(exc).__name__}); "
                     "check that this worker can reach the master's address")
-        if time.monotonic() + delay > deadline:
-            raise InstanceError(last)
+            if time.monotonic() + delay > deadline:
+                raise InstanceError(last) from None
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
 

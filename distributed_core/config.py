@@ -23,13 +23,14 @@ LOCAL_FILE = EXTENSION_DIR / "gpu_config.local.json"
 ENV_VAR = "COMFYUI_DISTRIBUTED_CONFIG"
 
 MODES = ("parallel", "staggered")
+TRANSPORTS = ("auto", "float32", "uint8", "png")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 MAX_WORKERS = 256
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "master": {"port": 8188, "device": 0, "enabled": True},
     "workers": [],
-    "settings": {"stagger_delay": 2.0, "job_timeout": 120, "mode": "parallel"},
+    "settings": {"stagger_delay": 2.0, "job_timeout": 120, "mode": "parallel", "transport": "auto"},
 }
 
 
@@ -79,6 +80,14 @@ class Settings:
     stagger_delay: float = 2.0
     job_timeout: float = 120.0
     mode: str = "parallel"
+    # How workers send images: float32 (lossless), uint8 (what a PNG keeps, a quarter of the bytes),
+    # png (compact, for slow links); auto is float32 on this machine and uint8 across a network.
+    transport: str = "auto"
+
+    def transport_for(self, worker: "Worker") -> str:
+        if self.transport != "auto":
+            return self.transport
+        return "float32" if worker.is_local else "uint8"
 
 
 @dataclass
@@ -103,7 +112,8 @@ class Config:
                 for w in self.workers
             ],
             "settings": {"stagger_delay": self.settings.stagger_delay,
-                         "job_timeout": self.settings.job_timeout, "mode": self.settings.mode},
+                         "job_timeout": self.settings.job_timeout, "mode": self.settings.mode,
+                         "transport": self.settings.transport},
         }
 
 
@@ -224,14 +234,18 @@ def parse(data: Any) -> Config:
     if not isinstance(s, dict):
         errors.append("settings: must be an object")
         s = {}
-    _check_keys(s, {"stagger_delay", "job_timeout", "mode"}, "settings", errors)
+    _check_keys(s, {"stagger_delay", "job_timeout", "mode", "transport"}, "settings", errors)
     mode = s.get("mode", "parallel")
     if mode not in MODES:
         errors.append(f"settings.mode: must be one of {', '.join(MODES)}, got {json.dumps(mode)}")
         mode = "parallel"
+    transport = s.get("transport", "auto")
+    if transport not in TRANSPORTS:
+        errors.append(f"settings.transport: must be one of {', '.join(TRANSPORTS)}, got {json.dumps(transport)}")
+        transport = "auto"
     settings = Settings(stagger_delay=_number(s, "stagger_delay", "settings", errors, 2.0, 0, 600),
                         job_timeout=_number(s, "job_timeout", "settings", errors, 120, 1, 86400),
-                        mode=mode)
+                        mode=mode, transport=transport)
 
     seen_ids: set[str] = set()
     seen_addresses = {("127.0.0.1", master.port)}

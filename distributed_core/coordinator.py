@@ -282,7 +282,8 @@ class Coordinator:
         worker = job_plan.config.worker(share.participant)
         job = self.store.get(job_id)
         fields = {"job": job_id, "token": job.token, "timeout": job_plan.config.settings.job_timeout,
-                  "master_url": self.master_url_for(job_plan.config, worker)}
+                  "master_url": self.master_url_for(job_plan.config, worker),
+                  "transport": job_plan.config.settings.transport_for(worker)}
         chunks = plan.chunks_of(share.units) if job.split else [[u, 1] for u in share.units]
         seeds = [0] * len(chunks) if job.split else share.units
         prompt = workflow.worker_prompt(job_plan.prompt, job_plan.collectors, fields, chunks, seeds)

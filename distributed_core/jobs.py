@@ -1,12 +1,19 @@
 """Jobs on the master and the results that arrive for them.
 
 Results arrive on the server's event loop; the Collector waits for them on ComfyUI's execution
-thread. A Condition joins the two. Memory is bounded: results for jobs that the master has not
-reached yet are refused with "retry later" once ``budget_bytes`` is held, except for the oldest
-job, so the job that runs now can always finish.
+thread. A Condition joins the two.
+
+Each Collector's final batch (float32) is allocated once, when the first share's shape is known,
+and every frame is read straight into its rows: the master holds about one copy of the batch. A
+share that does not fit that layout is kept apart and joined at the end.
+
+Memory is bounded: results for jobs that the master has not reached yet are refused with "retry
+later" once ``budget_bytes`` is held, except for the oldest job, so the job that runs now can
+always finish.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import enum
 import secrets
@@ -15,7 +22,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
+from . import wire
 from .wire import Header
+
+MAX_RESULT_PAYLOAD = 4 << 30
 
 FINISHED_MEMORY = 256  # how many finished job ids are remembered, to answer late results with 410
 
@@ -69,6 +81,8 @@ class Job:
     results: dict[tuple[str, int], tuple[int, Any]] = field(default_factory=dict)
     covered: dict[str, set[int]] = field(default_factory=dict)
     arrived: dict[int, float] = field(default_factory=dict)  # first unit of a chunk -> when it came
+    canvases: dict[str, np.ndarray] = field(default_factory=dict)   # collector -> its final batch
+    inflight: set[int] = field(default_factory=set)                 # units being received now
     held_bytes: int = 0
     error: str = ""
     notices: list[str] = field(default_factory=list)  # failures that were recovered from
@@ -97,6 +111,9 @@ class Job:
 
     def missing_units(self, units: list[int]) -> list[int]:
         return [u for u in units if any(not self.has(c, u) for c in self.collectors)]
+
+    def position(self, unit: int) -> int:
+        return self.units.index(unit) if not self.split else unit
 
     def record(self, collector: str, first: int, count: int, value: Any, nbytes: int = 0) -> None:
         self.results[(collector, first)] = (count, value)
@@ -185,22 +202,68 @@ class JobStore:
                                           f"for collector {header.collector}")
             if job.state not in (JobState.PLANNED, JobState.RUNNING):
                 raise ResultRejected(410, f"job {job.id} is {job.state.value}; result discarded")
-            if any(job.has(header.collector, u) for u in covers):
+            if any(job.has(header.collector, u) for u in covers) or set(covers) & job.inflight:
                 raise ResultRejected(409, f"units from {header.unit} of job {job.id} were delivered already")
-            oldest = min(self._jobs.values(), key=lambda j: j.created)
-            held = sum(j.held_bytes for j in self._jobs.values())
-            if job is not oldest and held + header.payload_size > self.budget_bytes:
-                raise ResultRejected(503, "the master holds its result budget for earlier jobs; retry later")
             return job
 
-    def put(self, header: Header, value: Any) -> None:
-        self.check(header)
-        self.update(header.job, lambda job: job.record(header.collector, header.unit, header.count, value,
-                                                       header.payload_size))
+    def _admit(self, job: Job, size: int) -> None:
+        oldest = min(self._jobs.values(), key=lambda j: j.created)
+        held = sum(j.held_bytes for j in self._jobs.values())
+        if job is not oldest and held + size > self.budget_bytes:
+            raise ResultRejected(503, "the master holds its result budget for earlier jobs; retry later")
 
-    def put_local(self, job_id: str, collector: str, first: int, count: int, value: Any) -> None:
-        """The master's own share: no frame, no budget (it exists already)."""
-        self.update(job_id, lambda job: job.record(collector, first, count, value))
+    def _place(self, job: Job, collector: str, first: int, count: int, shape) -> np.ndarray | None:
+        """Rows of the Collector's final batch for these units, or None if they do not fit it."""
+        rows, height, width, channels = shape
+        if count < 1 or rows % count:
+            return None
+        layout = (rows // count, height, width, channels)
+        canvas = job.canvases.get(collector)
+        if canvas is None:
+            full = (len(job.units) * layout[0], height, width, channels)
+            size = int(np.prod(full)) * 4
+            self._admit(job, size)
+            canvas = job.canvases[collector] = np.empty(full, dtype=np.float32)
+            job.held_bytes += size
+        if (canvas.shape[0] // len(job.units), *canvas.shape[1:]) != layout:
+            return None
+        start = job.position(first) * layout[0]
+        return canvas[start:start + rows]
+
+    def reserve(self, header: Header) -> np.ndarray | None:
+        """Claim a frame's units before reading its body; returns the rows it goes into, or None
+        when it must be held apart (then its size counts against the budget)."""
+        with self._cond:
+            job = self.check(header)
+            view = self._place(job, header.collector, header.unit, header.count, header.shape)
+            if view is None:
+                self._admit(job, header.raw_size)
+            job.inflight.update(range(header.unit, header.unit + header.count))
+            return view
+
+    def release(self, header: Header) -> None:
+        with self._cond:
+            job = self._jobs.get(header.job)
+            if job is not None:
+                job.inflight.difference_update(range(header.unit, header.unit + header.count))
+
+    def commit(self, header: Header, kept_apart: np.ndarray | None) -> None:
+        """The frame's body is in place (or in ``kept_apart``): its units have arrived."""
+        def change(job: Job) -> None:
+            job.inflight.difference_update(range(header.unit, header.unit + header.count))
+            job.record(header.collector, header.unit, header.count, kept_apart,
+                       0 if kept_apart is None else kept_apart.nbytes)
+        if self.update(header.job, change) is None:
+            raise ResultRejected(410, f"job {header.job} ended while its result was arriving; discarded")
+
+    def put_local(self, job_id: str, collector: str, first: int, count: int, images: np.ndarray) -> None:
+        """The master's own share (float32 images), copied into its place in the final batch."""
+        def change(job: Job) -> None:
+            view = self._place(job, collector, first, count, images.shape)
+            if view is not None:
+                view[...] = images
+            job.record(collector, first, count, None if view is not None else images)
+        self.update(job_id, change)
 
     def wait(self, job_id: str, collector: str, timeout: float) -> tuple[int, bool]:
         """Block up to ``timeout`` for progress; returns (units delivered, complete). Raises JobFailed."""
@@ -221,12 +284,101 @@ class JobStore:
                 self._cond.wait(left)
 
     def take(self, job_id: str, collector: str) -> list[Any]:
-        """The results for one Collector in unit order, handed over (the store lets go of them)."""
+        """One Collector's results in unit order, handed over (the store lets go of them): the
+        final batch alone when every share fitted into it, else its parts to be joined."""
         with self._cond:
             job = self._jobs[job_id]
-            order = {u: i for i, u in enumerate(job.units)}
-            mine = sorted((k for k in job.results if k[0] == collector), key=lambda k: order[k[1]])
-            values = [job.results.pop(k)[1] for k in mine]
+            mine = sorted((k for k in job.results if k[0] == collector), key=lambda k: job.position(k[1]))
+            canvas = job.canvases.pop(collector, None)
+            parts = []
+            for key in mine:
+                count, value = job.results.pop(key)
+                if value is None:
+                    per = canvas.shape[0] // len(job.units)
+                    start = job.position(key[1]) * per
+                    value = canvas[start:start + count * per]
+                parts.append(value)
             job.taken.add(collector)
-            job.held_bytes = sum(getattr(v, "nbytes", 0) for _c, v in job.results.values())
-            return values
+            job.held_bytes = (sum(getattr(v, "nbytes", 0) for _c, v in job.results.values())
+                              + sum(c.nbytes for c in job.canvases.values()))
+            if canvas is not None and all(isinstance(p, np.ndarray) and p.base is canvas for p in parts) \
+                    and sum(len(p) for p in parts) == len(canvas):
+                return [canvas]
+            return parts
+
+
+async def receive(store: JobStore, reader, content_length: int | None) -> Header:
+    """Read one result frame from a request body straight into its place. Raises ResultRejected
+    with the status to answer; decoding PNGs runs off the event loop."""
+    try:
+        size = wire.header_length(await reader.readexactly(wire.PREFIX_SIZE))
+        header = wire.parse_header(await reader.readexactly(size))
+    except asyncio.IncompleteReadError:
+        raise ResultRejected(400, "truncated result frame: the body ended inside the header") from None
+    except wire.FrameError as exc:
+        raise ResultRejected(400, f"bad result frame: {exc}") from None
+    if header.payload_size > MAX_RESULT_PAYLOAD:
+        raise ResultRejected(413, f"a result may hold at most {MAX_RESULT_PAYLOAD >> 30} GiB; "
+                                  f"this one declares {header.payload_size} bytes")
+    expected = wire.PREFIX_SIZE + size + header.payload_size
+    if content_length is not None and content_length != expected:
+        raise ResultRejected(400, f"body is {content_length} bytes but the header promises {expected}")
+    view = store.reserve(header)
+    try:
+        target = view if view is not None else np.empty(header.shape, dtype=np.float32)
+        if header.encoding == "png":
+            payload = await _read_exactly(reader, header.payload_size)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, wire.unpack_png, header, payload, target)
+            except wire.FrameError as exc:
+                raise ResultRejected(400, f"bad result frame: {exc}") from None
+        else:
+            await _read_converting(reader, header, target)
+        if await reader.read(1):
+            raise ResultRejected(400, "the body is longer than its header promises")
+    except BaseException:
+        store.release(header)
+        raise
+    store.commit(header, None if view is not None else target)
+    return header
+
+
+async def _read_exactly(reader, size: int) -> bytes:
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise ResultRejected(400, f"truncated result frame: fewer than the {size} payload bytes "
+                                  "the header promises") from None
+
+
+async def _read_converting(reader, header: Header, out: np.ndarray) -> None:
+    """Stream a raw payload into float32 ``out``, a megabyte at a time: float32 bytes land
+    directly in place, other dtypes are converted chunk by chunk (uint8 scaled to [0, 1])."""
+    dtype = np.dtype(wire.DTYPES[header.dtype])
+    flat = out.reshape(-1)
+    if dtype == np.float32:
+        target = memoryview(flat.view(np.uint8))
+        filled = 0
+        while filled < len(target):
+            chunk = await reader.read(min(len(target) - filled, 1 << 20))
+            if not chunk:
+                raise ResultRejected(400, f"truncated result frame: fewer than the {header.payload_size} "
+                                          "payload bytes the header promises")
+            target[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+        return
+    scale = np.float32(1 / 255.0) if dtype == np.uint8 else np.float32(1)
+    leftover = b""
+    done = 0
+    while done < flat.size:
+        want = min((flat.size - done) * dtype.itemsize - len(leftover), 1 << 20)
+        chunk = await reader.read(want)
+        if not chunk:
+            raise ResultRejected(400, f"truncated result frame: fewer than the {header.payload_size} "
+                                      "payload bytes the header promises")
+        data = leftover + chunk
+        whole = len(data) // dtype.itemsize * dtype.itemsize
+        values = np.frombuffer(data[:whole], dtype=dtype)
+        np.multiply(values, scale, out=flat[done:done + len(values)], casting="unsafe")
+        done += len(values)
+        leftover = data[whole:]

@@ -2,6 +2,11 @@
 
     MAGIC (4 bytes) | header length (4 bytes, big-endian) | header (UTF-8 JSON) | payload
 
+Encodings: ``raw`` (float32 is lossless, uint8 keeps what a PNG keeps at a quarter of the bytes) and
+``png`` (uint8 images as PNGs, each behind its 4-byte length: compact, for slow links to remote
+workers). The receiver checks every PNG's size against the header before decoding it, so a
+decompression bomb is refused unread.
+
 The header names the job, the Collector, the first unit and how many units the frame covers (one
 seed slot in multiply mode; a range of global batch indices in split mode), the per-job token, the
 dtype and the shape of an IMAGE batch (batch, height, width, channels). The payload is the array in C order, exactly
@@ -21,6 +26,8 @@ PREFIX_SIZE = 8
 MAX_HEADER = 16 * 1024
 MAX_SIDE = 16384
 MAX_BATCH = 4096
+ENCODINGS = ("raw", "png")
+TRANSPORTS = ("float32", "uint8", "png")   # what a worker sends: dtype and encoding together
 DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
 CONTENT_TYPE = "application/x-comfyui-distributed-result"
 
@@ -38,15 +45,21 @@ class Header:
     dtype: str
     shape: tuple[int, int, int, int]
     count: int = 1
+    encoding: str = "raw"
+    nbytes: int = 0  # payload bytes of an encoded (png) frame; raw frames follow from the shape
+
+    @property
+    def raw_size(self) -> int:
+        return math.prod(self.shape) * np.dtype(DTYPES[self.dtype]).itemsize
 
     @property
     def payload_size(self) -> int:
-        return math.prod(self.shape) * np.dtype(DTYPES[self.dtype]).itemsize
+        return self.raw_size if self.encoding == "raw" else self.nbytes
 
     def to_bytes(self) -> bytes:
         body = json.dumps({"job": self.job, "collector": self.collector, "unit": self.unit,
                            "count": self.count, "token": self.token, "dtype": self.dtype,
-                           "shape": list(self.shape)},
+                           "shape": list(self.shape), "encoding": self.encoding, "nbytes": self.nbytes},
                           separators=(",", ":")).encode()
         return MAGIC + len(body).to_bytes(4, "big") + body
 
@@ -87,15 +100,90 @@ def parse_header(raw: bytes) -> Header:
             and 1 <= channels <= 4):
         raise FrameError(f"header.shape {shape} is out of range (batch <= {MAX_BATCH}, "
                          f"sides <= {MAX_SIDE}, 1 to 4 channels)")
-    return Header(data["job"], data["collector"], unit, data["token"], data["dtype"], tuple(shape), count)
+    encoding = data.get("encoding", "raw")
+    if encoding not in ENCODINGS:
+        raise FrameError(f"header.encoding must be one of {', '.join(ENCODINGS)}")
+    nbytes = data.get("nbytes", 0)
+    if encoding == "png":
+        # a PNG is never much larger than its pixels: refuse a body that could not be one
+        limit = math.prod(shape) + 1024 * (batch + 1)
+        if data["dtype"] != "uint8" or not isinstance(nbytes, int) or not 0 < nbytes <= limit:
+            raise FrameError(f"a png frame holds uint8 images in at most {limit} bytes")
+    return Header(data["job"], data["collector"], unit, data["token"], data["dtype"], tuple(shape), count,
+                  encoding, nbytes if encoding == "png" else 0)
 
 
 def encode(header: Header, array: np.ndarray) -> list:
     """The frame as a list of buffers (header, then the array's memory, uncopied)."""
     array = np.ascontiguousarray(array)
-    if array.dtype != DTYPES[header.dtype] or tuple(array.shape) != header.shape:
+    if array.dtype != DTYPES[header.dtype] or tuple(array.shape) != header.shape or header.encoding != "raw":
         raise FrameError("array does not match its header")
     return [header.to_bytes(), memoryview(array.reshape(-1).view(np.uint8))]
+
+
+def frame(job: str, collector: str, first: int, count: int, token: str, images: np.ndarray,
+          transport: str) -> list:
+    """Encode float images in [0, 1] for sending, the way ``transport`` says."""
+    if transport not in TRANSPORTS:
+        raise FrameError(f"unknown transport {transport!r}")
+    if transport == "float32":
+        images = np.asarray(images, dtype=np.float32)
+        return encode(Header(job, collector, first, token, "float32", tuple(images.shape), count), images)
+    pixels = quantize(images)
+    if transport == "uint8":
+        return encode(Header(job, collector, first, token, "uint8", tuple(pixels.shape), count), pixels)
+    payload = pack_png(pixels)
+    header = Header(job, collector, first, token, "uint8", tuple(pixels.shape), count, "png", len(payload))
+    return [header.to_bytes(), payload]
+
+
+_PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def pack_png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+    import io
+
+    if pixels.shape[-1] not in _PNG_MODES:
+        raise FrameError("png frames take 1, 3 or 4 channels")
+    parts = []
+    for image in pixels:
+        out = io.BytesIO()
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(out, "PNG", compress_level=1)
+        data = out.getvalue()
+        parts += [len(data).to_bytes(4, "big"), data]
+    return b"".join(parts)
+
+
+def unpack_png(header: Header, payload: bytes, out: np.ndarray) -> None:
+    """Decode a png frame into ``out`` (float32, the header's shape), refusing any image whose
+    size or channels differ from the header before decoding its pixels."""
+    from PIL import Image
+    import io
+
+    batch, height, width, channels = header.shape
+    position = 0
+    for i in range(batch):
+        if position + 4 > len(payload):
+            raise FrameError(f"png frame ends before image {i}")
+        size = int.from_bytes(payload[position:position + 4], "big")
+        data = payload[position + 4:position + 4 + size]
+        position += 4 + size
+        if len(data) != size:
+            raise FrameError(f"png frame ends inside image {i}")
+        try:
+            image = Image.open(io.BytesIO(data))
+            if image.format != "PNG" or image.size != (width, height) or image.mode != _PNG_MODES.get(channels):
+                raise FrameError(f"image {i} is {image.format} {image.size} {image.mode}, "
+                                 f"not the {width}x{height} {_PNG_MODES.get(channels)} PNG the header promises")
+            pixels = np.asarray(image)
+        except FrameError:
+            raise
+        except Exception as exc:  # PIL raises many kinds for broken data
+            raise FrameError(f"image {i} is not a readable PNG: {exc}") from None
+        out[i] = pixels.reshape(height, width, channels) / np.float32(255.0)
+    if position != len(payload):
+        raise FrameError("png frame has bytes after its last image")
 
 
 def decode(frame: bytes) -> tuple[Header, np.ndarray]:

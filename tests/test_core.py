@@ -177,7 +177,7 @@ def test_frame_round_trip(shape, dtype):
     assert back.dtype == array.dtype and back.shape == shape and np.array_equal(back, array)
 
 
-def test_frames_that_are_wrong_are_refused():
+def test_frames_that_are_wrong_are_refused():  # noqa: C901
     frame = b"".join(bytes(p) for p in wire.encode(_header((1, 2, 2, 3)), np.zeros((1, 2, 2, 3), np.float32)))
     with pytest.raises(wire.FrameError, match="payload"):
         wire.decode(frame[:-1])
@@ -208,10 +208,12 @@ def test_results_are_checked_before_they_are_read():
     job = _job()
     store.add(job)
     ok = wire.Header("j1", "3", 1, job.token, "uint8", (1, 2, 2, 3))
-    store.put(ok, np.zeros((1, 2, 2, 3), np.uint8))
+    assert store.reserve(ok) is not None  # it fits the final batch
+    store.commit(ok, None)
     cases = [(wire.Header("nope", "3", 1, "t", "uint8", (1, 2, 2, 3)), 404),
              (wire.Header("j1", "3", 1, "bad", "uint8", (1, 2, 2, 3)), 403),
              (wire.Header("j1", "3", 9, job.token, "uint8", (1, 2, 2, 3)), 400),
+             (wire.Header("j1", "3", 1, job.token, "uint8", (1, 2, 2, 3), 2), 400),  # count 2 in multiply
              (ok, 409)]
     for header, status in cases:
         with pytest.raises(ResultRejected) as info:
@@ -224,30 +226,33 @@ def test_results_are_checked_before_they_are_read():
 
 
 def test_budget_holds_later_jobs_but_never_the_oldest():
-    store = JobStore(budget_bytes=100)
-    first, second = Job(id="a", collectors=["3"], units=[1]), Job(id="b", collectors=["3"], units=[1, 2])
-    store.add(first)
-    store.add(second)
-    big = lambda job, unit: wire.Header(job.id, "3", unit, job.token, "uint8", (1, 8, 8, 1))  # 64 bytes
-    store.put(big(second, 1), np.zeros((1, 8, 8, 1), np.uint8))
+    store = JobStore(budget_bytes=600)
+    first, second, third = (Job(id="a", collectors=["3"], units=[1]), Job(id="b", collectors=["3"], units=[1, 2]),
+                            Job(id="c", collectors=["3"], units=[1]))
+    for job in (first, second, third):
+        store.add(job)
+    frame = lambda job: wire.Header(job.id, "3", 1, job.token, "float32", (1, 8, 8, 1))  # 256 bytes a unit
+    store.reserve(frame(second))  # its final batch: 512 bytes
     with pytest.raises(ResultRejected) as info:
-        store.check(big(second, 2))
+        store.reserve(frame(third))
     assert info.value.status == 503
-    store.put(big(first, 1), np.zeros((1, 8, 8, 1), np.uint8))  # the oldest job is always let in
+    store.reserve(frame(first))  # the oldest job is always let in
+    assert store.held_bytes() == 768
 
 
 def test_wait_wakes_on_results_and_raises_on_failure():
     store = JobStore()
     job = _job(units=(0, 1))
     store.add(job)
-    store.put_local("j1", "3", 0, 1, "mine")
+    store.put_local("j1", "3", 0, 1, np.zeros((1, 2, 2, 3), np.float32))
     assert store.wait("j1", "3", 0.01) == (1, False)
-    threading.Timer(0.05, lambda: store.put(wire.Header("j1", "3", 1, job.token, "uint8", (1, 1, 1, 1)),
-                                            "theirs")).start()
+    frame = wire.frame("j1", "3", 1, 1, job.token, np.ones((1, 2, 2, 3), np.float32), "float32")
+    threading.Timer(0.05, lambda: _send(store, frame)).start()
     started = time.monotonic()
     assert store.wait("j1", "3", 10) == (2, True)
     assert time.monotonic() - started < 5
-    assert store.take("j1", "3") == ["mine", "theirs"] and store.get("j1").all_taken()
+    (batch,) = store.take("j1", "3")
+    assert batch[:1].max() == 0 and batch[1:].min() == 1 and store.get("j1").all_taken()
     store.fail("j1", "worker1 failed: gone")
     with pytest.raises(JobFailed, match="worker1 failed"):
         store.wait("j1", "3", 1)
@@ -374,11 +379,119 @@ def test_split_results_cover_ranges():
     store = JobStore()
     job = Job(id="s", collectors=["3"], units=list(range(6)), split=True)
     store.add(job)
-    store.put_local("s", "3", 0, 2, "A")
-    store.put(wire.Header("s", "3", 4, job.token, "uint8", (2, 1, 1, 1), 2), "C")
+    store.put_local("s", "3", 0, 2, np.zeros((2, 1, 1, 1), np.float32))
+    _send(store, wire.frame("s", "3", 4, 2, job.token, np.ones((2, 1, 1, 1), np.float32), "float32"))
     with pytest.raises(ResultRejected) as info:
         store.check(wire.Header("s", "3", 3, job.token, "uint8", (2, 1, 1, 1), 2))  # overlaps 4
     assert info.value.status == 409
-    store.put(wire.Header("s", "3", 2, job.token, "uint8", (2, 1, 1, 1), 2), "B")
+    _send(store, wire.frame("s", "3", 2, 2, job.token, np.full((2, 1, 1, 1), 0.5, np.float32), "float32"))
     assert store.wait("s", "3", 0) == (6, True)
-    assert store.take("s", "3") == ["A", "B", "C"]
+    (batch,) = store.take("s", "3")
+    assert batch.reshape(-1).tolist() == [0, 0, 0.5, 0.5, 1, 1]
+
+
+# --- transport: frames received straight into the final batch -------------------------------------
+
+import asyncio  # noqa: E402
+
+from distributed_core.jobs import receive  # noqa: E402
+
+
+def _reader(data: bytes, chunk: int = 7919):
+    reader = asyncio.StreamReader()
+    for i in range(0, len(data), chunk):  # odd-sized pieces, as a socket would give them
+        reader.feed_data(data[i:i + chunk])
+    reader.feed_eof()
+    return reader
+
+
+def _send(store, parts, cut: int = 0):
+    data = b"".join(bytes(p) for p in parts)
+    return _deliver(store, data[:len(data) - cut], len(data) - cut)
+
+
+def _deliver(store, data: bytes, length):
+    async def go():
+        return await receive(store, _reader(data), length)
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("transport, tolerance", [("float32", 0.0), ("uint8", 0.5 / 255), ("png", 0.5 / 255)])
+def test_every_transport_lands_in_place(transport, tolerance):
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[0, 1, 2])
+    store.add(job)
+    rng = np.random.default_rng(1)
+    shares = [rng.random((2, 33, 17, 3), dtype=np.float32) for _ in range(3)]
+    store.put_local("t", "4", 0, 1, shares[0])
+    for unit in (2, 1):  # out of order
+        _send(store, wire.frame("t", "4", unit, 1, job.token, shares[unit], transport))
+    assert store.wait("t", "4", 0) == (3, True)
+    parts = store.take("t", "4")
+    assert len(parts) == 1 and parts[0].shape == (6, 33, 17, 3)  # one buffer, no joining
+    assert np.abs(parts[0] - np.concatenate(shares)).max() <= tolerance + 1e-7
+
+
+def test_a_share_of_another_size_is_kept_apart():
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[0, 1])
+    store.add(job)
+    store.put_local("t", "4", 0, 1, np.zeros((1, 4, 4, 3), np.float32))
+    _send(store, wire.frame("t", "4", 1, 1, job.token, np.ones((2, 4, 4, 3), np.float32), "uint8"))
+    parts = store.take("t", "4")
+    assert [p.shape[0] for p in parts] == [1, 2] and parts[1].max() == 1.0
+
+
+def test_split_chunks_land_at_their_global_rows():
+    store = JobStore()
+    job = Job(id="s", collectors=["4"], units=list(range(5)), split=True)
+    store.add(job)
+    images = np.arange(5, dtype=np.float32).reshape(5, 1, 1, 1) / 10
+    store.put_local("s", "4", 0, 2, images[:2])
+    _send(store, wire.frame("s", "4", 4, 1, job.token, images[4:], "float32"))
+    _send(store, wire.frame("s", "4", 2, 2, job.token, images[2:4], "float32"))
+    (batch,) = store.take("s", "4")
+    assert np.array_equal(batch, images)
+
+
+@pytest.mark.parametrize("mangle, status, words", [
+    (lambda parts: (parts, 1), 400, "truncated"),
+    (lambda parts: (parts, 2000), 400, "truncated"),
+    (lambda parts: ([b"XXXX" + bytes(parts[0])[4:], parts[1]], 0), 400, "magic"),
+    (lambda parts: ([parts[0], bytes(parts[1]) + b"extra"], 0), 400, "longer"),
+])
+def test_broken_bodies_are_refused_and_leave_nothing_behind(mangle, status, words):
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[1])
+    store.add(job)
+    parts, cut = mangle(wire.frame("t", "4", 1, 1, job.token, np.zeros((1, 16, 16, 3), np.float32), "float32"))
+    data = b"".join(bytes(p) for p in parts)
+    data = data[:len(data) - cut]
+    with pytest.raises(ResultRejected) as info:
+        _deliver(store, data, None)
+    assert info.value.status == status and words in info.value.message
+    assert store.get("t").delivered("4") == 0 and not store.get("t").inflight
+    # the unit can still be delivered properly afterwards
+    _send(store, wire.frame("t", "4", 1, 1, job.token, np.zeros((1, 16, 16, 3), np.float32), "float32"))
+    assert store.get("t").delivered("4") == 1
+
+
+def test_png_bigger_than_its_header_is_refused_before_decoding():
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[1])
+    store.add(job)
+    big = wire.pack_png(np.zeros((1, 64, 64, 3), np.uint8))  # a 64x64 PNG ...
+    header = wire.Header("t", "4", 1, job.token, "uint8", (1, 8, 8, 3), 1, "png", len(big))  # ... sold as 8x8
+    with pytest.raises(ResultRejected) as info:
+        _send(store, [header.to_bytes(), big])
+    assert info.value.status == 400 and "64" in info.value.message
+
+
+def test_a_declared_size_that_does_not_match_the_body_is_refused():
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[1])
+    store.add(job)
+    data = b"".join(bytes(p) for p in wire.frame("t", "4", 1, 1, job.token, np.zeros((1, 2, 2, 3)), "float32"))
+    with pytest.raises(ResultRejected) as info:
+        _deliver(store, data, len(data) + 5)
+    assert info.value.status == 400

@@ -170,3 +170,10 @@ def test_bundled_example_runs_and_says_where_images_are(live, capsys):
     saved = [line.strip() for line in out.splitlines() if line.strip().endswith(".png")]
     assert len(saved) == 6  # batch 2 on each of three participants
     assert all(__import__("os").path.exists(path) for path in saved)
+
+
+@pytest.mark.parametrize("transport", ["float32", "uint8", "png"])
+def test_every_transport_delivers_the_same_images(live, transport):
+    live.reset_config(live.default_config(transport=transport))
+    _pid, entry = run(live, image_workflow(seed=60, batch=2, size=24))
+    assert blue_values(live.master.saved_images(entry, "5")) == [60, 60, 61, 61, 62, 62]
