@@ -97,7 +97,7 @@ class MultiGPUCollector:
         url = job["master_url"].rstrip("/") + "/distributed/result"
         for (first, count), batch in zip(chunks, batches):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            parts = wire.frame(job["job"], job["collector"], first, count, job["token"], _as_array(batch),
+            parts = wire.frame(job["job"], job["collector"], first, count, job["token"], batch,
                                job.get("transport", "float32"))
             try:
                 deliver(url, parts, deadline)

@@ -150,6 +150,9 @@ class _Body:
 
     def __iter__(self):
         for part in self.parts:
+            if hasattr(part, "chunks"):  # made while sending (wire.LazyPixels)
+                yield from part.chunks()
+                continue
             # memoryview slices keep each write bounded without copying the array
             view = memoryview(part)
             for start in range(0, len(view), 1 << 20):
