@@ -224,18 +224,20 @@ class Coordinator:
         return job is not None and job.state in (JobState.PLANNED, JobState.RUNNING)
 
     def result_arrived(self, job_id: str) -> None:
-        """Wake whoever watches this job now rather than at its next poll."""
-        event = self.wakeups.get(job_id)
+        """Wake whoever watches this job now rather than at its next poll. Each wake-up uses a
+        fresh event, so nobody can clear one that another watcher has not seen yet."""
+        event = self.wakeups.pop(job_id, None)
         if event is not None:
             event.set()
 
-    async def _nap(self, job_id: str) -> None:
+    async def _nap(self, job_id: str, seconds: float) -> None:
+        """Sleep until a result for this job arrives or ``seconds`` pass. Callers check their
+        condition just before, with no await in between, so no wake-up is lost."""
         event = self.wakeups.setdefault(job_id, asyncio.Event())
         try:
-            await asyncio.wait_for(event.wait(), POLL_SECONDS)
+            await asyncio.wait_for(event.wait(), max(0.0, seconds))
         except asyncio.TimeoutError:
             pass
-        event.clear()
 
     async def pull(self, job_id: str, worker_id: str, delay: float) -> None:
         """Split mode: keep taking chunks for one worker until none is left for it."""
@@ -306,11 +308,16 @@ class Coordinator:
         """Watch one worker prompt until its units arrive, it fails, or it shows no sign of life."""
         last_sign = time.monotonic()
         finished_at = None
+        next_poll = time.monotonic() + POLL_SECONDS
         while self.active(job_id):
             job = self.store.get(job_id)
             if job is None or not job.missing_units(share.units):
                 self.store.update(job_id, lambda j: setattr(share, "state", "done"))
                 return True
+            if time.monotonic() < next_poll:
+                await self._nap(job_id, next_poll - time.monotonic())
+                continue
+            next_poll = time.monotonic() + POLL_SECONDS
             try:
                 entry = await client.history(share.prompt_id)
                 if entry is None:
@@ -341,7 +348,6 @@ class Coordinator:
                     await self.failover(job_id, share, "its prompt finished but no result reached the master; "
                                                        "check that the worker can reach the master's address")
                     return False
-            await self._nap(job_id)
         return False
 
     async def failover(self, job_id: str, failed: Share, reason: str) -> None:

@@ -79,9 +79,9 @@ def next_chunk(remaining: int, rate: float, others: list[tuple[float, float]]) -
     """How many images an idle worker should take now (0: leave them to the others).
 
     ``others`` holds (seconds until free, rate) for every other worker still taking work. The chunk
-    is half this worker's proportional share of what is left (so chunks shrink towards the end
-    and the last ones balance out), and never more than it can finish by the time all the work
-    would ideally be done. A slow worker therefore stops taking work near the end rather than
+    is three quarters of this worker's proportional share of what is left (so chunks shrink
+    towards the end and the last ones balance out, while each prompt's fixed cost is paid few
+    times), and never more than it can finish by the time all the work would ideally be done. A slow worker therefore stops taking work near the end rather than
     becoming the one everybody waits for.
     """
     if remaining <= 0:
@@ -89,7 +89,7 @@ def next_chunk(remaining: int, rate: float, others: list[tuple[float, float]]) -
     total_rate = rate + sum(r for _busy, r in others)
     backlog = sum(busy * r for busy, r in others)
     finish = (remaining + backlog) / total_rate
-    size = min(remaining, math.ceil(remaining * rate / total_rate / 2), math.floor(rate * finish + 1e-9))
+    size = min(remaining, math.ceil(remaining * rate / total_rate * 0.75), math.floor(rate * finish + 1e-9))
     if size < 1 and not others:
         size = 1  # the last worker standing takes everything, one chunk at a time
     return max(0, size)
