@@ -22,7 +22,7 @@ def parse_nvidia_smi(output: str) -> list[dict[str, Any]]:
         try:
             index = int(index_text)
             vram_total_mb = int(float(memory_text))
-        except ValueError:  # e.g. "[N/A]" or a header line
+        except (ValueError, OverflowError):  # e.g. "[N/A]" or a header line
             continue
         gpus.append({"index": index, "name": name.strip(), "vram_total_mb": vram_total_mb})
     return sorted(gpus, key=lambda gpu: gpu["index"])
@@ -64,7 +64,8 @@ def config_from_gpus(gpus: list[dict[str, Any]]) -> dict[str, Any]:
 
 def describe_gpus(gpus: list[dict[str, Any]]) -> str:
     if not gpus:
-        return "No NVIDIA GPU found (nvidia-smi missing, failing or listing none)."
+        return ("No NVIDIA GPU found (nvidia-smi missing, failing or listing none): a CPU setup, the master "
+                f"and {CPU_WORKER_COUNT} workers on --cpu, lets you try things out.")
     lines = [f"Found {len(gpus)} NVIDIA GPU{'s' if len(gpus) != 1 else ''}:"]
     lines += [f"  GPU {gpu['index']}: {gpu['name']} ({gpu['vram_total_mb'] / 1024:.1f} GiB VRAM)"
               for gpu in gpus]

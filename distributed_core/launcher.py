@@ -1,9 +1,8 @@
 """Start the master and the local workers of gpu_config.json, one ComfyUI per GPU, and stop them together.
 
-Run ``python -m distributed_core.launcher --help`` from the extension folder, or the wrappers
-``launch_distributed.sh`` / ``launch_distributed.bat``, which run this file by its path.
-Importing it has no side effects: the panel's HTTP routes use ``LocalProcesses``,
-``read_log_tail`` and ``log_path`` from here.
+``python -m distributed_core.launcher --help`` in the extension folder, or launch_distributed.sh/.bat
+(which run this file by its path). Importing it has no side effects: the panel's HTTP routes use
+``LocalProcesses``, ``read_log_tail`` and ``log_path``.
 """
 from __future__ import annotations
 
@@ -14,11 +13,12 @@ if not __package__:
     # Run as a file (the wrappers do): embedded Pythons such as ComfyUI portable's ignore the
     # current folder, so ``-m`` cannot find the package there. Before any other import, put the
     # extension folder on the path in place of this one, whose modules must not shadow the stdlib.
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
     __package__ = "distributed_core"
 
 import argparse
+import contextlib
 import ctypes
 import http.client
 import importlib
@@ -43,14 +43,11 @@ STOP_GRACE_S = 10.0
 DEFAULT_WAIT_TIMEOUT_S = 180.0
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
-COMFYUI_ROOT_ENV = "COMFYUI_ROOT"
 
 
 class LauncherError(Exception):
     """A problem the user must fix, told in one message."""
 
-
-# --- logs -------------------------------------------------------------------------------------
 
 def log_path(instance_id: str) -> Path:
     """``<extension>/logs/<id>.log``; ids outside [A-Za-z0-9_-] are refused so no path escapes."""
@@ -72,8 +69,6 @@ def read_log_tail(instance_id: str, lines: int = 50) -> str:
         return ""
     return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
-
-# --- what to run ------------------------------------------------------------------------------
 
 @dataclass
 class Instance:
@@ -105,7 +100,8 @@ def build_command(python: str, listen: str, port: int, extra_args: str = "", cpu
 def instance_env(device: int | None, cpu: bool, config_file: Path | None) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1"}  # so that log tails are current
     if device is not None and not cpu:
-        env["CUDA_VISIBLE_DEVICES"] = str(device)
+        # CUDA numbers GPUs fastest first unless told otherwise; devices here are nvidia-smi's numbers.
+        env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=str(device))
     if config_file is not None:
         env[cfg.ENV_VAR] = str(config_file)
     return env
@@ -154,8 +150,6 @@ def answers(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-# --- processes --------------------------------------------------------------------------------
-
 def _die_with_parent_hook() -> Callable[[], None] | None:
     """On Linux, a preexec_fn that has the kernel kill the child when its parent dies, even by SIGKILL."""
     if not sys.platform.startswith("linux"):
@@ -175,29 +169,27 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
 
 
 def _signal_group(process: subprocess.Popen, hard: bool) -> None:
-    if os.name == "nt":
-        process.kill() if hard else process.terminate()
-        return
-    try:  # each child leads its own session, so its group id is its pid
-        os.killpg(process.pid, signal.SIGKILL if hard else signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.name == "nt":
+            process.kill() if hard else process.terminate()
+        else:  # each child leads its own session, so its group id is its pid
+            os.killpg(process.pid, signal.SIGKILL if hard else signal.SIGTERM)
 
 
 def stop_processes(processes: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
-    """Terminate all at once, wait up to ``grace_s`` for them together, then kill what is left."""
-    for process in processes:
-        if process.poll() is None:
-            _signal_group(process, hard=False)
+    """Terminate all at once (each with its process group), wait up to ``grace_s``, then kill what is left."""
+    # Only those still running: the pid of one that ended earlier may belong to someone else by now.
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        _signal_group(process, hard=False)
     deadline = time.monotonic() + grace_s
-    for process in processes:
-        try:
+    for process in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for process in processes:
-        _signal_group(process, hard=True)  # also whatever the instance itself started
-        process.wait()
+    for process in running:
+        if process.poll() is None:
+            _signal_group(process, hard=True)
+            process.wait()
 
 
 class LocalProcesses:
@@ -222,13 +214,16 @@ class LocalProcesses:
             running = self._by_id.get(instance.id)
             if running is not None and running.poll() is None:
                 raise LauncherError(f"{instance.label} is already running (pid {running.pid})")
-            with path.open("wb") as log:
-                log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} in {comfy_root}: "
-                          f"{env_words(instance.env)} {shlex.join(instance.argv)}\n".encode())
-                log.flush()
-                process = subprocess.Popen(instance.argv, cwd=comfy_root, env={**os.environ, **instance.env},
-                                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                           **options)
+            try:
+                with path.open("wb") as log:
+                    log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} in {comfy_root}: "
+                              f"{env_words(instance.env)} {shlex.join(instance.argv)}\n".encode())
+                    log.flush()
+                    process = subprocess.Popen(instance.argv, cwd=comfy_root, env={**os.environ, **instance.env},
+                                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                               **options)
+            except OSError as exc:
+                raise LauncherError(f"cannot start {instance.label}: {exc}") from exc
             self._by_id[instance.id] = process
             return process.pid
 
@@ -245,13 +240,13 @@ class LocalProcesses:
         with self._lock:
             return list(self._by_id)
 
-    def is_running(self, instance_id: str) -> bool:
-        process = self.process(instance_id)
-        return process is not None and process.poll() is None
-
     def exit_code(self, instance_id: str) -> int | None:
+        """None while running (or never started here), else how it ended."""
         process = self.process(instance_id)
         return None if process is None else process.poll()
+
+    def is_running(self, instance_id: str) -> bool:
+        return self.process(instance_id) is not None and self.exit_code(instance_id) is None
 
     def stop(self, instance_ids: list[str], grace_s: float = STOP_GRACE_S) -> list[str]:
         """Stop these instances (among those this object started); returns the ids it stopped."""
@@ -267,34 +262,26 @@ class LocalProcesses:
         return self.stop(self.ids(), grace_s)
 
 
-# --- finding things ---------------------------------------------------------------------------
-
 def find_comfyui(flag: str | None = None) -> tuple[Path, str]:
     """ComfyUI's folder and how it was found: --comfyui, else the custom_nodes holding us, else $COMFYUI_ROOT."""
-    options = ("Install this extension in ComfyUI/custom_nodes/, set COMFYUI_ROOT to the ComfyUI "
-               "folder, or pass --comfyui PATH.")
-    if flag:
-        root = Path(flag).expanduser().resolve()
-        if (root / "main.py").is_file():
-            return root, "--comfyui"
-        raise LauncherError(f"--comfyui {flag}: no main.py there, so it is not a ComfyUI folder. {options}")
-    parent = cfg.EXTENSION_DIR.parent
-    if parent.name == "custom_nodes" and (parent.parent / "main.py").is_file():
-        return parent.parent, "the custom_nodes folder holding this extension"
-    env_root = os.environ.get(COMFYUI_ROOT_ENV)
-    if env_root:
-        root = Path(env_root).expanduser().resolve()
-        if (root / "main.py").is_file():
-            return root, COMFYUI_ROOT_ENV
-        raise LauncherError(f"COMFYUI_ROOT={env_root}: no main.py there. {options}")
+    holder = cfg.EXTENSION_DIR.parent
+    options = ("Install this extension in ComfyUI/custom_nodes/, set COMFYUI_ROOT to the ComfyUI folder, "
+               "or pass --comfyui PATH.")
+    for given, how, named_by_user in ((flag, "--comfyui", True),
+                                      (holder.parent if holder.name == "custom_nodes" else None,
+                                       "the custom_nodes folder holding this extension", False),
+                                      (os.environ.get("COMFYUI_ROOT"), "COMFYUI_ROOT", True)):
+        root = Path(given).expanduser().resolve() if given else None
+        if root and (root / "main.py").is_file():
+            return root, how
+        if root and named_by_user:  # a wrong folder the user named is an error, not a cue to look elsewhere
+            raise LauncherError(f"{how} {given}: no main.py there, so it is not a ComfyUI folder. {options}")
     raise LauncherError(f"Cannot find ComfyUI: this extension is not in a ComfyUI/custom_nodes folder. {options}")
 
 
 def load_config(flag: str | None = None) -> tuple[cfg.Config, Path, Path | None]:
     """The config, its file, and the file to name to the instances (None: they find the same one).
-
-    With no user config yet, the GPUs are detected and the result is saved for next time.
-    """
+    With no user config yet, the detected GPUs make one, saved for next time."""
     chosen = flag or os.environ.get(cfg.ENV_VAR)
     path = Path(chosen).expanduser().resolve() if chosen else (cfg.LOCAL_FILE if cfg.LOCAL_FILE.exists() else None)
     named = path if chosen else None  # absolute: the instances run in ComfyUI's folder
@@ -302,7 +289,10 @@ def load_config(flag: str | None = None) -> tuple[cfg.Config, Path, Path | None]
         gpus = detect_gpus()
         print(describe_gpus(gpus))
         config = cfg.parse(config_from_gpus(gpus))
-        saved = cfg.save(config, path or cfg.save_path())
+        try:
+            saved = cfg.save(config, path or cfg.save_path())
+        except OSError as exc:
+            raise LauncherError(f"cannot write the detected setup to {path or cfg.save_path()}: {exc}") from exc
         print(f"Wrote the detected setup to {saved} (edit it, or use the panel, to change it).")
         return config, saved, named
     loaded = cfg.load(path)
@@ -310,8 +300,6 @@ def load_config(flag: str | None = None) -> tuple[cfg.Config, Path, Path | None]
         raise LauncherError(f"{loaded.error}\nFix the file, or remove it to have a new one detected.")
     return loaded.config, path, named
 
-
-# --- the command line -------------------------------------------------------------------------
 
 @dataclass
 class Plan:
@@ -403,12 +391,12 @@ def start_and_wait(plan: Plan, processes: LocalProcesses, stop: _StopRequest, wa
             status[instance.id] = "already running"
             print(f"{instance.label} already answers at {instance.url}: left alone")
             continue
-        if staggered and started:
-            stop.sleep(plan.config.settings.stagger_delay)
+        if staggered and started and stop.sleep(plan.config.settings.stagger_delay):
+            break
         pid = processes.start(instance, plan.comfy_root)
         status[instance.id] = f"started (pid {pid})"
         started.append(instance)
-        print(f"Started {instance.label} (pid {pid}), log {log_path(instance.id)}")
+        print(f"Started {instance.id} (pid {pid}), log {log_path(instance.id)}")
     deadline = time.monotonic() + wait_timeout
     pending = list(started)
     while pending and not stop.requested:
@@ -420,7 +408,7 @@ def start_and_wait(plan: Plan, processes: LocalProcesses, stop: _StopRequest, wa
                                              f"on {instance.url}")
             elif answers(instance.url, timeout=1.0):
                 status[instance.id] = status[instance.id].replace("started", "running")
-                print(f"{instance.label} is up at {instance.url}")
+                print(f"{instance.id} is up at {instance.url}")
             else:
                 continue
             pending.remove(instance)
@@ -470,32 +458,29 @@ def run_example(master_url: str) -> int:
             raise
         print("The example is not available in this version (distributed_core/example.py is missing).")
         return 1
-    return int(example.run(master_url) or 0)
+    try:
+        return int(example.run(master_url) or 0)
+    except Exception as exc:  # a failed example is a result to report, not a launcher crash
+        print(f"ERROR: the example failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="launch_distributed", description="Start the ComfyUI master and the local workers of "
-        "gpu_config.json, each on its own GPU; Ctrl-C stops all that it started.")
-    only = parser.add_mutually_exclusive_group()
+    parser = argparse.ArgumentParser(prog="launch_distributed", description="Start the ComfyUI master and "
+                                     "local workers of gpu_config.json, one per GPU; Ctrl-C stops them.")
+    only, add = parser.add_mutually_exclusive_group(), parser.add_argument
     only.add_argument("--master-only", action="store_true", help="start the master only, no workers")
-    only.add_argument("--workers-only", action="store_true",
-                      help="start the local workers only (the master runs already, or elsewhere)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print each instance's command and environment variables; start nothing")
-    parser.add_argument("--cpu", action="store_true",
-                        help="run every instance on the CPU (adds --cpu, sets no CUDA_VISIBLE_DEVICES)")
-    parser.add_argument("--config", metavar="PATH",
-                        help="config file to use and to hand to the master; created from the detected "
-                             "GPUs when missing (default: gpu_config.local.json)")
-    parser.add_argument("--comfyui", metavar="PATH",
-                        help="ComfyUI folder, the one holding main.py (default: the ComfyUI whose "
-                             "custom_nodes holds this extension, else $COMFYUI_ROOT)")
-    parser.add_argument("--wait-timeout", metavar="S", type=float, default=DEFAULT_WAIT_TIMEOUT_S,
-                        help="seconds to wait for each instance to answer (default %(default)g)")
-    parser.add_argument("--example", action="store_true",
-                        help="once all answer, run the example workflow on the master, then stop "
-                             "everything and exit with its result")
+    only.add_argument("--workers-only", action="store_true", help="start the local workers only")
+    add("--dry-run", action="store_true", help="print each command and its environment; start nothing")
+    add("--cpu", action="store_true", help="run all on the CPU: add --cpu, set no CUDA_VISIBLE_DEVICES")
+    add("--config", metavar="PATH", help="config file for the launcher and the master; written from the "
+        "detected GPUs when missing (default: gpu_config.local.json)")
+    add("--comfyui", metavar="PATH", help="ComfyUI folder, holding main.py (default: the ComfyUI whose "
+        "custom_nodes holds this extension, else $COMFYUI_ROOT)")
+    add("--wait-timeout", metavar="S", type=float, default=DEFAULT_WAIT_TIMEOUT_S,
+        help="seconds to wait for each instance to answer (default %(default)g)")
+    add("--example", action="store_true", help="once all answer, run the example workflow on the master, "
+        "then stop all and exit with its result")
     args = parser.parse_args(argv)
     if args.wait_timeout <= 0:
         parser.error("--wait-timeout must be positive")
@@ -526,8 +511,11 @@ def main(argv: list[str] | None = None) -> int:
             stop.interrupt = True
             return run_example(plan.master.url)
         return watch(processes, stop)
-    except KeyboardInterrupt:
-        return 0 if stop.requested else 130
+    except LauncherError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # only raised to cut the example short
+        return 130
     finally:
         stop.interrupt = False
         if processes.ids():

@@ -37,7 +37,7 @@ class ComfyPage:
         self.url = url
         self.errors: list[str] = []
         self.ui = ""
-        self.expects_refusal = False  # set by a test that provokes a 400 answer on purpose
+        self.expected_statuses: set[int] = set()  # HTTP errors that a test provokes on purpose
         page.on("console", self._console)
         page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
         page.goto(url, wait_until="load")
@@ -49,12 +49,13 @@ class ComfyPage:
         self.errors.append(f"console error: {message.text} ({where})")
 
     def own_errors(self) -> list[str]:
-        """The page's errors, less two lines that Chromium itself logs for HTTP answers: ComfyUI's own
-        missing favicon, and (when a test provokes it on purpose) a 400 from a validation route."""
+        """The page's errors, less the lines that Chromium itself logs for HTTP error answers: for
+        ComfyUI's own missing favicon, and for refusals that a test provokes on purpose."""
         def expected(error: str) -> bool:
             if "Failed to load resource" not in error:
                 return False
-            return error.endswith("/favicon.ico)") or (self.expects_refusal and "status of 400" in error)
+            return error.endswith("/favicon.ico)") or any(f"status of {status} " in error
+                                                          for status in self.expected_statuses)
         return [e for e in self.errors if not expected(e)]
 
     def open_panel(self, timeout: float = 60_000):
@@ -94,10 +95,12 @@ class ComfyPage:
             shutil.copy2(path, Path(target) / path.name)
         return path
 
-    def use_light_theme(self) -> None:
-        """Switch ComfyUI to its light palette through its own setting, as a user would."""
-        self.page.evaluate("""async () => {
+    def use_palette(self, palette: str) -> None:
+        """Switch ComfyUI's colour palette ("dark", "light") through its own setting, as a user would.
+        ComfyUI keeps it in the user's settings on the server: switch back when done."""
+        self.page.evaluate("""async (palette) => {
             const { app } = await import("/scripts/app.js");
-            if (app.extensionManager?.setting) await app.extensionManager.setting.set("Comfy.ColorPalette", "light");
-            else app.ui.settings.setSettingValue("Comfy.ColorPalette", "light");
-        }""")
+            if (app.extensionManager?.setting) await app.extensionManager.setting.set("Comfy.ColorPalette", palette);
+            else await app.ui.settings.setSettingValueAsync("Comfy.ColorPalette", palette);
+        }""", palette)
+        self.page.wait_for_timeout(300)  # the palette applies its CSS variables asynchronously

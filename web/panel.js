@@ -1,0 +1,691 @@
+// The Distributed panel. One rendering path serves both UIs: the current frontend mounts it in a
+// sidebar tab, the legacy UI in a floating panel. mountPanel(container) returns its destroy().
+import { app } from "../../scripts/app.js";
+import { master } from "./master_api.js";
+
+const POLL_MS = 3000;
+const JOBS_SHOWN = 3;
+const GIB = 1024 ** 3;
+const LOCAL_HOSTS = ["127.0.0.1", "localhost", "::1", "0.0.0.0"];
+const SHELL_CHARS = /[;|&`$<>\\"'(){}*?!#]/g; // the server refuses these in extra args
+const JOB_ACTIVE = ["planned", "running"];
+
+// Progress events arrive once on ComfyUI's socket; every open panel shows them.
+const openPanels = new Set();
+export function showProgress(summary) {
+  for (const panel of openPanels) panel.showJob(summary);
+}
+
+export function mountPanel(container, { onClose } = {}) {
+  const panel = new Panel(container, onClose);
+  return () => panel.destroy();
+}
+
+// --- small DOM helpers -------------------------------------------------------------------------
+
+const PROPERTIES = new Set(["value", "checked", "disabled", "hidden", "type", "title", "noValidate"]);
+
+// h("div.a.b", {text, onclick, ...attributes}, children): an element in one expression.
+function h(tag, props = {}, children = []) {
+  const [name, ...classes] = tag.split(".");
+  const el = document.createElement(name);
+  if (classes.length) el.className = classes.join(" ");
+  for (const [key, value] of Object.entries(props)) {
+    if (value === undefined || value === null) continue;
+    if (key === "text") el.textContent = value;
+    else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+    else if (PROPERTIES.has(key)) el[key] = value;
+    else el.setAttribute(key, value);
+  }
+  el.append(...[children].flat().filter((child) => child !== null && child !== undefined && child !== false));
+  return el;
+}
+
+function bar(done, total, extraClass = "") {
+  const fraction = total > 0 ? Math.min(1, Math.max(0, done / total)) : 0;
+  const fill = h("div.cdist-bar-fill", { style: `width: ${(fraction * 100).toFixed(1)}%` });
+  return h(`div.cdist-bar${extraClass}`, { role: "progressbar", "aria-valuemin": 0, "aria-valuemax": total,
+    "aria-valuenow": done }, fill);
+}
+
+function dismissButton(box) {
+  return h("button.cdist-close", { type: "button", title: "Dismiss", "aria-label": "Dismiss", text: "×",
+    onclick: () => { box.hidden = true; } });
+}
+
+function section(title, children) {
+  return h("section.cdist-section", {}, [h("h4.cdist-heading", { text: title }), ...children]);
+}
+
+// "cuda:0 NVIDIA GeForce RTX 4090 : cudaMallocAsync" -> "NVIDIA GeForce RTX 4090"
+function gpuLabel(deviceName) {
+  return deviceName.replace(/^cuda:\d+\s*/, "").replace(/\s*:\s*[\w-]+$/, "");
+}
+
+function describe(err) {
+  return err?.message || String(err);
+}
+
+// --- the panel ---------------------------------------------------------------------------------
+
+class Panel {
+  constructor(container, onClose) {
+    this.cards = new Map(); // instance id -> InstanceCard, in the order the master lists them
+    this.jobs = new Map(); // job id -> {summary, seenAt, order}
+    this.jobOrder = 0;
+    this.gpus = []; // from Detect GPUs, offered in the worker form
+    this.reachable = true;
+    this.closed = false;
+    this.build(onClose);
+    container.append(this.root);
+    openPanels.add(this);
+    this.refresh();
+  }
+
+  build(onClose) {
+    this.headline = h("span.cdist-headline", { text: "connecting…" });
+    this.message = h("div.cdist-message", { hidden: true, role: "status" });
+    this.warning = h("div.cdist-warning", { hidden: true });
+    this.results = h("div.cdist-results", { hidden: true });
+    this.gpuList = h("div.cdist-gpus", { hidden: true });
+    this.instanceList = h("div.cdist-instances");
+    this.addSlot = h("div.cdist-add-slot");
+    this.jobList = h("div.cdist-jobs", {}, h("div.cdist-empty", { text: "No distributed job yet." }));
+
+    const action = (cls, text, title, run) => h(`button.cdist-button.${cls}`, { type: "button", text, title,
+      onclick: (event) => this.runAction(event.currentTarget, run) });
+
+    this.root = h("div.cdist-panel", {}, [
+      h("div.cdist-header", {}, [
+        h("span.cdist-title", { text: "Distributed" }),
+        this.headline,
+        onClose && h("button.cdist-close", { type: "button", title: "Close", "aria-label": "Close", text: "×",
+          onclick: onClose }),
+      ]),
+      this.message,
+      this.warning,
+      h("div.cdist-toolbar", {}, [
+        action("cdist-clear-vram", "Clear VRAM", "Unload models and free VRAM on every instance",
+          () => this.clearVram()),
+        action("cdist-interrupt", "Interrupt all", "Stop the running job on every instance",
+          () => this.interrupt()),
+        action("cdist-detect-gpus", "Detect GPUs", "List the GPUs of the master's machine",
+          () => this.detectGpus()),
+      ]),
+      this.results,
+      this.gpuList,
+      section("Instances", [
+        this.instanceList,
+        this.addSlot,
+        h("button.cdist-button.cdist-add-worker", { type: "button", text: "Add worker",
+          onclick: () => this.toggleAddForm() }),
+      ]),
+      section("Settings", [this.buildSettings()]),
+      section("Jobs", [this.jobList]),
+    ]);
+  }
+
+  destroy() {
+    this.closed = true;
+    clearTimeout(this.timer);
+    openPanels.delete(this);
+    this.root.remove();
+  }
+
+  // --- polling ---------------------------------------------------------------------------------
+
+  // Poll now, then every POLL_MS while open; a call during a poll folds into one more poll after it.
+  refresh() {
+    if (this.closed) return Promise.resolve();
+    if (this.polling) {
+      this.pollAgain = true;
+      return this.polling;
+    }
+    clearTimeout(this.timer);
+    this.polling = this.poll().finally(() => {
+      this.polling = null;
+      if (this.closed) return;
+      if (this.pollAgain) {
+        this.pollAgain = false;
+        this.refresh();
+      } else {
+        this.timer = setTimeout(() => this.refresh(), POLL_MS);
+      }
+    });
+    return this.polling;
+  }
+
+  async poll() {
+    const startedAt = Date.now();
+    try {
+      const [status, config] = await Promise.all([master.status(), master.config()]);
+      if (this.closed) return;
+      this.reachable = true;
+      this.showStatus(status, startedAt);
+      this.showSettings(config);
+      await Promise.all([...this.cards.values()].map((card) => card.refreshLog()));
+    } catch (err) {
+      if (this.closed) return;
+      this.headline.textContent = "master unreachable";
+      this.headline.dataset.error = "";
+      if (this.reachable) this.notify(`Cannot read the status: ${describe(err)}`); // once, not every poll
+      this.reachable = false;
+    }
+  }
+
+  showStatus(status, startedAt) {
+    const instances = status.instances || [];
+    const up = instances.filter((i) => i.state === "online" || i.state === "busy").length;
+    this.headline.textContent = `${up} of ${instances.length} online · ${status.mode}`;
+    delete this.headline.dataset.error;
+    this.warning.hidden = !status.config_error;
+    this.warning.textContent = status.config_error
+      ? `The config file is unusable, so defaults apply: ${status.config_error}` : "";
+
+    const seen = new Set();
+    for (const info of instances) {
+      seen.add(info.id);
+      let card = this.cards.get(info.id);
+      if (!card || card.role !== info.role) {
+        card?.root.remove();
+        card = new InstanceCard(this, info);
+        this.cards.set(info.id, card);
+      }
+      card.update(info);
+    }
+    for (const [id, card] of this.cards) {
+      if (!seen.has(id)) {
+        card.root.remove();
+        this.cards.delete(id);
+      }
+    }
+    // Re-append only when the order changed: moving a node would take focus from a form inside it.
+    const order = instances.map((i) => this.cards.get(i.id).root);
+    if (order.some((node, k) => this.instanceList.children[k] !== node)) this.instanceList.append(...order);
+
+    for (const job of status.jobs || []) this.showJob(job, false);
+    // A job that the master no longer lists has ended; drop it if its last event was missed.
+    const listed = new Set((status.jobs || []).map((j) => j.job_id));
+    for (const [id, entry] of this.jobs) {
+      if (JOB_ACTIVE.includes(entry.summary.state) && !listed.has(id) && entry.seenAt < startedAt) this.jobs.delete(id);
+    }
+    this.renderJobs();
+  }
+
+  // --- messages --------------------------------------------------------------------------------
+
+  notify(message, severity = "error") {
+    const toast = app.extensionManager?.toast; // the current frontend; the legacy UI shows it inline
+    if (toast) {
+      toast.add({ severity, summary: "Distributed", detail: message, life: 5000 });
+      return;
+    }
+    clearTimeout(this.messageTimer);
+    this.message.dataset.severity = severity;
+    this.message.replaceChildren(h("span", { text: message }), dismissButton(this.message));
+    this.message.hidden = false;
+    if (severity !== "error") this.messageTimer = setTimeout(() => { this.message.hidden = true; }, 5000);
+  }
+
+  async runAction(button, run) {
+    button.disabled = true;
+    try {
+      await run();
+    } catch (err) {
+      this.notify(describe(err));
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // --- toolbar actions -------------------------------------------------------------------------
+
+  showResults(title, results) {
+    const failed = results.filter((r) => !r.ok);
+    this.results.replaceChildren(
+      h("div.cdist-box-title", {}, [
+        h("span", { text: `${title}: ${results.length - failed.length} of ${results.length} reached` }),
+        dismissButton(this.results),
+      ]),
+      ...results.map((r) => h("div.cdist-result", { "data-id": r.id, "data-ok": String(r.ok) }, [
+        h("span.cdist-mark", { text: r.ok ? "✓" : "✗" }),
+        h("span.cdist-result-name", { text: r.name }),
+        h("span.cdist-result-text", { text: r.ok ? "done" : r.error }),
+      ])));
+    this.results.hidden = false;
+    if (failed.length) this.notify(`${title} did not reach ${failed.map((r) => r.name).join(", ")}`);
+  }
+
+  async clearVram() {
+    const { results } = await master.clearVram();
+    this.showResults("Clear VRAM", results);
+    this.refresh();
+  }
+
+  async interrupt() {
+    const { results } = await master.interrupt();
+    this.showResults("Interrupt", results);
+    this.refresh();
+  }
+
+  async detectGpus() {
+    const { gpus } = await master.gpus();
+    this.gpus = gpus;
+    this.gpuList.replaceChildren(
+      h("div.cdist-box-title", {}, [
+        h("span", { text: `GPUs on the master's machine: ${gpus.length}` }),
+        dismissButton(this.gpuList),
+      ]),
+      ...(gpus.length
+        ? gpus.map((gpu) => h("div.cdist-gpu-item", { "data-index": gpu.index }, [
+          h("span.cdist-gpu-index", { text: `GPU ${gpu.index}` }),
+          h("span.cdist-gpu-model", { text: gpu.name }),
+          h("span.cdist-muted", { text: gpu.vram_total_mb ? `${(gpu.vram_total_mb / 1024).toFixed(1)} GB` : "" }),
+        ]))
+        : [h("div.cdist-empty", { text: "No NVIDIA GPU found." })]));
+    this.gpuList.hidden = false;
+  }
+
+  toggleAddForm() {
+    if (this.addForm) {
+      this.addForm.remove();
+      this.addForm = null;
+      return;
+    }
+    const close = () => {
+      this.addForm?.remove();
+      this.addForm = null;
+    };
+    this.addForm = workerForm({
+      values: { host: "127.0.0.1" },
+      submitText: "Add worker",
+      gpus: this.gpus,
+      onSubmit: async (fields) => {
+        await master.addWorker({ ...fields, enabled: true });
+        close();
+        this.refresh();
+      },
+      onCancel: close,
+    });
+    this.addSlot.append(this.addForm);
+    this.addForm.querySelector("input").focus();
+  }
+
+  // --- settings --------------------------------------------------------------------------------
+
+  buildSettings() {
+    const save = () => this.saveSettings();
+    this.mode = h("select.cdist-input.cdist-mode", { onchange: save }, [
+      h("option", { value: "parallel", text: "Parallel: all start at once" }),
+      h("option", { value: "staggered", text: "Staggered: start one by one" }),
+    ]);
+    this.stagger = h("input.cdist-input.cdist-stagger", { type: "number", min: 0, max: 600, step: 0.5, onchange: save });
+    this.timeout = h("input.cdist-input.cdist-timeout", { type: "number", min: 1, max: 86400, step: 1, onchange: save });
+    this.settingsError = h("div.cdist-form-error", { hidden: true });
+    this.configPath = h("div.cdist-muted.cdist-config-path");
+    this.settings = h("div.cdist-settings", {}, [
+      h("label.cdist-field", {}, [h("span.cdist-label", { text: "Mode" }), this.mode]),
+      h("label.cdist-field", {}, [h("span.cdist-label", { text: "Stagger delay (s)" }), this.stagger]),
+      h("label.cdist-field", {}, [h("span.cdist-label", { text: "Job timeout (s)" }), this.timeout]),
+      this.settingsError,
+      this.configPath,
+    ]);
+    return this.settings;
+  }
+
+  showSettings({ config, path }) {
+    // Never overwrite what the user is typing, nor a value that is being saved.
+    if (this.savingSettings || this.settings.contains(document.activeElement)) return;
+    const settings = config.settings;
+    this.mode.value = settings.mode;
+    this.stagger.value = settings.stagger_delay;
+    this.stagger.disabled = settings.mode !== "staggered";
+    this.timeout.value = settings.job_timeout;
+    this.configPath.textContent = path ? `Saved in ${path}` : "";
+  }
+
+  async saveSettings() {
+    const values = { mode: this.mode.value, stagger_delay: Number(this.stagger.value),
+      job_timeout: Number(this.timeout.value) };
+    this.stagger.disabled = values.mode !== "staggered";
+    const problems = [];
+    if (this.stagger.value === "" || !(values.stagger_delay >= 0 && values.stagger_delay <= 600)) {
+      problems.push("Stagger delay must be a number of seconds from 0 to 600.");
+    }
+    if (this.timeout.value === "" || !(values.job_timeout >= 1 && values.job_timeout <= 86400)) {
+      problems.push("Job timeout must be a number of seconds from 1 to 86400.");
+    }
+    this.settingsError.textContent = problems.join(" ");
+    this.settingsError.hidden = !problems.length;
+    if (problems.length) return;
+    this.savingSettings = true;
+    try {
+      await master.changeConfig((config) => Object.assign(config.settings, values));
+    } catch (err) {
+      this.settingsError.textContent = err.errors?.length ? err.errors.join("\n") : describe(err);
+      this.settingsError.hidden = false;
+      this.notify(`Settings not saved: ${describe(err)}`);
+    } finally {
+      this.savingSettings = false;
+    }
+    this.refresh();
+  }
+
+  // --- jobs ------------------------------------------------------------------------------------
+
+  showJob(summary, render = true) {
+    const known = this.jobs.get(summary.job_id);
+    if (summary.state === "failed" && known?.summary.state !== "failed") {
+      this.notify(`The distributed job failed: ${summary.error}`);
+    }
+    this.jobs.set(summary.job_id, { summary, seenAt: Date.now(), order: known ? known.order : ++this.jobOrder });
+    if (render) this.renderJobs();
+  }
+
+  renderJobs() {
+    const newestFirst = [...this.jobs.values()].sort((a, b) => b.order - a.order);
+    for (const old of newestFirst.slice(JOBS_SHOWN)) this.jobs.delete(old.summary.job_id);
+    const shown = newestFirst.slice(0, JOBS_SHOWN).map((entry) => jobView(entry.summary));
+    this.jobList.replaceChildren(...(shown.length ? shown : [h("div.cdist-empty", { text: "No distributed job yet." })]));
+  }
+}
+
+// A share whose units have all arrived is done, though the job may have ended before the master
+// marked it so.
+function shareState(share) {
+  const complete = share.units.length > 0 && share.done >= share.units.length;
+  return complete && share.state !== "failed" ? "done" : share.state;
+}
+
+function jobView(job) {
+  const failures = new Set(job.shares.filter((s) => s.error).map((s) => `${s.name} failed: ${s.error}`));
+  return h("div.cdist-job", { "data-job-id": job.job_id, "data-state": job.state }, [
+    h("div.cdist-row", {}, [
+      h("span.cdist-job-title", { text: `Job ${job.job_id.slice(0, 8)}`, title: job.job_id }),
+      job.split && h("span.cdist-role", { text: "split", title: "One batch divided among the GPUs" }),
+      h("span.cdist-state", { text: job.state }),
+      h("span.cdist-count", { text: `${job.done} of ${job.units}` }),
+    ]),
+    bar(job.done, job.units),
+    job.error && h("div.cdist-error", { text: job.error }),
+    ...job.notices.filter((n) => !failures.has(n)).map((n) => h("div.cdist-notice", { text: n })),
+    h("div.cdist-shares", {}, job.shares.map((share) => h("div.cdist-share",
+      { "data-participant": share.participant, "data-state": shareState(share) }, [
+        h("div.cdist-row", {}, [
+          h("span.cdist-share-name", { text: share.name }),
+          h("span.cdist-state", { text: shareState(share) }),
+          h("span.cdist-count", { text: `${share.done} of ${share.units.length}` }),
+        ]),
+        bar(share.done, share.units.length, ".cdist-bar-thin"),
+        share.error && h("div.cdist-error", { text: `${share.name} failed: ${share.error}` }),
+      ]))),
+  ]);
+}
+
+// --- one instance ------------------------------------------------------------------------------
+
+class InstanceCard {
+  constructor(panel, info) {
+    this.panel = panel;
+    this.id = info.id;
+    this.role = info.role;
+    this.dot = h("span.cdist-dot");
+    this.name = h("span.cdist-name");
+    this.stateLabel = h("span.cdist-state");
+    this.enable = h("input.cdist-enable", { type: "checkbox", role: "switch", onchange: () => this.toggleEnabled() });
+    this.url = h("div.cdist-url.cdist-muted");
+    this.gpu = h("span.cdist-gpu-name");
+    this.queue = h("span.cdist-queue.cdist-muted");
+    this.vramBar = h("div.cdist-bar-fill");
+    this.vramText = h("span.cdist-vram-text.cdist-muted");
+    this.error = h("div.cdist-error", { hidden: true });
+    this.extra = h("div.cdist-extra"); // the editor and the log: left alone by update()
+
+    let actions = null;
+    if (info.role === "worker") {
+      const button = (cls, text, title, run) => h(`button.cdist-button.cdist-small.${cls}`, { type: "button", text, title,
+        onclick: (event) => panel.runAction(event.currentTarget, () => run(event.currentTarget)) });
+      this.startButton = button("cdist-start", "Start", "Start this worker on the master's machine", () => this.startStop("start"));
+      this.stopButton = button("cdist-stop", "Stop", "Stop this worker", () => this.startStop("stop"));
+      actions = h("div.cdist-actions", {}, [
+        button("cdist-edit", "Edit", "Change name, address, GPU or arguments", () => this.toggleEditor()),
+        this.startButton,
+        this.stopButton,
+        button("cdist-log-button", "Log", "Show the worker's log", () => this.toggleLog()),
+        button("cdist-remove", "Remove", "Remove this worker from the config", (b) => this.remove(b)),
+      ]);
+    }
+    this.root = h("div.cdist-instance", { "data-id": info.id, "data-role": info.role }, [
+      h("div.cdist-row", {}, [
+        this.dot,
+        this.name,
+        h("span.cdist-role", { text: info.role }),
+        this.stateLabel,
+        h("label.cdist-switch", { title: "Take part in the next job" }, [this.enable, h("span.cdist-slider")]),
+      ]),
+      this.url,
+      h("div.cdist-row", {}, [this.gpu, this.queue]),
+      h("div.cdist-vram", {}, [h("div.cdist-bar", {}, this.vramBar), this.vramText]),
+      this.error,
+      actions,
+      this.extra,
+    ]);
+  }
+
+  update(info) {
+    this.info = info;
+    this.root.dataset.state = info.state;
+    this.name.textContent = info.name;
+    this.stateLabel.textContent = info.state;
+    const details = [info.url];
+    if (info.device !== null && info.device !== undefined) details.push(`GPU ${info.device}`);
+    if (info.extra_args) details.push(info.extra_args);
+    this.url.textContent = details.join(" · ");
+    if (!this.saving) this.enable.checked = info.enabled;
+    this.enable.setAttribute("aria-label", `${info.name} takes part in jobs`);
+    this.gpu.textContent = info.device_name ? gpuLabel(info.device_name) : "GPU unknown";
+    this.gpu.title = info.device_name || "";
+    this.queue.textContent = info.queue === null || info.queue === undefined ? "" : `queue ${info.queue}`;
+    const hasVram = Boolean(info.vram_total);
+    const used = hasVram ? info.vram_total - (info.vram_free ?? 0) : 0;
+    this.vramBar.style.width = hasVram ? `${((used / info.vram_total) * 100).toFixed(1)}%` : "0%";
+    this.vramText.textContent = hasVram
+      ? `${(used / GIB).toFixed(1)} / ${(info.vram_total / GIB).toFixed(1)} GB` : "VRAM unknown";
+    // A disabled worker that is switched off is no news: only an offline one shows why.
+    this.error.hidden = !(info.error && info.state === "offline");
+    this.error.textContent = info.error || "";
+    if (this.startButton) {
+      const local = LOCAL_HOSTS.includes(info.host);
+      const running = info.state !== "offline" && !info.error;
+      this.startButton.hidden = !local || running;
+      this.stopButton.hidden = !local || !running;
+    }
+  }
+
+  async toggleEnabled() {
+    const enabled = this.enable.checked;
+    this.saving = true;
+    this.enable.disabled = true;
+    try {
+      if (this.role === "master") await master.changeConfig((config) => { config.master.enabled = enabled; });
+      else await master.editWorker(this.id, { enabled });
+    } catch (err) {
+      this.enable.checked = !enabled;
+      this.panel.notify(`Could not ${enabled ? "enable" : "disable"} ${this.info.name}: ${describe(err)}`);
+    } finally {
+      this.saving = false;
+      this.enable.disabled = false;
+    }
+    this.panel.refresh();
+  }
+
+  toggleEditor() {
+    if (this.editor) {
+      this.editor.remove();
+      this.editor = null;
+      return;
+    }
+    const close = () => {
+      this.editor?.remove();
+      this.editor = null;
+    };
+    const { name, host, port, device, extra_args } = this.info;
+    this.editor = workerForm({
+      values: { name, host, port, device, extra_args },
+      submitText: "Save",
+      gpus: this.panel.gpus,
+      onSubmit: async (fields) => {
+        await master.editWorker(this.id, fields);
+        close();
+        this.panel.refresh();
+      },
+      onCancel: close,
+    });
+    this.extra.prepend(this.editor);
+  }
+
+  async startStop(action) {
+    const answer = action === "start" ? await master.startWorker(this.id) : await master.stopWorker(this.id);
+    this.panel.notify(action === "start" ? `${this.info.name} is starting (pid ${answer.pid})`
+      : `${this.info.name} was stopped`, "info");
+    this.panel.refresh();
+  }
+
+  async toggleLog() {
+    if (this.log) {
+      this.log.remove();
+      this.log = null;
+      return;
+    }
+    this.log = h("pre.cdist-log", { text: "loading…" });
+    this.extra.append(this.log);
+    await this.refreshLog();
+  }
+
+  async refreshLog() {
+    if (!this.log) return;
+    const log = this.log;
+    const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+    try {
+      const answer = await master.workerLog(this.id);
+      log.textContent = answer.log || "(the log is empty)";
+      delete log.dataset.error;
+    } catch (err) {
+      log.textContent = `Cannot read the log: ${describe(err)}`;
+      log.dataset.error = "";
+    }
+    if (atEnd) log.scrollTop = log.scrollHeight;
+  }
+
+  // Two clicks: the first arms the button for a few seconds, so a slip never removes a worker.
+  async remove(button) {
+    if (!("armed" in button.dataset)) {
+      button.dataset.armed = "";
+      button.textContent = "Confirm remove";
+      setTimeout(() => {
+        delete button.dataset.armed;
+        button.textContent = "Remove";
+      }, 4000);
+      return;
+    }
+    await master.removeWorker(this.id);
+    this.panel.refresh();
+  }
+}
+
+// --- the worker form (add and edit) ------------------------------------------------------------
+
+const WORKER_FIELDS = [
+  { key: "name", label: "Name", type: "text", placeholder: "e.g. gpu1" },
+  { key: "host", label: "Host", type: "text", placeholder: "127.0.0.1" },
+  { key: "port", label: "Port", type: "number", placeholder: "e.g. 8189" },
+  { key: "device", label: "GPU", type: "number", placeholder: "index; empty: not pinned" },
+  { key: "extra_args", label: "Extra args", type: "text", placeholder: "e.g. --lowvram" },
+];
+let formCount = 0;
+
+function workerForm({ values, submitText, gpus, onSubmit, onCancel }) {
+  const inputs = {};
+  const errors = {};
+  const listId = `cdist-gpu-options-${++formCount}`;
+  const rows = WORKER_FIELDS.map(({ key, label, type, placeholder }) => {
+    inputs[key] = h(`input.cdist-input.cdist-field-${key}`, { type, name: key, placeholder, autocomplete: "off",
+      value: values[key] ?? "", list: key === "device" && gpus.length ? listId : null });
+    errors[key] = h(`div.cdist-field-error.cdist-error-${key}`, { hidden: true, "aria-live": "polite" });
+    return h("label.cdist-field", {}, [h("span.cdist-label", { text: label }), inputs[key], errors[key]]);
+  });
+  const formError = h("div.cdist-form-error", { hidden: true, "aria-live": "polite" });
+  const submit = h("button.cdist-button.cdist-submit", { type: "submit", text: submitText });
+
+  const show = (byField, general) => {
+    for (const { key } of WORKER_FIELDS) {
+      errors[key].textContent = byField[key] || "";
+      errors[key].hidden = !byField[key];
+      inputs[key].toggleAttribute("aria-invalid", Boolean(byField[key]));
+    }
+    formError.textContent = general.join("\n");
+    formError.hidden = !general.length;
+  };
+
+  const form = h("form.cdist-worker-form", { noValidate: true, onsubmit: async (event) => {
+    event.preventDefault();
+    const fields = readWorkerFields(inputs);
+    const problems = checkWorkerFields(fields, inputs);
+    show(problems, []);
+    if (Object.keys(problems).length) return;
+    submit.disabled = true;
+    try {
+      await onSubmit(fields);
+    } catch (err) {
+      // The server names the field in each message ("workers[2].port: ..."); put each by its field.
+      const byField = {};
+      const general = [];
+      for (const message of err.errors?.length ? err.errors : [describe(err)]) {
+        const field = /^(?:workers\[\d+\]\.)?(\w+):/.exec(message)?.[1];
+        if (field in inputs) byField[field] = byField[field] ? `${byField[field]}\n${message}` : message;
+        else general.push(message);
+      }
+      show(byField, general);
+    } finally {
+      submit.disabled = false;
+    }
+  } }, [
+    ...rows,
+    gpus.length && h("datalist", { id: listId }, gpus.map((gpu) => h("option", { value: gpu.index, text: gpu.name }))),
+    formError,
+    h("div.cdist-form-buttons", {}, [
+      submit,
+      h("button.cdist-button.cdist-cancel", { type: "button", text: "Cancel", onclick: onCancel }),
+    ]),
+  ]);
+  return form;
+}
+
+function readWorkerFields(inputs) {
+  const text = (key) => inputs[key].value.trim();
+  const number = (key) => (text(key) === "" ? null : Number(text(key)));
+  return { name: text("name"), host: text("host") || "127.0.0.1", port: number("port"),
+    device: number("device"), extra_args: text("extra_args") };
+}
+
+// The obvious mistakes, caught before a request; the server checks everything again.
+function checkWorkerFields(fields, inputs) {
+  const problems = {};
+  if (fields.name.length > 64) problems.name = "name: at most 64 characters";
+  if (!/^[A-Za-z0-9.:_-]+$/.test(fields.host)) problems.host = "host: must be a host name or IP address";
+  if (inputs.port.validity.badInput || fields.port === null) {
+    problems.port = "port: required, a whole number from 1 to 65535";
+  } else if (!Number.isInteger(fields.port) || fields.port < 1 || fields.port > 65535) {
+    problems.port = `port: must be a whole number from 1 to 65535, got ${inputs.port.value}`;
+  }
+  if (inputs.device.validity.badInput
+      || (fields.device !== null && !(Number.isInteger(fields.device) && fields.device >= 0 && fields.device <= 1023))) {
+    problems.device = "GPU: a GPU index from 0 to 1023, or empty";
+  }
+  const shell = [...new Set(fields.extra_args.match(SHELL_CHARS) || [])];
+  if (shell.length) {
+    problems.extra_args = `extra args: shell characters are not allowed (${shell.join(" ")}); `
+      + "give plain ComfyUI arguments such as --lowvram";
+  }
+  return problems;
+}
