@@ -50,19 +50,21 @@ class Instance:
     """One ComfyUI server process."""
 
     def __init__(self, tree: Path, name: str, port: int, workdir: Path, env: dict[str, str],
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, cpu: bool = True):
         self.tree, self.name, self.port = tree, name, port
         self.url = f"http://127.0.0.1:{port}"
         self.dirs = {d: workdir / name / d for d in ("output", "input", "temp")}
         self.log_path = workdir / f"{name}.log"
         self.env = env
         self.extra_args = extra_args or []
+        self.cpu = cpu
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Instance":
         for d in self.dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        args = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+                "--port", str(self.port),
                 "--output-directory", str(self.dirs["output"]), "--input-directory", str(self.dirs["input"]),
                 "--temp-directory", str(self.dirs["temp"]), *self.extra_args]
         if has_flag(self.tree, "--front-end-root") and "--front-end-root" not in self.extra_args:
@@ -157,7 +159,7 @@ class Instance:
 class Cluster:
     """A master and ``workers`` workers on loopback, sharing one config file."""
 
-    def __init__(self, workdir: Path, workers: int = 2):
+    def __init__(self, workdir: Path, workers: int = 2, cpu: bool = True):
         self.workdir = workdir
         self.tree = prepare_tree(workdir / "comfyui")
         self.config_path = workdir / "gpu_config.json"
@@ -167,8 +169,8 @@ class Cluster:
                     "COMFYUI_DISTRIBUTED_SECRET_FILE": str(workdir / "secret.key"),
                     "DISTRIBUTED_TEST_SPEED_FILE": str(workdir / "speeds.json")}
         ports = [free_port() for _ in range(workers + 1)]
-        self.master = Instance(self.tree, "master", ports[0], workdir, self.env)
-        self.workers = [Instance(self.tree, f"worker{i + 1}", p, workdir, self.env)
+        self.master = Instance(self.tree, "master", ports[0], workdir, self.env, cpu=cpu)
+        self.workers = [Instance(self.tree, f"worker{i + 1}", p, workdir, self.env, cpu=cpu)
                         for i, p in enumerate(ports[1:])]
         self.reset_config()
 
@@ -283,3 +285,43 @@ def batch_indices(images: list[np.ndarray]) -> list[int]:
     """Read back the global batch index that DistributedTestDecode painted into each image."""
     return [int(round(float(img[..., 2].mean()))) + 256 * int(round(float(img[..., 1].mean())))
             for img in images]
+
+
+CHECKPOINT = "sd15-random.safetensors"
+
+
+def txt2img(latent: dict, steps: int = 2, seed: int = 1234, cfg: float = 7.0) -> dict:
+    """A real SD1.5 text-to-image workflow through the Collector; ``latent`` is node "4"."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": latent,
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": seed, "steps": steps,
+                                                   "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+                                                   "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "MultiGPUCollector", "inputs": {"images": ["6", 0]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "ks"}},
+    }
+
+
+def latent(kind: str, size: int, batch: int) -> dict:
+    node = {"plain": "EmptyLatentImage", "split": "DistributedEmptyLatent"}[kind]
+    return {"class_type": node, "inputs": {"width": size, "height": size, "batch_size": batch}}
+
+
+def link_checkpoint(tree: Path, built: Path) -> str:
+    """Make a built checkpoint visible to a ComfyUI tree; returns its name for the loader."""
+    link = tree / "models" / "checkpoints" / CHECKPOINT
+    if not link.exists():
+        link.symlink_to(built)
+    return CHECKPOINT
+
+
+def build_checkpoint(tree: Path, path: Path) -> Path:
+    if not path.exists():
+        builder = Path(__file__).resolve().parent / "benchmarks" / "make_checkpoint.py"
+        subprocess.run([sys.executable, str(builder), str(tree), str(path)], check=True, timeout=900)
+    return path

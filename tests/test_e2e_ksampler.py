@@ -2,46 +2,20 @@
 equal a single-instance run of the whole batch."""
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from distributed_core import sandbox
-from harness import error_of
+from harness import CHECKPOINT, build_checkpoint, error_of, latent, link_checkpoint, txt2img
 
 pytestmark = pytest.mark.timeout(900)
-CHECKPOINT = "sd15-random.safetensors"
 
 
 @pytest.fixture(scope="session")
 def checkpoint(cluster):
     """Built once per machine (deterministic), linked into the cluster's ComfyUI."""
-    path = sandbox.CACHE / CHECKPOINT
-    if not path.exists():
-        builder = Path(__file__).resolve().parent / "benchmarks" / "make_checkpoint.py"
-        subprocess.run([sys.executable, str(builder), str(cluster.tree), str(path)], check=True, timeout=600)
-    link = cluster.tree / "models" / "checkpoints" / CHECKPOINT
-    if not link.exists():
-        link.symlink_to(path)
-    return CHECKPOINT
-
-
-def txt2img(latent: dict) -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
-        "4": latent,
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "seed": 1234, "steps": 2, "cfg": 7.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "MultiGPUCollector", "inputs": {"images": ["6", 0]}},
-        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "ks"}},
-    }
+    built = build_checkpoint(cluster.tree, sandbox.CACHE / CHECKPOINT)
+    return link_checkpoint(cluster.tree, built)
 
 
 def render(cluster, prompt) -> np.ndarray:
@@ -56,15 +30,13 @@ def test_split_mode_gives_the_single_instance_images(live, checkpoint):
     for worker in alone["workers"]:
         worker["enabled"] = False
     live.reset_config(alone)
-    reference = render(live, txt2img({"class_type": "EmptyLatentImage",
-                                      "inputs": {"width": 64, "height": 64, "batch_size": batch}}))
+    reference = render(live, txt2img(latent("plain", 64, batch)))
 
     shared = live.default_config()
     shared["workers"][1]["enabled"] = False  # master + one worker: two SD1.5 models in RAM are enough
     live.reset_config(shared)
     try:
-        split = render(live, txt2img({"class_type": "DistributedEmptyLatent",
-                                      "inputs": {"width": 64, "height": 64, "batch_size": batch}}))
+        split = render(live, txt2img(latent("split", 64, batch)))
         rendered_by_worker = len(live.workers[0].get("/history").json())
     finally:
         for instance in live.instances:  # give the memory back for the rest of the suite
