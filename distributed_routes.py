@@ -71,8 +71,9 @@ def setup(server) -> Coordinator:
     server.add_on_prompt_handler(coord.rewrite)
     server.app.middlewares.append(_access_middleware(access.load_or_create()))
     server.app.middlewares.append(_prompt_middleware(coord))
-    _add_routes(server.routes, coord)
-    _add_worker_routes(server.routes, coord, launcher.LocalProcesses())
+    processes = launcher.LocalProcesses()  # local workers this master started from the panel
+    _add_routes(server.routes, coord, processes)
+    _add_worker_routes(server.routes, coord, processes)
     loaded = config_file.load()
     if loaded.error:
         log.warning("[Distributed] gpu_config problem: %s. Running with defaults; the file was left "
@@ -126,7 +127,7 @@ def _prompt_middleware(coord: Coordinator):
     return middleware
 
 
-def _add_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
+def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> None:
     @routes.get("/distributed/config")
     async def get_config(request: web.Request) -> web.Response:
         loaded = config_file.load()
@@ -148,6 +149,8 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
     async def get_status(request: web.Request) -> web.Response:
         loaded = config_file.load()
         instances = await coord.status(loaded.config)
+        for instance in instances:  # the panel offers Stop only for what this master started
+            instance["managed"] = processes.is_running(instance["id"])
         return web.json_response({"instances": instances, "config_error": loaded.error,
                                   "mode": loaded.config.settings.mode,
                                   "jobs": [job.summary() for job in coord.store.active()]})

@@ -47,8 +47,9 @@ class Master:
     port: int = 8188
     device: int | None = 0
     enabled: bool = True
-    # Address that workers use to reach the master; empty means "work it out" (see master_address).
+    # Address that workers use to reach the master; empty means "work it out" (see master_url_for).
     host: str = ""
+    extra_args: str = ""  # the launcher's extra ComfyUI arguments for the master
 
 
 @dataclass
@@ -104,6 +105,8 @@ class Config:
                                   "enabled": self.master.enabled}
         if self.master.host:
             master["host"] = self.master.host
+        if self.master.extra_args:
+            master["extra_args"] = self.master.extra_args
         return {
             "master": master,
             "workers": [
@@ -197,11 +200,12 @@ def parse(data: Any) -> Config:
     if not isinstance(m, dict):
         errors.append("master: must be an object")
         m = {}
-    _check_keys(m, {"port", "device", "enabled", "host"}, "master", errors)
+    _check_keys(m, {"port", "device", "enabled", "host", "extra_args"}, "master", errors)
     master = Master(port=_int(m, "port", "master", errors, 8188, 1, 65535),
                     device=_int(m, "device", "master", errors, 0, 0, 1023, nullable=True),
                     enabled=_bool(m, "enabled", "master", errors, True),
-                    host=_host(m, "host", "master", errors, ""))
+                    host=_host(m, "host", "master", errors, ""),
+                    extra_args=_extra_args(m, "master", errors))
 
     raw_workers = data.get("workers", [])
     if not isinstance(raw_workers, list):

@@ -187,6 +187,8 @@ class Coordinator:
     def local_done(self, job_id: str, images: int) -> None:
         """The master's Collector has its own share (called on ComfyUI's execution thread)."""
         job_plan, job = self.plans.get(job_id), self.store.get(job_id)
+        if job is not None and plan.MASTER_ID in job.shares:
+            self.store.update(job_id, lambda j: setattr(j.shares[plan.MASTER_ID], "state", "done"))
         if job_plan is not None and job is not None and job.split:
             self.throughput().observe(job_plan.signature, plan.MASTER_ID, images,
                                       time.monotonic() - job_plan.started)
@@ -199,6 +201,8 @@ class Coordinator:
     # --- running a job -----------------------------------------------------------------------
     async def start(self, job_id: str, prompt_id: str) -> None:
         job = self.store.update(job_id, lambda j: _set_running(j, prompt_id))
+        if job is not None and plan.MASTER_ID in job.shares:  # its own prompt waits in its queue
+            self.store.update(job_id, lambda j: setattr(j.shares[plan.MASTER_ID], "state", "queued"))
         if job is None:
             return
         job_plan = self.plans[job_id]

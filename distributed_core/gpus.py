@@ -49,14 +49,14 @@ def config_from_gpus(gpus: list[dict[str, Any]]) -> dict[str, Any]:
         workers = [{"id": f"worker{n}", "name": f"CPU worker {n}", "host": "127.0.0.1",
                     "port": MASTER_PORT + n, "device": None, "enabled": True, "extra_args": "--cpu"}
                    for n in range(1, CPU_WORKER_COUNT + 1)]
-        master_device = None
+        master_device, master_args = None, "--cpu"
     else:
         workers = [{"id": f"worker{n}", "name": f"GPU {gpu['index']}", "host": "127.0.0.1",
                     "port": MASTER_PORT + n, "device": gpu["index"], "enabled": True, "extra_args": ""}
                    for n, gpu in enumerate(gpus[1:], start=1)]
-        master_device = gpus[0]["index"]
+        master_device, master_args = gpus[0]["index"], ""
     return {
-        "master": {"port": MASTER_PORT, "device": master_device, "enabled": True},
+        "master": {"port": MASTER_PORT, "device": master_device, "enabled": True, "extra_args": master_args},
         "workers": workers,
         "settings": {"stagger_delay": 2.0, "job_timeout": 120, "mode": "parallel"},
     }

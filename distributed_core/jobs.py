@@ -62,7 +62,7 @@ class Share:
     units: list[int]
     prompt_id: str = ""
     dispatched: float = 0.0
-    state: str = "waiting"    # waiting | queued | running | done | failed
+    state: str = "waiting"    # waiting | queued | running | done | failed | cancelled
     error: str = ""
 
 
@@ -166,6 +166,9 @@ class JobStore:
             if job.state is not JobState.FAILED:  # a failure stays the reason it ended
                 job.state = state
             job.error = job.error or error
+            for share in job.shares.values():
+                if share.state not in ("done", "failed"):
+                    share.state = "done" if job.state is JobState.DONE else "cancelled"
             job.results.clear()
             job.held_bytes = 0
             self._finished[job_id] = state.value

@@ -111,22 +111,15 @@ def _local_url(host: str, port: int) -> str:
     return f"http://[::1]:{port}" if host == "::1" else f"http://127.0.0.1:{port}"
 
 
-def _master_on_cpu(config: cfg.Config) -> bool:
-    # The schema has no master.extra_args, so the CPU setup written when no GPU is found is
-    # recognised by its shape; without --cpu, ComfyUI would not start on such a machine.
-    local = [w for w in config.workers if w.is_local and w.enabled]
-    return (config.master.device is None and bool(local)
-            and all("--cpu" in shlex.split(w.extra_args) for w in local))
-
-
 def master_instance(config: cfg.Config, python: str, cpu: bool = False,
                     config_file: Path | None = None) -> Instance:
     # Remote workers must reach the master; otherwise nothing outside this machine needs to.
     listen = "0.0.0.0" if any(not w.is_local for w in config.workers) else "127.0.0.1"
-    cpu = cpu or _master_on_cpu(config)
     port, device = config.master.port, config.master.device
+    cpu = cpu or "--cpu" in shlex.split(config.master.extra_args)
     return Instance(MASTER_ID, "master", port, _local_url("127.0.0.1", port), device, cpu,
-                    argv=build_command(python, listen, port, "", cpu), env=instance_env(device, cpu, config_file))
+                    argv=build_command(python, listen, port, config.master.extra_args, cpu),
+                    env=instance_env(device, cpu, config_file))
 
 
 def worker_instance(config: cfg.Config, worker: cfg.Worker, python: str, cpu: bool = False,

@@ -70,6 +70,7 @@ def test_start_view_log_and_stop_a_local_worker(live):
         wait_until(answers, 240, what="the started worker to answer")
         status = {r["id"]: r for r in live.master.get("/distributed/status").json()["instances"]}
         assert status[worker["id"]]["state"] == "online"
+        assert status[worker["id"]]["managed"] is True and status["worker1"]["managed"] is False
         log = live.master.get(f"/distributed/workers/{worker['id']}/log?lines=50").json()
         assert log["running"] is True and str(port) in log["log"]
         again = live.master.post(f"/distributed/workers/{worker['id']}/start")

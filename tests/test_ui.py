@@ -17,7 +17,8 @@ from ui_support import LEGACY_BUTTON, SIDEBAR_BUTTON, ComfyPage, launch
 
 pytestmark = pytest.mark.browser
 
-sync_api = pytest.importorskip("playwright.sync_api")
+from playwright import sync_api  # noqa: E402  (installed by tests/run.py; missing it must fail, not skip)
+
 expect = sync_api.expect
 TIMEOUT = 30_000  # ms: the panel polls every 3 s, and three ComfyUI servers share two cores here
 
@@ -299,6 +300,21 @@ def test_start_a_local_worker_view_its_log_and_stop_it(live, comfy, tmp_path):
         live.master.post(f"/distributed/workers/{worker['id']}/stop", timeout=60)  # 409 if already stopped
 
 
+def test_stop_is_offered_only_for_workers_this_master_started(live, comfy):
+    comfy.open_panel()
+    card = comfy.card("worker1")  # started by the test harness, not by the master
+    expect(card).to_have_attribute("data-state", "online", timeout=TIMEOUT)
+    expect(card.locator(".cdist-stop")).to_be_hidden()
+    expect(card.locator(".cdist-start")).to_be_hidden()
+
+
+def test_the_api_secret_is_shown_for_scripts_and_remote_machines(live, comfy):
+    panel = comfy.open_panel()
+    panel.locator(".cdist-show-secret").click()
+    expected = live.master.auth()["X-Distributed-Secret"]
+    expect(panel.locator(".cdist-secret-value")).to_have_text(f"X-Distributed-Secret: {expected}", timeout=TIMEOUT)
+
+
 def test_opening_and_closing_the_panel_stops_polling_and_logs_no_errors(live, comfy):
     polls = []
     comfy.page.on("request", lambda r: polls.append(r.url) if r.url.endswith("/distributed/status") else None)
@@ -348,8 +364,9 @@ def test_the_sidebar_tab_path_with_a_stand_in_extension_manager(live, comfy):
     expect(host.locator(".cdist-header .cdist-close")).to_have_count(0)  # the sidebar closes the tab itself
     expect(host.locator('.cdist-instance[data-state="online"]')).to_have_count(3, timeout=TIMEOUT)
 
-    # An error reaches the user as a toast, not inline: worker1 was not started by this master.
-    host.locator('.cdist-instance[data-id="worker1"] .cdist-stop').click()
+    # An error reaches the user as a toast, not inline: the panel hides Stop for worker1, which this
+    # master did not start, so press the hidden button from script to get the server's refusal.
+    host.locator('.cdist-instance[data-id="worker1"] .cdist-stop').evaluate("button => button.click()")
     toast = comfy.page.wait_for_function("window.cdistToasts.length && window.cdistToasts[0]").json_value()
     assert toast["severity"] == "error" and toast["summary"] == "Distributed" and toast["life"] == 5000
     assert "not started from this master" in toast["detail"]

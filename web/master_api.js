@@ -50,6 +50,7 @@ export const master = {
   startWorker: (id) => call("POST", `${worker(id)}/start`),
   stopWorker: (id) => call("POST", `${worker(id)}/stop`),
   workerLog: (id, lines = 200) => call("GET", `${worker(id)}/log?lines=${lines}`),
+  secret: () => call("GET", "/distributed/secret"),
 
   // Settings without a route of their own: read the whole config, change it, save it back.
   async changeConfig(change) {

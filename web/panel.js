@@ -88,6 +88,7 @@ class Panel {
     this.warning = h("div.cdist-warning", { hidden: true });
     this.results = h("div.cdist-results", { hidden: true });
     this.gpuList = h("div.cdist-gpus", { hidden: true });
+    this.secretBox = h("div.cdist-secret", { hidden: true });
     this.instanceList = h("div.cdist-instances");
     this.addSlot = h("div.cdist-add-slot");
     this.jobList = h("div.cdist-jobs", {}, h("div.cdist-empty", { text: "No distributed job yet." }));
@@ -111,9 +112,12 @@ class Panel {
           () => this.interrupt()),
         action("cdist-detect-gpus", "Detect GPUs", "List the GPUs of the master's machine",
           () => this.detectGpus()),
+        action("cdist-show-secret", "API secret", "The secret that scripts and other machines send",
+          () => this.showSecret()),
       ]),
       this.results,
       this.gpuList,
+      this.secretBox,
       section("Instances", [
         this.instanceList,
         this.addSlot,
@@ -266,6 +270,16 @@ class Panel {
     const { results } = await master.interrupt();
     this.showResults("Interrupt", results);
     this.refresh();
+  }
+
+  async showSecret() {
+    const { header, secret, path } = await master.secret();
+    this.secretBox.replaceChildren(
+      h("div.cdist-box-title", {}, [h("span", { text: "API secret" }), dismissButton(this.secretBox)]),
+      h("div.cdist-muted", { text: "Scripts and other machines that change settings send this header:" }),
+      h("code.cdist-secret-value", { text: `${header}: ${secret}` }),
+      h("div.cdist-muted", { text: `Kept in ${path}; delete that file and restart to make a new one.` }));
+    this.secretBox.hidden = false;
   }
 
   async detectGpus() {
@@ -498,7 +512,8 @@ class InstanceCard {
       const local = LOCAL_HOSTS.includes(info.host);
       const running = info.state !== "offline" && !info.error;
       this.startButton.hidden = !local || running;
-      this.stopButton.hidden = !local || !running;
+      // Stop only what this master started: anything else is stopped where it was started.
+      this.stopButton.hidden = !info.managed;
     }
   }
 
