@@ -31,10 +31,19 @@ def coordinator() -> Coordinator:
     return _coordinator
 
 
+def listen_hosts() -> list[str]:
+    from comfy.cli_args import args
+    return [h.strip() for h in (args.listen or "127.0.0.1").split(",") if h.strip()]
+
+
 def own_address() -> tuple[str, int]:
     from comfy.cli_args import args
-    host = (args.listen or "127.0.0.1").split(",")[0].strip()
-    return host, int(args.port)
+    return listen_hosts()[0], int(args.port)
+
+
+def input_dir() -> Path:
+    import folder_paths
+    return Path(folder_paths.get_input_directory())
 
 
 def error(status: int, message: str, **extra) -> web.Response:
@@ -66,7 +75,8 @@ def setup(server) -> Coordinator:
         server.send_sync("distributed_progress", job.summary())
 
     store = JobStore(on_change=emit)
-    coord = Coordinator(store, config_file.load, own_address)
+    coord = Coordinator(store, config_file.load, own_address, input_dir,
+                        loopback_only=lambda: all(h in ("127.0.0.1", "localhost", "::1") for h in listen_hosts()))
     _coordinator = coord
     server.add_on_prompt_handler(coord.rewrite)
     server.app.middlewares.append(_access_middleware(access.load_or_create()))

@@ -81,6 +81,37 @@ class InstanceClient:
     async def delete_queued(self, prompt_ids: list[str]) -> None:
         await self._request("POST", "/queue", QUICK, {"delete": prompt_ids})
 
+    async def input_size(self, name: str) -> int | None:
+        """Size of a file in the instance's input folder, or None when it has none by that name."""
+        subfolder, _, filename = name.rpartition("/")
+        params = {"filename": filename, "subfolder": subfolder, "type": "input"}
+        try:
+            async with self.session.get(self.url + "/view", params=params, timeout=QUICK,
+                                        headers={"Range": "bytes=0-0"}) as resp:
+                if resp.status == 404:
+                    return None
+                if resp.status not in (200, 206):
+                    raise InstanceError(f"{self.url}/view answered {resp.status} for input {name}")
+                total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+                return int(total) if total.isdigit() else resp.content_length
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise InstanceError(describe(self.url, exc)) from exc
+
+    async def upload_input(self, name: str, data: bytes) -> None:
+        subfolder, _, filename = name.rpartition("/")
+        form = aiohttp.FormData()
+        form.add_field("image", data, filename=filename, content_type="application/octet-stream")
+        form.add_field("subfolder", subfolder)
+        form.add_field("type", "input")
+        form.add_field("overwrite", "true")
+        try:
+            async with self.session.post(self.url + "/upload/image", data=form, timeout=DISPATCH) as resp:
+                if resp.status != 200:
+                    raise InstanceError(f"{self.url} refused the upload of input {name}: "
+                                        f"{resp.status} {_error_text(await resp.text())}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise InstanceError(describe(self.url, exc)) from exc
+
     async def withdraw(self, prompt_id: str) -> None:
         """Take a prompt back: out of the queue if pending, interrupted if it is the one running."""
         running, pending = await self.queue()

@@ -13,13 +13,14 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
 
+from . import config as config_file
 from . import plan, workflow
 from .client import InstanceClient, InstanceError
-from . import config as config_file
 from .config import Config, Loaded, Worker
 from .jobs import Job, JobState, JobStore, Share
 
@@ -49,10 +50,13 @@ class JobPlan:
 
 class Coordinator:
     def __init__(self, store: JobStore, load_config: Callable[[], Loaded],
-                 own_address: Callable[[], tuple[str, int]]):
+                 own_address: Callable[[], tuple[str, int]], input_dir: Callable[[], Path] | None = None,
+                 loopback_only: Callable[[], bool] = lambda: False):
         self.store = store
         self.load_config = load_config
         self.own_address = own_address
+        self.input_dir = input_dir            # the master's input folder, for loaders' files
+        self.loopback_only = loopback_only    # the master listens on 127.0.0.1 alone
         self.plans: dict[str, JobPlan] = {}
         self.offline_until: dict[str, float] = {}
         self.tasks: set[asyncio.Task] = set()
@@ -295,7 +299,13 @@ class Coordinator:
         prompt = workflow.worker_prompt(job_plan.prompt, job_plan.collectors, fields, chunks, seeds)
         client = self.client(worker.url)
         share.dispatched = time.monotonic()
+        if not worker.is_local and not job_plan.config.master.host and self.loopback_only():
+            await self.failover(job_id, share, f"it is on another machine ({worker.host}) but this master "
+                                               "listens on 127.0.0.1 only; start the master with --listen "
+                                               "(the launcher does when a worker is remote), or set master.host")
+            return False
         try:
+            await self.sync_inputs(client, prompt)
             share.prompt_id = await client.post_prompt(prompt, CLIENT_ID)
         except InstanceError as exc:
             self.offline_until[worker.id] = time.monotonic() + OFFLINE_MEMORY
@@ -307,6 +317,22 @@ class Coordinator:
             await _quietly(client.withdraw(share.prompt_id))
             return False
         return await self.supervise(job_id, share, client, job_plan.config.settings.job_timeout)
+
+    async def sync_inputs(self, client: InstanceClient, prompt: dict) -> None:
+        """Upload the files the prompt's loaders read to a worker that lacks them (or holds a
+        different file by that name), from the master's input folder."""
+        if self.input_dir is None:
+            return
+        root = self.input_dir().resolve()
+        for name in workflow.input_files(prompt):
+            path = (root / name).resolve()
+            if root not in path.parents or not path.is_file():
+                continue  # not ours to send; the worker's own validation will name what is missing
+            if await client.input_size(name) == path.stat().st_size:
+                continue
+            data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+            await client.upload_input(name, data)
+            log.info("[Distributed] uploaded input %s to %s", name, client.url)
 
     async def supervise(self, job_id: str, share: Share, client: InstanceClient, timeout: float) -> bool:
         """Watch one worker prompt until its units arrive, it fails, or it shows no sign of life."""

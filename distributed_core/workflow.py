@@ -126,6 +126,22 @@ def worker_prompt(prompt: Prompt, collectors: list[str], job: dict, chunks: list
     return result
 
 
+LOADERS = {"LoadImage": "image", "LoadImageMask": "image"}
+
+
+def input_files(prompt: Prompt) -> list[str]:
+    """Names of the files in ComfyUI's input folder that the prompt's loaders read."""
+    names = []
+    for node in prompt.values():
+        key = LOADERS.get(node.get("class_type"))
+        value = (node.get("inputs") or {}).get(key) if key else None
+        if isinstance(value, str) and value:
+            name = value.removesuffix(" [input]")
+            if name not in names:
+                names.append(name)
+    return names
+
+
 def read_field(prompt: Any, node_id: Any) -> dict | None:
     """What the rewrite left for a node, or None when it has nothing (a prompt run without the hook)."""
     try:

@@ -2,6 +2,7 @@
 with this extension (and the test-only nodes) in its custom_nodes, and instances started as processes."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -50,9 +51,11 @@ class Instance:
     """One ComfyUI server process."""
 
     def __init__(self, tree: Path, name: str, port: int, workdir: Path, env: dict[str, str],
-                 extra_args: list[str] | None = None, cpu: bool = True):
-        self.tree, self.name, self.port = tree, name, port
-        self.url = f"http://127.0.0.1:{port}"
+                 extra_args: list[str] | None = None, cpu: bool = True, host: str = "127.0.0.1",
+                 prefix: list[str] | None = None):
+        self.tree, self.name, self.port, self.host = tree, name, port, host
+        self.url = f"http://{host}:{port}"
+        self.prefix = prefix or []  # e.g. ip netns exec NAME, to run on another (test) host
         self.dirs = {d: workdir / name / d for d in ("output", "input", "temp")}
         self.log_path = workdir / f"{name}.log"
         self.env = env
@@ -63,11 +66,13 @@ class Instance:
     def start(self) -> "Instance":
         for d in self.dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+        args = [*self.prefix, sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", self.host,
                 "--port", str(self.port),
                 "--output-directory", str(self.dirs["output"]), "--input-directory", str(self.dirs["input"]),
                 "--temp-directory", str(self.dirs["temp"]), *self.extra_args]
-        if has_flag(self.tree, "--front-end-root") and "--front-end-root" not in self.extra_args:
+        if (has_flag(self.tree, "--front-end-root") and "--front-end-root" not in self.extra_args
+                and importlib.util.find_spec("comfyui_frontend_package") is None):
+            # a current ComfyUI without its frontend package still serves the API with a bare page
             args += ["--front-end-root", str(_bare_frontend(self.tree))]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(args, cwd=self.tree, env=self.env, stdout=log, stderr=subprocess.STDOUT,

@@ -495,3 +495,11 @@ def test_a_declared_size_that_does_not_match_the_body_is_refused():
     with pytest.raises(ResultRejected) as info:
         _deliver(store, data, len(data) + 5)
     assert info.value.status == 400
+
+
+def test_input_files_of_loaders():
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
+              "2": {"class_type": "LoadImageMask", "inputs": {"image": "sub/b.png [input]", "channel": "alpha"}},
+              "3": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
+              "4": {"class_type": "EmptyImage", "inputs": {"width": 8}}}
+    assert workflow.input_files(prompt) == ["a.png", "sub/b.png"]

@@ -1,0 +1,129 @@
+"""A real remote worker: a ComfyUI on another address, inside a network namespace that the test
+makes (a veth pair, a /30 of its own), so master and worker talk across a real interface.
+
+Skipped only where the kernel refuses to create network namespaces; the reason is printed."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import harness
+from harness import Instance, blue_values, error_of, free_port, image_workflow, write_config
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="module")
+def test_host():
+    """(namespace, the master's address on the link, the remote worker's address)."""
+    if shutil.which("ip") is None:
+        pytest.skip("the 'ip' program (iproute2) is missing, so no test host can be made")
+    name, link = f"cdist{os.getpid()}", f"cdv{os.getpid()}"
+    subnet = 10 + os.getpid() % 240
+    here, there = f"10.231.{subnet}.1", f"10.231.{subnet}.2"
+    made = _ip("netns", "add", name, check=False)
+    if made.returncode != 0:
+        print(f"\nSKIPPED: the kernel refuses network namespaces here: {made.stderr.strip()}")
+        pytest.skip(f"the kernel refuses network namespaces here: {made.stderr.strip()}")
+    try:
+        _ip("link", "add", link, "type", "veth", "peer", "name", link + "p")
+        _ip("link", "set", link + "p", "netns", name)
+        _ip("addr", "add", f"{here}/30", "dev", link)
+        _ip("link", "set", link, "up")
+        _ip("netns", "exec", name, "ip", "addr", "add", f"{there}/30", "dev", link + "p")
+        _ip("netns", "exec", name, "ip", "link", "set", link + "p", "up")
+        _ip("netns", "exec", name, "ip", "link", "set", "lo", "up")
+        yield name, here, there
+    finally:
+        _ip("netns", "del", name, check=False)  # takes the veth pair with it
+        _ip("link", "del", link, check=False)
+
+
+@pytest.fixture(scope="module")
+def remote(cluster, test_host, tmp_path_factory):
+    """A master listening on the link, and a worker on the test host; both from the session's tree."""
+    name, here, there = test_host
+    workdir = tmp_path_factory.mktemp("remote")
+    env = {**cluster.env, "COMFYUI_DISTRIBUTED_CONFIG": str(workdir / "gpu_config.json"),
+           "COMFYUI_DISTRIBUTED_SECRET_FILE": str(workdir / "secret.key"),
+           "DISTRIBUTED_TEST_PROBE_LOG": str(workdir / "probe.jsonl")}
+    master = Instance(cluster.tree, "master", free_port(), workdir, env, host=here)
+    worker = Instance(cluster.tree, "remote", free_port(), workdir, env, host=there,
+                      prefix=["ip", "netns", "exec", name])
+    config = {"master": {"port": master.port, "enabled": True},
+              "workers": [{"id": "remote", "name": "remote box", "host": there, "port": worker.port}],
+              "settings": {"job_timeout": 8}}
+    write_config(workdir / "gpu_config.json", config)
+    try:
+        for instance in (master, worker):
+            instance.start()
+        for instance in (master, worker):
+            instance.wait_ready()
+        yield master, worker, workdir, config
+    finally:
+        for instance in (master, worker):
+            instance.stop()
+
+
+def test_a_job_comes_back_from_a_remote_worker(remote):
+    master, worker, workdir, config = remote
+    write_config(workdir / "gpu_config.json", config)
+    entry = master.wait_prompt(master.queue_prompt(image_workflow(seed=40, batch=2)), 120)
+    assert error_of(entry) == ""
+    assert blue_values(master.saved_images(entry, "5")) == [40, 40, 41, 41]
+    assert worker.get("/history").json(), "the remote worker ran nothing"
+
+
+def test_loaded_input_images_are_uploaded_to_a_remote_worker(remote):
+    master, worker, workdir, config = remote
+    write_config(workdir / "gpu_config.json", config)
+    Image.fromarray(np.full((16, 16, 3), (10, 200, 30), np.uint8)).save(master.dirs["input"] / "photo.png")
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"class_type": "MultiGPUCollector", "inputs": {"images": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "loaded"}},
+    }
+    assert not (worker.dirs["input"] / "photo.png").exists()
+    entry = master.wait_prompt(master.queue_prompt(prompt), 120)
+    assert error_of(entry) == ""
+    assert (worker.dirs["input"] / "photo.png").read_bytes() == (master.dirs["input"] / "photo.png").read_bytes()
+    images = master.saved_images(entry, "3")
+    assert len(images) == 2 and all(tuple(img[0, 0]) == (10, 200, 30) for img in images)
+
+
+def test_a_worker_that_cannot_reach_the_master_is_reported(remote, test_host):
+    master, worker, workdir, config = remote
+    _name, here, _there = test_host
+    blocked = {**config, "master": {**config["master"], "host": here.rsplit(".", 1)[0] + ".3"}}  # nobody there
+    write_config(workdir / "gpu_config.json", blocked)
+    try:
+        entry = master.wait_prompt(master.queue_prompt(image_workflow(seed=41, batch=1)), 120)
+    finally:
+        write_config(workdir / "gpu_config.json", config)
+    message = error_of(entry)
+    assert "remote box failed" in message and "cannot deliver results to the master" in message, message
+    assert "check that this worker can reach the master's address" in message
+
+
+def test_a_master_on_loopback_says_so_instead_of_dispatching(cluster, remote):
+    _master, worker, _workdir, _config = remote
+    config = cluster.default_config()
+    config["workers"] = [{"id": "remote", "name": "remote box", "host": worker.host, "port": worker.port}]
+    cluster.reset_config(config)
+    before = len(worker.get("/history").json())
+    try:
+        entry = cluster.master.wait_prompt(cluster.master.queue_prompt(image_workflow(seed=42, batch=1)), 60)
+    finally:
+        cluster.reset_config()
+    message = error_of(entry)
+    assert "listens on 127.0.0.1 only" in message and "--listen" in message, message
+    assert len(worker.get("/history").json()) == before
