@@ -32,9 +32,14 @@ def comfy_root() -> Path:
 
 
 def prepare_tree(dest: Path) -> Path:
-    """A private ComfyUI tree: the real code, our extension and the test-only nodes linked in."""
-    return sandbox.prepare_tree(comfy_root(), dest, EXTENSION_NAME,
+    """A private ComfyUI tree: the real code, our extension and the test-only nodes linked in, and
+    user settings that keep the current frontend's first-run templates dialog shut."""
+    tree = sandbox.prepare_tree(comfy_root(), dest, EXTENSION_NAME,
                                 {"distributed_test_nodes": SUPPORT / "distributed_test_nodes"})
+    settings = tree / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    return tree
 
 
 def has_flag(tree: Path, flag: str) -> bool:
