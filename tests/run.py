@@ -44,7 +44,11 @@ def main(argv: list[str]) -> int:
     ensure_chromium()
     sandbox.say(f"ComfyUI under test: {comfy_root}")
     env = {**os.environ, "COMFYUI_ROOT": str(comfy_root), "PYTHONUNBUFFERED": "1"}
-    command = [str(python), "-m", "pytest", "-c", str(TESTS / "pytest.ini"), *(argv or [str(TESTS)])]
+    # Always name what to collect: left to itself pytest would start at the repo root, a ComfyUI
+    # package that imports ComfyUI.
+    names_a_path = any(not arg.startswith("-") and (TESTS.parent / arg.split("::")[0]).exists() for arg in argv)
+    command = [str(python), "-m", "pytest", "-c", str(TESTS / "pytest.ini"), *argv,
+               *([] if names_a_path else [str(TESTS)])]
     code = subprocess.run(command, cwd=TESTS.parent, env=env).returncode
     if code == 5:
         sandbox.say("pytest collected no tests: that is a failure")
