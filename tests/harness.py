@@ -78,7 +78,7 @@ class Instance:
         if (has_flag(self.tree, "--front-end-root") and "--front-end-root" not in self.extra_args
                 and importlib.util.find_spec("comfyui_frontend_package") is None):
             # a current ComfyUI without its frontend package still serves the API with a bare page
-            args += ["--front-end-root", str(_bare_frontend(self.tree))]
+            args += ["--front-end-root", str(bare_frontend(self.tree))]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(args, cwd=self.tree, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -224,7 +224,7 @@ class Cluster:
 
 
 
-def _bare_frontend(tree: Path) -> Path:
+def bare_frontend(tree: Path) -> Path:
     path = tree / "bare_frontend"
     path.mkdir(exist_ok=True)
     (path / "index.html").write_text("<!doctype html><title>ComfyUI</title>")
