@@ -90,8 +90,13 @@ class Instance:
 
 
 def build_command(python: str, listen: str, port: int, extra_args: str = "", cpu: bool = False) -> list[str]:
-    """The one way an instance's command is built: a list of words for exec, never a shell string."""
+    """The one way an instance's command is built: a list of words for exec, never a shell string.
+
+    A bare --enable-cors-header (the original product sheet's default) would open the instance to
+    every web origin; the browser only ever talks to the master, so it is dropped."""
     args = shlex.split(extra_args)
+    args = [a for i, a in enumerate(args)
+            if not (a == "--enable-cors-header" and (i + 1 == len(args) or args[i + 1].startswith("-")))]
     if cpu and "--cpu" not in args:
         args.append("--cpu")
     return [python, "main.py", "--listen", listen, "--port", str(port), *args]

@@ -617,3 +617,11 @@ def test_real_comfyui_on_cpu_master_and_two_workers_answer_and_sigterm_stops_the
     assert process.wait(60) == 0, out.read_text(encoding="utf-8")
     assert not any(alive(pid) for pid in pids.values())
     assert not any(answers(port) for port in ports)
+
+
+def test_a_bare_cors_flag_is_dropped_but_an_origin_is_kept():
+    from distributed_core.launcher import build_command
+    assert "--enable-cors-header" not in build_command("py", "127.0.0.1", 8189, "--enable-cors-header --lowvram")
+    assert "--enable-cors-header" not in build_command("py", "127.0.0.1", 8189, "--lowvram --enable-cors-header")
+    kept = build_command("py", "127.0.0.1", 8189, "--enable-cors-header http://studio.lan:8188")
+    assert kept[-2:] == ["--enable-cors-header", "http://studio.lan:8188"]
