@@ -2,7 +2,6 @@
 costs seconds), with the config reset before each test that uses them."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

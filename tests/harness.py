@@ -153,6 +153,20 @@ class Instance:
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish on {self.name} within {timeout} s\n{self.log_tail()}")
 
+    def timed(self, prompt: dict, timeout: float = 600) -> tuple[float, dict]:
+        """Seconds from POST /prompt to a finished history entry (polled finely: benchmarks compare
+        differences of tens of milliseconds), and the entry. Raises on an execution error."""
+        started = time.perf_counter()
+        prompt_id = self.queue_prompt(prompt)
+        while time.perf_counter() - started < timeout:
+            entry = self.get(f"/history/{prompt_id}").json().get(prompt_id)
+            if entry and (entry.get("outputs") or error_of(entry)):
+                if error_of(entry):
+                    raise RuntimeError(f"prompt failed on {self.name}: {error_of(entry)}")
+                return time.perf_counter() - started, entry
+            time.sleep(0.01)
+        raise TimeoutError(f"prompt {prompt_id} did not finish on {self.name} within {timeout} s")
+
     def saved_images(self, entry: dict, node_id: str) -> list[np.ndarray]:
         """The images a SaveImage node wrote, as uint8 arrays, in order."""
         images = []
@@ -335,3 +349,11 @@ def build_checkpoint(tree: Path, path: Path) -> Path:
         builder = Path(__file__).resolve().parent / "benchmarks" / "make_checkpoint.py"
         subprocess.run([sys.executable, str(builder), str(tree), str(path)], check=True, timeout=900)
     return path
+
+
+def emit(figures: dict, out: Path | None = None) -> None:
+    """A benchmark's last line: its figures as one JSON object (also written to ``out``)."""
+    line = json.dumps(figures)
+    print(line)
+    if out:
+        out.write_text(line + "\n")

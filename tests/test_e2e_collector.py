@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
-import requests
 
 from harness import blue_values, error_of, image_workflow, wait_until
 

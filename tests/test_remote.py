@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import harness
 from harness import Instance, blue_values, error_of, free_port, image_workflow, write_config
 
 pytestmark = pytest.mark.timeout(600)

@@ -14,7 +14,6 @@ Needs the test environment (python tests/run.py builds it); COMFYUI_ROOT as for 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,15 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import Cluster, batch_indices, split_workflow  # noqa: E402
+from harness import Cluster, batch_indices, emit, split_workflow  # noqa: E402
 
 SPEEDS = {"worker1": 1.0, "worker2": 2.0, "worker3": 4.0}
-
-
-def timed(instance, prompt: dict) -> tuple[float, dict]:
-    started = time.perf_counter()
-    entry = instance.wait_prompt(instance.queue_prompt(prompt), 600)
-    return time.perf_counter() - started, entry
 
 
 def equal_split(cluster: Cluster, batch: int, cost: float) -> float:
@@ -41,7 +34,7 @@ def equal_split(cluster: Cluster, batch: int, cost: float) -> float:
     times: list[float] = []
 
     def one(worker, share):
-        times.append(timed(worker, split_workflow(share, cost))[0])
+        times.append(worker.timed(split_workflow(share, cost))[0])
     threads = [threading.Thread(target=one, args=(w, s)) for w, s in zip(cluster.workers, shares)]
     started = time.perf_counter()
     for t in threads:
@@ -52,7 +45,7 @@ def equal_split(cluster: Cluster, batch: int, cost: float) -> float:
 
 
 def balanced(cluster: Cluster, batch: int, cost: float) -> float:
-    seconds, entry = timed(cluster.master, split_workflow(batch, cost))
+    seconds, entry = cluster.master.timed(split_workflow(batch, cost))
     got = batch_indices(cluster.master.saved_images(entry, "5"))
     assert got == list(range(batch)), f"wrong images: {got}"
     return seconds
@@ -86,9 +79,8 @@ def main() -> int:
           f"ideal makespan {ideal:.2f} s; median of {args.rounds}")
     print(f"  equal split      makespan / ideal = {equal:.2f}")
     print(f"  our balancing    makespan / ideal = {ours:.2f}")
-    print(json.dumps({"bench": "balance", "batch": args.batch, "ideal_s": round(ideal, 3),
-                      "equal_split_ratio": round(equal, 3), "balanced_ratio": round(ours, 3),
-                      "rounds": rows}))
+    emit({"bench": "balance", "batch": args.batch, "ideal_s": round(ideal, 3),
+          "equal_split_ratio": round(equal, 3), "balanced_ratio": round(ours, 3), "rounds": rows})
     return 0
 
 

@@ -14,7 +14,6 @@ Both instances share the GPU. Prints a table and ends with one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -27,20 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import Cluster, build_checkpoint, error_of, latent, link_checkpoint, txt2img  # noqa: E402
+from harness import Cluster, build_checkpoint, emit, latent, link_checkpoint, txt2img  # noqa: E402
 
 SIZE, STEPS = 512, 20
-
-
-def timed(instance, prompt: dict) -> tuple[float, dict]:
-    started = time.perf_counter()
-    prompt_id = instance.queue_prompt(prompt)
-    while True:
-        entry = instance.get(f"/history/{prompt_id}").json().get(prompt_id)
-        if entry and (entry.get("outputs") or error_of(entry)):
-            assert not error_of(entry), error_of(entry)
-            return time.perf_counter() - started, entry
-        time.sleep(0.01)
 
 
 def images_of(instance, entry) -> np.ndarray:
@@ -79,10 +67,10 @@ def main() -> int:
             cluster.reset_config(alone)
 
             # one instance
-            timed(master, txt2img(latent("plain", SIZE, 1), STEPS))  # loads the model
+            master.timed(txt2img(latent("plain", SIZE, 1), STEPS))  # loads the model
             single = {}
             for batch in (1, 4, 8):
-                seconds = statistics.median(timed(master, txt2img(latent("plain", SIZE, batch), STEPS, seed=s))[0]
+                seconds = statistics.median(master.timed(txt2img(latent("plain", SIZE, batch), STEPS, seed=s))[0]
                                             for s in range(args.runs))
                 single[batch] = batch / seconds
                 print(f"one instance, batch {batch}: {single[batch]:.2f} images/s", flush=True)
@@ -92,11 +80,11 @@ def main() -> int:
             orchestrating = cluster.default_config()
             orchestrating["master"]["enabled"] = False
             cluster.reset_config(orchestrating)
-            timed(worker, txt2img(latent("plain", SIZE, 4), STEPS))  # loads the model on the worker
+            worker.timed(txt2img(latent("plain", SIZE, 4), STEPS))  # loads the model on the worker
             direct, distributed = [], []
             for s in range(max(10, args.runs)):  # interleaved; seeds never repeat, so ComfyUI's cache cannot help either side
-                direct.append(timed(worker, txt2img(latent("plain", SIZE, 4), STEPS, seed=100 + s))[0])
-                distributed.append(timed(master, txt2img(latent("plain", SIZE, 4), STEPS, seed=200 + s))[0])
+                direct.append(worker.timed(txt2img(latent("plain", SIZE, 4), STEPS, seed=100 + s))[0])
+                distributed.append(master.timed(txt2img(latent("plain", SIZE, 4), STEPS, seed=200 + s))[0])
             ratio = statistics.median(distributed) / statistics.median(direct)
             figures["distributed_vs_direct_time_ratio"] = round(ratio, 4)
             figures["direct_s"] = [round(x, 3) for x in direct]
@@ -105,13 +93,13 @@ def main() -> int:
 
             # split mode's images against one instance's
             cluster.reset_config(alone)
-            _s, entry = timed(master, txt2img(latent("plain", SIZE, 8), STEPS, seed=77))
+            _s, entry = master.timed(txt2img(latent("plain", SIZE, 8), STEPS, seed=77))
             reference = images_of(master, entry)
-            _s, entry = timed(master, txt2img(latent("plain", SIZE, 8), STEPS, seed=78))
+            _s, entry = master.timed(txt2img(latent("plain", SIZE, 8), STEPS, seed=78))
             other_seed = images_of(master, entry)
             cluster.reset_config(cluster.default_config())
             before = len(worker.get("/history").json())
-            _s, entry = timed(master, txt2img(latent("split", SIZE, 8), STEPS, seed=77))
+            _s, entry = master.timed(txt2img(latent("split", SIZE, 8), STEPS, seed=77))
             split = images_of(master, entry)
             worker_prompts = len(worker.get("/history").json()) - before
         finally:
@@ -127,10 +115,7 @@ def main() -> int:
     print(f"split mode (master + worker) vs one instance, batch 8: mean difference "
           f"{difference.mean():.2f}/255, max {difference.max():.0f}/255 "
           f"(another seed differs by {np.abs(other_seed - reference).mean():.1f}/255 on average)")
-    line = json.dumps(figures)
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
+    emit(figures, args.out)
     return 0
 
 

@@ -10,28 +10,15 @@ Needs the test environment (python tests/run.py builds it); COMFYUI_ROOT as for 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import Cluster, error_of, image_workflow  # noqa: E402
-
-
-def timed(instance, prompt: dict) -> float:
-    started = time.perf_counter()
-    prompt_id = instance.queue_prompt(prompt)
-    while True:  # poll finely: the figures are differences of a few tens of milliseconds
-        entry = instance.get(f"/history/{prompt_id}").json().get(prompt_id)
-        if entry and entry.get("outputs"):
-            assert not error_of(entry), error_of(entry)
-            return time.perf_counter() - started
-        time.sleep(0.005)
+from harness import Cluster, emit, image_workflow  # noqa: E402
 
 
 def main() -> int:
@@ -51,9 +38,9 @@ def main() -> int:
             direct, distributed = [], []
             for run in range(args.runs + 1):  # the first of each warms up
                 seed = 1000 + run
-                d = timed(worker, image_workflow(seed=seed, batch=1, size=args.size, seconds_per_image=args.cost))
-                m = timed(cluster.master, image_workflow(seed=seed, batch=1, size=args.size,
-                                                         seconds_per_image=args.cost))
+                d = worker.timed(image_workflow(seed=seed, batch=1, size=args.size, seconds_per_image=args.cost))[0]
+                m = cluster.master.timed(image_workflow(seed=seed, batch=1, size=args.size,
+                                                        seconds_per_image=args.cost))[0]
                 if run:
                     direct.append(d)
                     distributed.append(m)
@@ -64,8 +51,8 @@ def main() -> int:
     print(f"  directly on one instance          {d * 1000:8.1f} ms")
     print(f"  master orchestrating, one worker  {m * 1000:8.1f} ms")
     print(f"  overhead                          {(m - d) * 1000:+8.1f} ms ({(m / d - 1) * 100:+.1f} %)")
-    print(json.dumps({"bench": "overhead", "direct_ms": round(d * 1000, 1), "distributed_ms": round(m * 1000, 1),
-                      "overhead_ms": round((m - d) * 1000, 1), "overhead_pct": round((m / d - 1) * 100, 2)}))
+    emit({"bench": "overhead", "direct_ms": round(d * 1000, 1), "distributed_ms": round(m * 1000, 1),
+          "overhead_ms": round((m - d) * 1000, 1), "overhead_pct": round((m / d - 1) * 100, 2)})
     return 0
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed_core import config as config_file  # noqa: E402
-from harness import (Instance, bare_frontend, build_checkpoint, error_of, has_flag, latent,  # noqa: E402
+from harness import (Instance, bare_frontend, build_checkpoint, emit, has_flag, latent,  # noqa: E402
                      link_checkpoint, prepare_tree, txt2img, write_config)
 
 SIZE, STEPS = 512, 20
@@ -42,14 +42,8 @@ def seeded(prompt: dict, seed: int) -> dict:
 
 
 def timed(master: Instance, prompt: dict) -> tuple[float, int]:
-    started = time.perf_counter()
-    prompt_id = master.queue_prompt(prompt)
-    while True:
-        entry = master.get(f"/history/{prompt_id}").json().get(prompt_id)
-        if entry and (entry.get("outputs") or error_of(entry)):
-            assert not error_of(entry), error_of(entry)
-            return time.perf_counter() - started, len(entry["outputs"]["8"]["images"])
-        time.sleep(0.01)
+    seconds, entry = master.timed(prompt)
+    return seconds, len(entry["outputs"]["8"]["images"])
 
 
 def main() -> int:
@@ -115,11 +109,8 @@ def main() -> int:
     print(f"{'GPUs':>5} {'mode':>9} {'images/s':>9} {'efficiency':>11}")
     for row in rows:
         print(f"{row['gpus']:>5} {row['mode']:>9} {row['images_per_s']:>9.2f} {row['efficiency']:>11.3f}")
-    line = json.dumps({"bench": "scaling", "date": time.strftime("%Y-%m-%d"), "size": SIZE, "steps": STEPS,
-                       "rows": rows})
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
+    emit({"bench": "scaling", "date": time.strftime("%Y-%m-%d"), "size": SIZE, "steps": STEPS, "rows": rows},
+         args.out)
     return 0
 
 
