@@ -65,6 +65,9 @@ async def read_json(request: web.Request):
     except (ValueError, UnicodeDecodeError) as exc:
         raise web.HTTPBadRequest(text=json.dumps({"error": f"request body is not valid JSON: {exc}"}),
                                  content_type="application/json") from None
+    except RecursionError:
+        raise web.HTTPBadRequest(text=json.dumps({"error": "request body is nested too deeply"}),
+                                 content_type="application/json") from None
 
 
 def setup(server) -> Coordinator:

@@ -109,6 +109,15 @@ class Coordinator:
 
     # --- planning (synchronous, inside POST /prompt) --------------------------------------------
     def rewrite(self, json_data: Any) -> Any:
+        """ComfyUI's prompt hook. A prompt too malformed to plan is passed on untouched, with
+        nothing registered: ComfyUI's own validation then says what is wrong with it."""
+        try:
+            return self._rewrite(json_data)
+        except Exception:  # noqa: BLE001 - never fail inside ComfyUI's request; log and step aside
+            log.debug("[Distributed] prompt not planned", exc_info=True)
+            return json_data
+
+    def _rewrite(self, json_data: Any) -> Any:
         if not isinstance(json_data, dict):
             return json_data
         prompt = json_data.get("prompt")
@@ -146,11 +155,13 @@ class Coordinator:
             if s.participant not in available:
                 job.notices.append(f"{labels[s.participant]} was unreachable moments ago; "
                                    "its share goes to the others")
-        self.store.add(job)
-        self.plans[job.id] = job_plan
         chunks = plan.chunks_of(own) if job.split else [[u, 1] for u in own]
         seeds = [0] * len(chunks) if job.split else own
-        json_data["prompt"] = workflow.master_prompt(prompt, collectors, {"job": job.id}, chunks, seeds)
+        rewritten = workflow.master_prompt(prompt, collectors, {"job": job.id}, chunks, seeds)
+        # Registered only once everything above has worked, so a failure leaves nothing behind.
+        self.store.add(job)
+        self.plans[job.id] = job_plan
+        json_data["prompt"] = rewritten
         pending = submitted.get()
         if pending is not None:
             pending.append(job.id)

@@ -42,7 +42,7 @@ MASTER_ID = "master"
 STOP_GRACE_S = 10.0
 DEFAULT_WAIT_TIMEOUT_S = 180.0
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as worker ids in the config
 
 
 class LauncherError(Exception):
@@ -52,7 +52,7 @@ class LauncherError(Exception):
 def log_path(instance_id: str) -> Path:
     """``<extension>/logs/<id>.log``; ids outside [A-Za-z0-9_-] are refused so no path escapes."""
     if not isinstance(instance_id, str) or not SAFE_ID.fullmatch(instance_id):
-        raise ValueError(f"invalid instance id {instance_id!r}: use letters, digits, '-' and '_' only")
+        raise ValueError(f"invalid instance id {instance_id[:80]!r}: up to 64 letters, digits, '-' and '_'")
     return LOG_DIR / f"{instance_id}.log"
 
 

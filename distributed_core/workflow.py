@@ -16,6 +16,7 @@ COLLECTOR = "MultiGPUCollector"
 SEED = "DistributedSeed"
 LATENT = "DistributedEmptyLatent"
 FIELD = "_distributed"
+MAX_SPLIT_BATCH = 4096  # the node's own maximum
 
 Prompt = dict[str, dict[str, Any]]
 
@@ -78,6 +79,8 @@ def split_batch(prompt: Prompt, collectors: list[str]) -> int | None:
         raise WorkflowError("split mode takes one Distributed Empty Latent before the Collector; "
                             f"this workflow has {len(latents)}")
     size = prompt[latents[0]].get("inputs", {}).get("batch_size")
+    if isinstance(size, int) and size > MAX_SPLIT_BATCH:
+        raise WorkflowError(f"the Distributed Empty Latent's batch_size is {size}; at most {MAX_SPLIT_BATCH}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise WorkflowError("the Distributed Empty Latent's batch_size must be a number in the node, "
                             "not a link: the master splits it before anything runs")
