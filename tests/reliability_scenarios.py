@@ -3,7 +3,7 @@ workers that die, freeze or come back, and cancels from the master. In their fir
 also running a long soak, several failed without analysis; rename this file to test_reliability.py
 once they pass on their own.
 
-ComfyUI's own API staying responsive, on a real master and two real workers on loopback.
+It also checks that ComfyUI's own API stays responsive; all on a real master and two real workers.
 
 The machine these run on is small and shared, so nothing here asserts on timing: a bound on a wait
 only stops a test that hangs. Figures worth watching are printed (run with -s to see them).
