@@ -18,7 +18,9 @@ DISPATCH = aiohttp.ClientTimeout(total=10, sock_connect=3)  # a prompt can take 
 
 
 class InstanceError(RuntimeError):
-    pass
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused  # nothing listens there: the process is gone, not just slow
 
 
 def describe(url: str, exc: BaseException) -> str:
@@ -47,7 +49,8 @@ class InstanceClient:
                     raise InstanceError(f"{self.url}{path} answered {resp.status}: {_error_text(text)}")
                 return json.loads(text) if text.strip() else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            raise InstanceError(describe(self.url, exc)) from exc
+            raise InstanceError(describe(self.url, exc),
+                                refused=isinstance(exc, aiohttp.ClientConnectorError)) from exc
 
     async def post_prompt(self, prompt: dict, client_id: str) -> str:
         answer = await self._request("POST", "/prompt", DISPATCH, {"prompt": prompt, "client_id": client_id})

@@ -28,6 +28,7 @@ log = logging.getLogger("comfyui-distributed")
 
 POLL_SECONDS = 1.0
 OFFLINE_MEMORY = 20.0   # seconds a dispatch failure keeps a worker out of new plans
+REFUSALS_MEAN_GONE = 3  # polls in a row refused: the worker's process has died
 CLIENT_ID = "comfyui-distributed"
 
 # Jobs planned during the POST /prompt request being handled; the middleware activates or drops them.
@@ -349,6 +350,7 @@ class Coordinator:
         """Watch one worker prompt until its units arrive, it fails, or it shows no sign of life."""
         last_sign = time.monotonic()
         finished_at = None
+        refusals = 0
         next_poll = time.monotonic() + POLL_SECONDS
         while self.active(job_id):
             job = self.store.get(job_id)
@@ -359,6 +361,7 @@ class Coordinator:
                 await self._nap(job_id, next_poll - time.monotonic())
                 continue
             next_poll = time.monotonic() + POLL_SECONDS
+            entry = None
             try:
                 entry = await client.history(share.prompt_id)
                 if entry is None:
@@ -371,10 +374,16 @@ class Coordinator:
                     elif share.state != state:
                         self.store.update(job_id, lambda j: setattr(share, "state", state))
                 last_sign = time.monotonic()
+                refusals = 0
             except InstanceError as exc:
+                refusals = refusals + 1 if exc.refused else 0
+                if refusals >= REFUSALS_MEAN_GONE:
+                    await self.failover(job_id, share, f"its ComfyUI is gone: {exc}")
+                    return False
                 if time.monotonic() - last_sign > timeout:
                     await self.failover(job_id, share, f"no sign of progress for {timeout:g} s: {exc}")
                     return False
+                continue
             except _Lost as exc:
                 await self.failover(job_id, share, str(exc))
                 return False
@@ -413,8 +422,9 @@ class Coordinator:
         candidates = [w for w in job_plan.config.workers
                       if w.enabled and w.id not in failed_workers and not self.is_offline(w.id)]
         if not candidates:
-            self.store.fail(job_id, f"{failed.label} failed: {reason}. No other worker is left to render "
-                                    f"its share (units {plan.chunks_of(missing)} as [first, count]); "
+            failures = [n for n in job.notices if " failed: " in n]  # this one last, each worker named
+            self.store.fail(job_id, f"{'; '.join(failures)}. No other worker is left to render the share "
+                                    f"(units {plan.chunks_of(missing)} as [first, count]); "
                                     "the job stops rather than return a partial batch.")
             return
         if job.split:
