@@ -63,6 +63,7 @@ class Coordinator:
         self.tasks: set[asyncio.Task] = set()
         self.wakeups: dict[str, asyncio.Event] = {}
         self._throughput: plan.Throughput | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, for calls from other threads
         self._session: aiohttp.ClientSession | None = None
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -216,6 +217,7 @@ class Coordinator:
 
     # --- running a job -----------------------------------------------------------------------
     async def start(self, job_id: str, prompt_id: str) -> None:
+        self.loop = asyncio.get_running_loop()
         job = self.store.update(job_id, lambda j: _set_running(j, prompt_id))
         if job is not None and plan.MASTER_ID in job.shares:  # its own prompt waits in its queue
             self.store.update(job_id, lambda j: setattr(j.shares[plan.MASTER_ID], "state", "queued"))
@@ -473,10 +475,18 @@ class Coordinator:
                                if s.prompt_id and s.state not in ("done", "failed")))
 
     def finish(self, job_id: str, state: JobState, error: str = "") -> None:
-        """Called by the master's Collector when it has what it needs, or gives up."""
-        self.plans.pop(job_id, None)
+        """Called by the master's Collector (on ComfyUI's execution thread) when it has what it
+        needs, or gives up: then whatever the workers still run for the job is withdrawn."""
+        job_plan = self.plans.pop(job_id, None)
         self.wakeups.pop(job_id, None)
+        job = self.store.get(job_id)
+        outstanding = [] if job is None or job_plan is None or state is JobState.DONE else [
+            (job_plan.config.worker(s.participant).url, s.prompt_id) for s in job.shares.values()
+            if s.prompt_id and s.state not in ("done", "failed")]
         self.store.end(job_id, state, error)
+        for url, prompt_id in outstanding:
+            self.loop.call_soon_threadsafe(
+                lambda u=url, p=prompt_id: self.spawn(_quietly(self.client(u).withdraw(p))))
 
     # --- the panel's operations -----------------------------------------------------------------
     def instances(self, config: Config) -> list[dict]:

@@ -1,9 +1,5 @@
-"""NOT YET COLLECTED (the name does not start with test_): end-to-end failure scenarios for
-workers that die, freeze or come back, and cancels from the master. In their first run, on a machine
-also running a long soak, several failed without analysis; rename this file to test_reliability.py
-once they pass on their own.
-
-It also checks that ComfyUI's own API stays responsive; all on a real master and two real workers.
+"""Reliability end to end: workers that die, freeze or come back, cancels from the master, and
+ComfyUI's own API staying responsive, on a real master and two real workers on loopback.
 
 The machine these run on is small and shared, so nothing here asserts on timing: a bound on a wait
 only stops a test that hangs. Figures worth watching are printed (run with -s to see them).
