@@ -14,7 +14,7 @@ from .distributed_core import access, launcher
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, submitted
-from .distributed_core.jobs import JobState, JobStore, ResultRejected, receive
+from .distributed_core.jobs import JobStore, ResultRejected, receive
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -323,6 +323,3 @@ def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes)
         except ValueError as exc:
             return error(400, str(exc))
         return web.json_response({"id": worker_id, "log": text, "running": processes.is_running(worker_id)})
-
-
-__all__ = ["setup", "coordinator", "JobState"]
