@@ -299,9 +299,14 @@ def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes)
         if not worker.is_local:
             return error(409, f"{worker.label} runs on {worker.host}; start it on that machine")
         named = os.environ.get(config_file.ENV_VAR)
+        # Asking nvidia-smi which NUMA node each GPU is on takes a moment: off the event loop. The
+        # process itself starts from the loop's thread, which lives as long as ComfyUI (see LocalProcesses).
+        placements = await asyncio.get_running_loop().run_in_executor(
+            None, launcher.cpu_placements, config, bool(args.cpu))
         try:
             pid = processes.start_worker(config, worker, Path(folder_paths.base_path), sys.executable,
-                                         cpu=bool(args.cpu), config_file=Path(named) if named else None)
+                                         cpu=bool(args.cpu), config_file=Path(named) if named else None,
+                                         placements=placements)
         except launcher.LauncherError as exc:
             return error(409, str(exc))
         return web.json_response({"ok": True, "pid": pid})

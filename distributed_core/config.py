@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import cpus as cpus_module
+
 EXTENSION_DIR = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = EXTENSION_DIR / "gpu_config.json"
 LOCAL_FILE = EXTENSION_DIR / "gpu_config.local.json"
@@ -50,6 +52,8 @@ class Master:
     # Address that workers use to reach the master; empty means "work it out" (see master_url_for).
     host: str = ""
     extra_args: str = ""  # the launcher's extra ComfyUI arguments for the master
+    cpus: str = ""        # CPU cores for the launcher to pin it to: "" automatic, "off", or "0-7,16-23"
+    threads: int = 0      # its thread pools' size: 0 means one per core it is given
 
 
 @dataclass
@@ -61,6 +65,8 @@ class Worker:
     extra_args: str = ""
     host: str = "127.0.0.1"
     name: str = ""
+    cpus: str = ""        # as Master.cpus
+    threads: int = 0      # as Master.threads
 
     @property
     def url(self) -> str:
@@ -108,16 +114,22 @@ class Config:
         if self.master.extra_args:
             master["extra_args"] = self.master.extra_args
         return {
-            "master": master,
+            "master": {**master, **_cpu_fields(self.master)},
             "workers": [
                 {"id": w.id, "name": w.name, "host": w.host, "port": w.port, "device": w.device,
-                 "enabled": w.enabled, "extra_args": w.extra_args}
+                 "enabled": w.enabled, "extra_args": w.extra_args, **_cpu_fields(w)}
                 for w in self.workers
             ],
             "settings": {"stagger_delay": self.settings.stagger_delay,
                          "job_timeout": self.settings.job_timeout, "mode": self.settings.mode,
                          "transport": self.settings.transport},
         }
+
+
+def _cpu_fields(instance: Master | Worker) -> dict[str, Any]:
+    """Written only when set, so that a config without overrides stays as short as it was."""
+    return {**({"cpus": instance.cpus} if instance.cpus else {}),
+            **({"threads": instance.threads} if instance.threads else {})}
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -189,6 +201,19 @@ def _extra_args(obj: dict, where: str, errors: list[str]) -> str:
     return value
 
 
+def _cpus(obj: dict, where: str, errors: list[str]) -> str:
+    value = _str(obj, "cpus", where, errors, "", max_len=1000).strip()
+    if value in ("", cpus_module.OFF):
+        return value
+    try:
+        cpus_module.parse_cpulist(value)
+    except cpus_module.CpuListError as exc:
+        errors.append(f"{where}.cpus: {exc}; leave it out to split the cores automatically, "
+                      f"or write \"{cpus_module.OFF}\" to pin nothing")
+        return ""
+    return value
+
+
 def parse(data: Any) -> Config:
     """Validate a JSON value and build a Config; raise ConfigError naming every bad field."""
     errors: list[str] = []
@@ -200,12 +225,13 @@ def parse(data: Any) -> Config:
     if not isinstance(m, dict):
         errors.append("master: must be an object")
         m = {}
-    _check_keys(m, {"port", "device", "enabled", "host", "extra_args"}, "master", errors)
+    _check_keys(m, {"port", "device", "enabled", "host", "extra_args", "cpus", "threads"}, "master", errors)
     master = Master(port=_int(m, "port", "master", errors, 8188, 1, 65535),
                     device=_int(m, "device", "master", errors, 0, 0, 1023, nullable=True),
                     enabled=_bool(m, "enabled", "master", errors, True),
                     host=_host(m, "host", "master", errors, ""),
-                    extra_args=_extra_args(m, "master", errors))
+                    extra_args=_extra_args(m, "master", errors),
+                    cpus=_cpus(m, "master", errors), threads=_int(m, "threads", "master", errors, 0, 0, 4096))
 
     raw_workers = data.get("workers", [])
     if not isinstance(raw_workers, list):
@@ -220,7 +246,8 @@ def parse(data: Any) -> Config:
         if not isinstance(w, dict):
             errors.append(f"{where}: must be an object")
             continue
-        _check_keys(w, {"id", "name", "host", "port", "device", "enabled", "extra_args"}, where, errors)
+        _check_keys(w, {"id", "name", "host", "port", "device", "enabled", "extra_args", "cpus", "threads"},
+                    where, errors)
         worker_id = _str(w, "id", where, errors, "", max_len=64) or f"worker{i + 1}"
         if not set(worker_id) <= _ID_CHARS:
             errors.append(f"{where}.id: use letters, digits, '-' and '_' only")
@@ -232,6 +259,8 @@ def parse(data: Any) -> Config:
             extra_args=_extra_args(w, where, errors),
             host=_host(w, "host", where, errors, "127.0.0.1") or "127.0.0.1",
             name=_str(w, "name", where, errors, "", max_len=64),
+            cpus=_cpus(w, where, errors),
+            threads=_int(w, "threads", where, errors, 0, 0, 4096),
         ))
 
     s = data.get("settings", {})

@@ -1,6 +1,7 @@
 """NVIDIA GPU detection through nvidia-smi, and the config a fresh machine starts with."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from typing import Any
@@ -41,6 +42,28 @@ def detect_gpus(timeout: float = 15.0) -> list[dict[str, Any]]:
     if result.returncode != 0:  # e.g. a driver/library version mismatch
         return []
     return parse_nvidia_smi(result.stdout)
+
+
+BUS_ID = re.compile(r"^\s*(\d+)\s*,\s*([0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])\s*$")
+
+
+def parse_bus_ids(output: str) -> dict[int, str]:
+    """``index, pci.bus_id`` CSV lines -> {index: bus id}; other lines are skipped."""
+    found = (BUS_ID.match(line) for line in output.splitlines())
+    return {int(m.group(1)): m.group(2) for m in found if m}
+
+
+def detect_bus_ids(timeout: float = 15.0) -> dict[int, str]:
+    """Each NVIDIA GPU's PCI bus id, which tells its NUMA node (see cpus.probe); {} without nvidia-smi."""
+    executable = shutil.which("nvidia-smi")
+    if not executable:
+        return {}
+    try:
+        result = subprocess.run([executable, "--query-gpu=index,pci.bus_id", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return parse_bus_ids(result.stdout) if result.returncode == 0 else {}
 
 
 def config_from_gpus(gpus: list[dict[str, Any]]) -> dict[str, Any]:

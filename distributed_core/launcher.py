@@ -20,6 +20,7 @@ if not __package__:
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import http.client
 import importlib
 import json
@@ -35,7 +36,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import config as cfg
-from .gpus import config_from_gpus, describe_gpus, detect_gpus
+from . import cpus
+from .gpus import config_from_gpus, describe_gpus, detect_bus_ids, detect_gpus
 
 LOG_DIR = cfg.EXTENSION_DIR / "logs"
 MASTER_ID = "master"
@@ -81,6 +83,15 @@ class Instance:
     local: bool = True
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # set on top of the launcher's own environment
+    cpus: list[int] = field(default_factory=list)      # cores it is pinned to; [] for none
+    threads: int = 0                                   # its thread pools' size; 0 for ComfyUI's own choice
+
+    @property
+    def cpu_text(self) -> str:
+        if not self.local:
+            return "-"
+        pinned = cpus.format_cpulist(self.cpus) if self.cpus else "any"
+        return f"{pinned} ({self.threads} thread{'s' if self.threads != 1 else ''})" if self.threads else pinned
 
     @property
     def gpu(self) -> str:
@@ -102,8 +113,8 @@ def build_command(python: str, listen: str, port: int, extra_args: str = "", cpu
     return [python, "main.py", "--listen", listen, "--port", str(port), *args]
 
 
-def instance_env(device: int | None, cpu: bool, config_file: Path | None) -> dict[str, str]:
-    env = {"PYTHONUNBUFFERED": "1"}  # so that log tails are current
+def instance_env(device: int | None, cpu: bool, config_file: Path | None, threads: int = 0) -> dict[str, str]:
+    env = {"PYTHONUNBUFFERED": "1", **(cpus.thread_env(threads) if threads else {})}  # unbuffered: current logs
     if device is not None and not cpu:
         # CUDA numbers GPUs fastest first unless told otherwise; devices here are nvidia-smi's numbers.
         env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=str(device))
@@ -116,26 +127,49 @@ def _local_url(host: str, port: int) -> str:
     return f"http://[::1]:{port}" if host == "::1" else f"http://127.0.0.1:{port}"
 
 
-def master_instance(config: cfg.Config, python: str, cpu: bool = False,
-                    config_file: Path | None = None) -> Instance:
+Placements = dict[str, tuple[list[int], int]]  # instance id -> (CPU cores, threads)
+
+
+def cpu_placements(config: cfg.Config, cpu_only: bool = False, machine: cpus.Machine | None = None) -> Placements:
+    """The CPU cores and pool size of every local instance of the config, enabled or not, so that
+    a worker started later from the panel gets the same cores as the launcher would give it.
+    Entries with their own ``cpus`` keep them, and the others share what is left (see cpus.py)."""
+    if machine is None:
+        machine = cpus.probe({} if cpu_only else detect_bus_ids())
+    entries = [(MASTER_ID, config.master)] + [(w.id, w) for w in config.workers if w.is_local]
+    fixed = {i: cpus.parse_cpulist(e.cpus) for i, e in entries if e.cpus not in ("", cpus.OFF)}
+    taken = {cpu for chosen in fixed.values() for cpu in chosen}
+    rest = dataclasses.replace(machine, cpus=tuple(c for c in machine.cpus if c not in taken))
+    automatic = cpus.allocate([(i, None if cpu_only else e.device) for i, e in entries if not e.cpus], rest)
+    result: Placements = {}
+    for instance_id, entry in entries:
+        chosen = fixed.get(instance_id) or automatic.get(instance_id) or []
+        result[instance_id] = (chosen, entry.threads or (cpus.threads_for(chosen, machine) if chosen else 0))
+    return result
+
+
+def master_instance(config: cfg.Config, python: str, cpu: bool = False, config_file: Path | None = None,
+                    placements: Placements | None = None) -> Instance:
     # Remote workers must reach the master; otherwise nothing outside this machine needs to.
     listen = "0.0.0.0" if any(not w.is_local for w in config.workers) else "127.0.0.1"
     port, device = config.master.port, config.master.device
     cpu = cpu or "--cpu" in shlex.split(config.master.extra_args)
+    pinned, threads = (placements or {}).get(MASTER_ID, ([], 0))
     return Instance(MASTER_ID, "master", port, _local_url("127.0.0.1", port), device, cpu,
                     argv=build_command(python, listen, port, config.master.extra_args, cpu),
-                    env=instance_env(device, cpu, config_file))
+                    env=instance_env(device, cpu, config_file, threads), cpus=pinned, threads=threads)
 
 
 def worker_instance(config: cfg.Config, worker: cfg.Worker, python: str, cpu: bool = False,
-                    config_file: Path | None = None) -> Instance:
+                    config_file: Path | None = None, placements: Placements | None = None) -> Instance:
     if not worker.is_local:
         return Instance(worker.id, worker.label, worker.port, worker.url, worker.device, local=False)
     cpu = cpu or "--cpu" in shlex.split(worker.extra_args)
     listen = "::1" if worker.host == "::1" else "127.0.0.1"
+    pinned, threads = (placements or {}).get(worker.id, ([], 0))
     return Instance(worker.id, worker.label, worker.port, _local_url(worker.host, worker.port), worker.device,
                     cpu, argv=build_command(python, listen, worker.port, worker.extra_args, cpu),
-                    env=instance_env(worker.device, cpu, config_file))
+                    env=instance_env(worker.device, cpu, config_file, threads), cpus=pinned, threads=threads)
 
 
 def answers(url: str, timeout: float = 2.0) -> bool:
@@ -148,22 +182,35 @@ def answers(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """On Linux, a preexec_fn that has the kernel kill the child when its parent dies, even by SIGKILL."""
+def _child_setup(pinned: list[int]) -> Callable[[], None] | None:
+    """On Linux, a preexec_fn that pins the child to its cores and has the kernel kill it when its
+    parent dies, even by SIGKILL."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
     except (OSError, AttributeError):
-        return None
+        prctl = None
     parent_pid = os.getpid()
 
-    def die_with_parent() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
+    def setup() -> None:
+        if pinned:
+            os.sched_setaffinity(0, pinned)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+            if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                os._exit(1)
 
-    return die_with_parent
+    return setup
+
+
+def _pin_windows_process(process: subprocess.Popen, pinned: list[int]) -> None:
+    """Windows has no preexec_fn: set the new process's affinity mask (CPUs 0 to 63) through Win32."""
+    mask = sum(1 << cpu for cpu in pinned if cpu < 64)
+    if os.name != "nt" or not mask:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.windll.kernel32.SetProcessAffinityMask(int(process._handle), ctypes.c_size_t(mask))
 
 
 def _signal_group(process: subprocess.Popen, hard: bool) -> None:
@@ -207,7 +254,7 @@ class LocalProcesses:
         path = log_path(instance.id)
         path.parent.mkdir(parents=True, exist_ok=True)
         options: dict = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
-                         else {"start_new_session": True, "preexec_fn": _die_with_parent_hook()})
+                         else {"start_new_session": True, "preexec_fn": _child_setup(instance.cpus)})
         with self._lock:
             running = self._by_id.get(instance.id)
             if running is not None and running.poll() is None:
@@ -222,13 +269,16 @@ class LocalProcesses:
                                                **options)
             except OSError as exc:
                 raise LauncherError(f"cannot start {instance.label}: {exc}") from exc
+            _pin_windows_process(process, instance.cpus)
             self._by_id[instance.id] = process
             return process.pid
 
     def start_worker(self, config: cfg.Config, worker: cfg.Worker, comfy_root: Path,
-                     python: str = sys.executable, cpu: bool = False, config_file: Path | None = None) -> int:
-        """Start one local worker exactly as the launcher would; returns its pid."""
-        return self.start(worker_instance(config, worker, python, cpu, config_file), Path(comfy_root))
+                     python: str = sys.executable, cpu: bool = False, config_file: Path | None = None,
+                     placements: Placements | None = None) -> int:
+        """Start one local worker exactly as the launcher would (on the cores ``cpu_placements``
+        gives it); returns its pid."""
+        return self.start(worker_instance(config, worker, python, cpu, config_file, placements), Path(comfy_root))
 
     def process(self, instance_id: str) -> subprocess.Popen | None:
         with self._lock:
@@ -311,8 +361,9 @@ class Plan:
 def make_plan(args: argparse.Namespace) -> Plan:
     comfy_root, found_by = find_comfyui(args.comfyui)
     config, path, named = load_config(args.config)
-    master = master_instance(config, sys.executable, args.cpu, named)
-    workers = [] if args.master_only else [worker_instance(config, w, sys.executable, args.cpu, named)
+    placements = cpu_placements(config, args.cpu)
+    master = master_instance(config, sys.executable, args.cpu, named, placements)
+    workers = [] if args.master_only else [worker_instance(config, w, sys.executable, args.cpu, named, placements)
                                             for w in config.workers if w.enabled]
     to_start = ([] if args.workers_only else [master]) + [w for w in workers if w.local]
     to_check = ([master] if args.workers_only else []) + [w for w in workers if not w.local]
@@ -320,6 +371,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     print(f"ComfyUI: {comfy_root} (found via {found_by})")
     print(f"Config:  {path} (mode {settings.mode}"
           + (f", {settings.stagger_delay:g} s apart)" if settings.mode == "staggered" else ")"))
+    if len(to_start) > 1 and not any(i.cpus for i in to_start):
+        print("CPUs:    not pinned (fewer cores than instances, or cpus set to \"off\"); each instance may "
+              "use every core")
     print(f"Plan:    start {', '.join(f'{i.label} ({i.gpu})' for i in to_start) or 'nothing'}"
           + (f"; check {', '.join(i.label for i in to_check)}" if to_check else "")
           + (f"; {disabled} disabled worker(s) left off" if disabled else ""))
@@ -335,6 +389,7 @@ def print_dry_run(plan: Plan) -> None:
     for instance in plan.to_start:
         named = f", name {instance.label!r}" if instance.label != instance.id else ""
         print(f"\n{instance.id}: {instance.gpu}, port {instance.port}{named}")
+        print(f"  cpus: {instance.cpu_text}")
         print(f"  env: {env_words(instance.env)}")
         print(f"  command: {shlex.join(instance.argv)}")
         print(f"  log: {log_path(instance.id)}")
@@ -343,11 +398,11 @@ def print_dry_run(plan: Plan) -> None:
 
 
 def print_table(plan: Plan, status: dict[str, str]) -> None:
-    rows = [("NAME", "GPU", "PORT", "URL", "STATUS", "LOG")]
+    rows = [("NAME", "GPU", "CPUS", "PORT", "URL", "STATUS", "LOG")]
     for instance in plan.to_start + plan.to_check:
         state = status.get(instance.id, "not started")
         ours = instance.local and state not in ("already running", "not started", "online", "offline")
-        rows.append((instance.label, instance.gpu, str(instance.port), instance.url, state,
+        rows.append((instance.label, instance.gpu, instance.cpu_text, str(instance.port), instance.url, state,
                      str(log_path(instance.id)) if ours else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print("\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows) + "\n")

@@ -625,3 +625,28 @@ def test_a_bare_cors_flag_is_dropped_but_an_origin_is_kept():
     assert "--enable-cors-header" not in build_command("py", "127.0.0.1", 8189, "--lowvram --enable-cors-header")
     kept = build_command("py", "127.0.0.1", 8189, "--enable-cors-header http://studio.lan:8188")
     assert kept[-2:] == ["--enable-cors-header", "http://studio.lan:8188"]
+
+
+@POSIX_ONLY
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_started_instances_run_on_their_own_cores_with_capped_pools(tmp_path, fake_comfy, launch):
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        pytest.fail("this test needs two usable CPU cores to give each instance its own")
+    ports = free_ports(2)
+    path = write_config(tmp_path / "pinned.json", {
+        "master": {"port": ports[0], "device": 0, "cpus": str(usable[0]), "threads": 3},
+        "workers": [{"id": "w1", "port": ports[1], "device": 1, "cpus": str(usable[1])}],
+    })
+    dry = run_launcher("--dry-run", "--config", str(path), "--comfyui", str(fake_comfy), "--cpu")
+    blocks = dry_run_blocks(dry.stdout)
+    assert blocks["master"]["env"]["OMP_NUM_THREADS"] == "3" and blocks["w1"]["env"]["OMP_NUM_THREADS"] == "1"
+    assert f"cpus: {usable[0]} (3 threads)" in dry.stdout and f"cpus: {usable[1]} (1 thread)" in dry.stdout
+    process, out = launch("--config", str(path), "--comfyui", str(fake_comfy), "--cpu")
+    output = wait_for_output(process, out, "Running.", 120)
+    pids = started_pids(output)
+    assert os.sched_getaffinity(pids["master"]) == {usable[0]}
+    assert os.sched_getaffinity(pids["w1"]) == {usable[1]}
+    environ = Path(f"/proc/{pids['master']}/environ").read_bytes().split(b"\0")
+    assert b"OMP_NUM_THREADS=3" in environ and b"MKL_NUM_THREADS=3" in environ
+    assert re.search(rf"^master\s+CPU\s+{usable[0]} \(3 threads\)", output, re.M), output
