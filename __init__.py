@@ -4,7 +4,7 @@ ComfyUI imports this folder as a package; everything inside uses relative import
 """
 import logging
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, encode_saves_in_parallel
 
 WEB_DIRECTORY = "./web"
 
@@ -15,6 +15,11 @@ except ImportError:  # imported outside ComfyUI (tools, tests): nodes only
 
 if PromptServer is not None and getattr(PromptServer, "instance", None) is not None:
     from . import distributed_routes
+
+    try:
+        encode_saves_in_parallel()
+    except Exception:  # a speed-up only: ComfyUI's own saving goes on as it was
+        logging.getLogger("comfyui-distributed").exception("[Distributed] PNG saves stay one at a time")
 
     try:
         distributed_routes.setup(PromptServer.instance)

@@ -3,6 +3,7 @@ work to distributed_core; the logic lives there."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from .distributed_core import plan, wire, workflow
+from .distributed_core import encode, plan, wire, workflow
 from .distributed_core.client import InstanceError, deliver
 from .distributed_core.jobs import JobFailed, JobState
 
@@ -194,6 +195,18 @@ class DistributedEmptyLatent:
         # batch_index makes KSampler draw each image's noise as the whole batch would have.
         return ([{"samples": torch.zeros([count, 4, height // 8, width // 8], device=device),
                   "batch_index": list(range(first, first + count))} for first, count in chunks],)
+
+
+def encode_saves_in_parallel() -> bool:
+    """Have ComfyUI's SaveImage, and PreviewImage which inherits it, encode a batch's PNGs on every
+    core this instance has (see distributed_core/encode.py): on the master after a Collector, the
+    batch holds every GPU's images. Guarded: a ComfyUI without that node method is left as it is."""
+    save_image = getattr(sys.modules.get("nodes"), "SaveImage", None)
+    if not callable(getattr(save_image, "save_images", None)) or not encode.install():
+        return False
+    save_image.save_images = encode.deferred_saves(save_image.save_images)
+    log.info("[Distributed] PNG saves use %d threads", encode.workers())
+    return True
 
 
 NODE_CLASS_MAPPINGS = {

@@ -1,0 +1,143 @@
+"""PNG saves side by side (distributed_core/encode.py): the mechanism on plain Pillow, and what
+ComfyUI's own SaveImage and PreviewImage write through it on a real master after a Collector."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from distributed_core import encode  # noqa: E402
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    monkeypatch.delenv(encode.DISABLE_VARIABLE, raising=False)
+    monkeypatch.setattr(Image.Image, "save", Image.Image.save)  # undone after the test
+    assert encode.install()
+
+
+def noise(seed: int, size: int = 64) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def save_batch(folder: Path, count: int) -> list[Path]:
+    paths = []
+    for k in range(count):
+        info = PngInfo()
+        info.add_text("prompt", json.dumps({"k": k}))
+        paths.append(folder / f"img_{k:05}_.png")
+        noise(k).save(paths[-1], pnginfo=info, compress_level=4)
+    return paths
+
+
+def test_saves_inside_run_at_the_same_time(installed, monkeypatch, tmp_path):
+    count = min(4, encode.workers())
+    if count < 2:
+        pytest.fail("this test needs two usable cores to see saves overlap")
+    meeting = threading.Barrier(count, timeout=20)  # broken unless `count` saves are under way at once
+    original = encode._save
+
+    def meet_then_save(image, fp, format=None, **params):  # noqa: A002
+        meeting.wait()
+        return original(image, fp, format, **params)
+
+    monkeypatch.setattr(encode, "_save", meet_then_save)
+    paths = encode.deferred_saves(save_batch)(tmp_path, count)
+    assert all(path.stat().st_size > 0 for path in paths)
+
+
+def test_files_are_byte_for_byte_what_a_serial_save_writes(installed, tmp_path):
+    (tmp_path / "parallel").mkdir()
+    (tmp_path / "serial").mkdir()
+    parallel = encode.deferred_saves(save_batch)(tmp_path / "parallel", 6)
+    serial = save_batch(tmp_path / "serial", 6)  # outside the wrapper: Pillow's own path
+    assert [p.read_bytes() for p in parallel] == [p.read_bytes() for p in serial]
+
+
+def test_an_encoding_error_reaches_the_caller_after_every_file_is_done(installed, tmp_path):
+    def batch_with_a_bad_folder():
+        save_batch(tmp_path, 3)
+        noise(9).save(tmp_path / "missing" / "x.png")
+        return "unreachable result"
+
+    with pytest.raises(FileNotFoundError):
+        encode.deferred_saves(batch_with_a_bad_folder)()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"img_{k:05}_.png" for k in range(3)]
+
+
+def test_other_formats_open_files_and_other_threads_are_left_alone(installed, tmp_path):
+    seen: list[str] = []
+
+    def mixed():
+        buffer = io.BytesIO()
+        noise(1).save(buffer, format="PNG")          # a file object: saved here and now
+        seen.append("buffer" if buffer.getvalue() else "")
+        noise(2).save(tmp_path / "a.jpg", quality=90)  # not a PNG: saved here and now
+        seen.append("jpeg" if (tmp_path / "a.jpg").exists() else "")
+
+    encode.deferred_saves(mixed)()
+    assert seen == ["buffer", "jpeg"]
+    noise(3).save(tmp_path / "plain.png")  # outside the wrapper: written before save returns
+    assert (tmp_path / "plain.png").exists()
+
+
+def test_wrapping_twice_wraps_once():
+    wrapped = encode.deferred_saves(save_batch)
+    assert encode.deferred_saves(wrapped) is wrapped
+
+
+def test_the_variable_keeps_pillows_own_save(monkeypatch):
+    monkeypatch.setattr(Image.Image, "save", Image.Image.save)
+    monkeypatch.setenv(encode.DISABLE_VARIABLE, "1")
+    before = Image.Image.save
+    assert not encode.install()
+    assert Image.Image.save is before
+
+
+# --- on a real master -------------------------------------------------------------------------------
+
+def reencoded(path: Path, compress_level: int) -> bytes:
+    """What Pillow writes for the file's pixels and text chunks, serially, in this process."""
+    with Image.open(path) as image:
+        info = PngInfo()
+        for key, value in image.text.items():
+            info.add_text(key, value)
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
+    return buffer.getvalue()
+
+
+@pytest.mark.timeout(300)
+def test_savers_after_a_collector_write_what_comfyui_would(live):
+    from harness import blue_values, error_of, image_workflow
+
+    prompt = image_workflow(seed=40, batch=3, size=32)
+    prompt["6"] = {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}}
+    prompt_id = live.master.queue_prompt(prompt)
+    entry = live.master.wait_prompt(prompt_id)
+    assert error_of(entry) == ""
+    saved = entry["outputs"]["5"]["images"]
+    assert [item["filename"] for item in saved] == [f"dist_{k:05}_.png" for k in range(1, 10)]
+    assert blue_values(live.master.saved_images(entry, "5")) == [40] * 3 + [41] * 3 + [42] * 3
+    for item in saved:
+        path = live.master.dirs["output"] / item["subfolder"] / item["filename"]
+        with Image.open(path) as image:
+            assert json.loads(image.text["prompt"])["5"]["class_type"] == "SaveImage"
+        assert path.read_bytes() == reencoded(path, 4)  # exactly ComfyUI's own file, compress level 4
+    previews = entry["outputs"]["6"]["images"]
+    assert len(previews) == 9 and all(item["type"] == "temp" for item in previews)
+    for item in previews:
+        path, = live.master.dirs["temp"].rglob(item["filename"])  # ComfyUI adds a "temp" folder of its own
+        assert path.read_bytes() == reencoded(path, 1)  # PreviewImage's level 1
+    assert "PNG saves use" in live.master.log_tail(400)  # the guard found SaveImage in this ComfyUI
