@@ -38,15 +38,13 @@ submitted: contextvars.ContextVar[list | None] = contextvars.ContextVar("distrib
 @dataclass
 class JobPlan:
     """What the coordinator keeps beside a job: the original prompt, the config it was planned
-    with and, in split mode, the indices not handed out yet and who is taking them."""
+    with and, in split mode, what the participants' speeds are learned under."""
     prompt: dict
     collectors: list[str]
     config: Config
-    pool: plan.ChunkPool | None = None
     signature: str = ""
-    pullers: dict[str, tuple[float, float]] = field(default_factory=dict)  # worker -> (free at, rate)
-    looping: set[str] = field(default_factory=set)                          # workers taking chunks now
     started: float = field(default_factory=time.monotonic)
+    master_done: float = 0.0  # wall-clock time the master's own share was ready (split mode)
 
 
 class Coordinator:
@@ -148,7 +146,7 @@ class Coordinator:
             if batch is None:
                 job, own = self._plan_multiply(slots, available, labels)
             else:
-                job, own = self._plan_split(batch, available, job_plan)
+                job, own = self._plan_split(batch, available, labels, job_plan)
         except plan.PlanError as exc:
             json_data["prompt"] = _with_error(prompt, collectors, str(exc))
             return json_data
@@ -179,22 +177,20 @@ class Coordinator:
             job.shares[participant] = Share(participant, labels[participant], units)
         return job, assignment.get(plan.MASTER_ID, [])
 
-    def _plan_split(self, batch: int, available: list[str], job_plan: JobPlan) -> tuple[Job, list[int]]:
-        """One batch divided by index: the master's share fixed now, the rest pulled by workers."""
-        workers = [p for p in available if p != plan.MASTER_ID]
+    def _plan_split(self, batch: int, available: list[str], labels: dict[str, str],
+                    job_plan: JobPlan) -> tuple[Job, list[int]]:
+        """One batch divided by index: one contiguous share per participant, in one prompt, in
+        proportion to the speeds learned for this workflow (equal when none are known yet)."""
+        if not available:
+            raise plan.PlanError("no worker can be reached and the master is disabled")
         rates = self.throughput()
         sig = job_plan.signature = plan.signature(job_plan.prompt,
                                                   workflow.upstream(job_plan.prompt, job_plan.collectors))
-        own = 0
-        if plan.MASTER_ID in available:
-            own = plan.master_share(batch, rates.rate(sig, plan.MASTER_ID), [rates.rate(sig, w) for w in workers])
-        elif not workers:
-            raise plan.PlanError("no worker can be reached and the master is disabled")
+        shares = plan.split_units(list(range(batch)), [(p, rates.rate(sig, p)) for p in available])
         job = Job(id=uuid.uuid4().hex, collectors=[], units=list(range(batch)), split=True)
-        if own:
-            job.shares[plan.MASTER_ID] = Share(plan.MASTER_ID, "master", list(range(own)))
-        job_plan.pool = plan.ChunkPool(range(own, batch))
-        return job, list(range(own))
+        for participant, units in shares.items():
+            job.shares[participant] = Share(participant, labels[participant], units)
+        return job, shares.get(plan.MASTER_ID, [])
 
     def throughput(self) -> plan.Throughput:
         if self._throughput is None:
@@ -202,13 +198,13 @@ class Coordinator:
         return self._throughput
 
     def local_done(self, job_id: str, images: int) -> None:
-        """The master's Collector has its own share (called on ComfyUI's execution thread)."""
+        """The master's Collector has its own share (called on ComfyUI's execution thread); its
+        speed is learned once the prompt's history tells when it started (see watch_master)."""
         job_plan, job = self.plans.get(job_id), self.store.get(job_id)
         if job is not None and plan.MASTER_ID in job.shares:
             self.store.update(job_id, lambda j: setattr(j.shares[plan.MASTER_ID], "state", "done"))
-        if job_plan is not None and job is not None and job.split:
-            self.throughput().observe(job_plan.signature, plan.MASTER_ID, images,
-                                      time.monotonic() - job_plan.started)
+        if job_plan is not None:
+            job_plan.master_done = time.time()
 
     def drop(self, job_id: str, reason: str) -> None:
         self.plans.pop(job_id, None)
@@ -226,18 +222,10 @@ class Coordinator:
         job_plan = self.plans[job_id]
         job_plan.started = time.monotonic()
         settings = job_plan.config.settings
-        if job.split:
-            workers = [w.id for w in job_plan.config.workers if w.enabled and not self.is_offline(w.id)]
-        else:
-            workers = [p for p in job.shares if p != plan.MASTER_ID]
-        now = time.monotonic()
+        workers = [p for p in job.shares if p != plan.MASTER_ID]
         for k, worker_id in enumerate(workers):
             delay = k * settings.stagger_delay if settings.mode == "staggered" else 0.0
-            if job.split:  # everyone counts from the start, so the first to ask does not take it all
-                job_plan.pullers[worker_id] = (now + delay, self.throughput().rate(job_plan.signature, worker_id))
-                self.spawn(self.pull(job_id, worker_id, delay))
-            else:
-                self.spawn(self.run_share(job_id, job.shares[worker_id], delay))
+            self.spawn(self.run_share(job_id, job.shares[worker_id], delay))
         if prompt_id:
             self.spawn(self.watch_master(job_id, prompt_id))
 
@@ -260,41 +248,6 @@ class Coordinator:
             await asyncio.wait_for(event.wait(), max(0.0, seconds))
         except asyncio.TimeoutError:
             pass
-
-    async def pull(self, job_id: str, worker_id: str, delay: float) -> None:
-        """Split mode: keep taking chunks for one worker until none is left for it."""
-        if delay:
-            await asyncio.sleep(delay)
-        job_plan = self.plans.get(job_id)
-        if job_plan is None or worker_id in job_plan.looping:
-            return
-        rates = self.throughput()
-        rate = rates.rate(job_plan.signature, worker_id)
-        job_plan.looping.add(worker_id)
-        job_plan.pullers[worker_id] = (time.monotonic(), rate)
-        try:
-            while self.active(job_id):
-                now = time.monotonic()
-                others = [(max(0.0, free - now), r) for w, (free, r) in job_plan.pullers.items() if w != worker_id]
-                size = plan.next_chunk(len(job_plan.pool), rate, others)
-                if size == 0:
-                    return
-                units = job_plan.pool.take(size)
-                job_plan.pullers[worker_id] = (now + len(units) / rate, rate)
-                worker = job_plan.config.worker(worker_id)
-                share = Share(worker_id, worker.label, units)
-                self.store.update(job_id, lambda j: j.shares.__setitem__(f"{worker_id}#{len(j.shares)}", share))
-                if not await self.run_share(job_id, share, 0.0):
-                    return
-                job = self.store.get(job_id)
-                arrived = job.arrived.get(units[0]) if job else None
-                if arrived:
-                    rates.observe(job_plan.signature, worker_id, len(units), arrived - share.dispatched)
-                    rate = rates.rate(job_plan.signature, worker_id)
-                job_plan.pullers[worker_id] = (time.monotonic(), rate)
-        finally:
-            job_plan.pullers.pop(worker_id, None)
-            job_plan.looping.discard(worker_id)
 
     async def run_share(self, job_id: str, share: Share, delay: float) -> bool:
         """Send one share to its worker and watch it; True once all its units have arrived."""
@@ -330,7 +283,25 @@ class Coordinator:
         if not self.active(job_id):  # the job ended while we were dispatching
             await _quietly(client.withdraw(share.prompt_id))
             return False
-        return await self.supervise(job_id, share, client, job_plan.config.settings.job_timeout)
+        done = await self.supervise(job_id, share, client, job_plan.config.settings.job_timeout)
+        if done and job.split:
+            self.spawn(self.learn(job_plan.signature, share, client, time.monotonic() - share.dispatched))
+        return done
+
+    async def learn(self, sig: str, share: Share, client: InstanceClient, fallback: float) -> None:
+        """A worker's speed on this workflow, from when its prompt really ran (its history's
+        execution timestamps), or from dispatch to delivery where ComfyUI does not tell."""
+        seconds = fallback
+        for _attempt in range(10):  # its prompt ends a moment after its results arrive
+            try:
+                entry = await client.history(share.prompt_id)
+            except InstanceError:
+                break
+            if entry is not None:
+                seconds = execution_seconds(entry) or fallback
+                break
+            await asyncio.sleep(0.3)
+        self.throughput().observe(sig, share.participant, len(share.units), seconds)
 
     async def sync_inputs(self, client: InstanceClient, prompt: dict) -> None:
         """Upload the files the prompt's loaders read to a worker that lacks them (or holds a
@@ -429,11 +400,14 @@ class Coordinator:
                                     f"(units {plan.chunks_of(missing)} as [first, count]); "
                                     "the job stops rather than return a partial batch.")
             return
-        if job.split:
-            job_plan.pool.give_back(missing)
-            if not job_plan.looping - {failed.participant}:
-                for worker in candidates:
-                    self.spawn(self.pull(job_id, worker.id, 0.0))
+        if job.split:  # one share per worker that is left, in proportion to speed
+            rates = self.throughput()
+            parts = plan.split_units(missing, [(w.id, rates.rate(job_plan.signature, w.id)) for w in candidates])
+            for worker_id, units in parts.items():
+                retry = Share(worker_id, job_plan.config.worker(worker_id).label, units)
+                self.store.update(job_id, lambda j, r=retry: j.shares.__setitem__(f"{r.participant}#{len(j.shares)}", r))
+                log.warning("[Distributed] units %s go to %s instead", plan.chunks_of(units), retry.label)
+                self.spawn(self.run_share(job_id, retry, 0.0))
             return
         load = {w.id: sum(len(s.units) for s in job.shares.values()
                           if s.participant == w.id and s.state != "failed") for w in candidates}
@@ -444,23 +418,33 @@ class Coordinator:
         await self.run_share(job_id, retry, 0.0)
 
     async def watch_master(self, job_id: str, prompt_id: str) -> None:
-        """End the job when the master's prompt ends without its Collector finishing it
-        (an error upstream, an interrupt, or the prompt deleted from the queue)."""
+        """Follow the master's own prompt to its end: a job still open then ended without its
+        Collector finishing it (an error upstream, an interrupt, or the prompt deleted from the
+        queue) and is cancelled. In split mode the prompt's history then tells when the master's
+        share started, so its speed is learned."""
         me = self.client(self.own_url())
-        while self.store.get(job_id) is not None:  # failed jobs too: they still hold results
+        job_plan, job = self.plans.get(job_id), self.store.get(job_id)  # kept after the job ends
+        while True:
             await asyncio.sleep(POLL_SECONDS)
             try:
-                if await me.history(prompt_id) is None:
+                entry = await me.history(prompt_id)
+                if entry is None:
                     running, pending = await me.queue()
                     if prompt_id in running + pending:
                         continue
-                    if await me.history(prompt_id) is None:  # neither queued nor finished: deleted
-                        await self.cancel(job_id, "the prompt was removed from the master's queue")
-                        return
+                    entry = await me.history(prompt_id)
             except InstanceError:
                 continue
-            await self.cancel(job_id, "the master's prompt ended before its Collector finished")
+            break
+        if self.store.get(job_id) is not None:  # failed jobs too: they still hold results
+            await self.cancel(job_id, "the master's prompt ended before its Collector finished" if entry
+                              else "the prompt was removed from the master's queue")
             return
+        if entry and job_plan and job_plan.master_done and job and job.split and plan.MASTER_ID in job.shares:
+            started = execution_started(entry)
+            seconds = job_plan.master_done - started if started else time.monotonic() - job_plan.started
+            self.throughput().observe(job_plan.signature, plan.MASTER_ID,
+                                      len(job.shares[plan.MASTER_ID].units), seconds)
 
     async def cancel(self, job_id: str, reason: str) -> None:
         job_plan = self.plans.pop(job_id, None)
@@ -547,6 +531,29 @@ def _with_error(prompt: dict, collectors: list[str], message: str) -> dict:
     for nid in collectors:
         result[nid] = workflow._with_field(prompt[nid], {"role": "error", "error": message})
     return result
+
+
+def _timestamps(entry: dict) -> dict[str, float]:
+    """Seconds since the epoch of the execution events that a history entry times (ComfyUI from
+    mid-2024 stamps them in milliseconds; earlier versions give none)."""
+    found = {}
+    for message in (entry.get("status") or {}).get("messages") or []:
+        if isinstance(message, (list, tuple)) and len(message) == 2 and isinstance(message[1], dict):
+            stamp = message[1].get("timestamp")
+            if isinstance(stamp, (int, float)) and not isinstance(stamp, bool):
+                found[str(message[0])] = stamp / 1000.0
+    return found
+
+
+def execution_started(entry: dict) -> float | None:
+    return _timestamps(entry).get("execution_start")
+
+
+def execution_seconds(entry: dict) -> float | None:
+    """How long a finished prompt really ran, queue time left out; None where ComfyUI does not tell."""
+    stamps = _timestamps(entry)
+    start, end = stamps.get("execution_start"), stamps.get("execution_success")
+    return end - start if start is not None and end is not None and end > start else None
 
 
 def _history_error(status: dict) -> str:

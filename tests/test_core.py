@@ -315,44 +315,38 @@ def test_split_mode_is_chosen_by_the_latent_node():
     assert workflow.read_field(wp, "1") == {"chunks": [[4, 3]]}
 
 
-def test_master_share_follows_measured_speed():
-    assert plan.master_share(28, 1.0, [1.0, 2.0, 4.0]) == 4
-    assert plan.master_share(8, 1.0, []) == 8
-    assert plan.master_share(8, 0.0, [1.0]) == 0
+def test_equal_participants_get_equal_shares_one_each():
+    shares = plan.split_units(list(range(16)), [("master", 1.0), ("w1", 1.0)])
+    assert shares == {"master": list(range(8)), "w1": list(range(8, 16))}
+    assert plan.proportional(10, [1.0, 1.0, 1.0]) == [4, 3, 3]  # the remainder to the earlier
 
 
-def test_pool_hands_out_contiguous_chunks_and_takes_them_back():
-    pool = plan.ChunkPool(range(4, 12))
-    assert pool.take(3) == [4, 5, 6] and pool.take(2) == [7, 8]
-    pool.give_back([5, 6])
-    assert pool.take(5) == [5, 6] and pool.take(9) == [9, 10, 11] and len(pool) == 0
+def test_unequal_participants_get_shares_in_proportion_to_speed():
+    assert plan.proportional(28, [1.0, 2.0, 4.0]) == [4, 8, 16]
+    assert plan.proportional(7, [0.0, 1.0]) == [0, 7]
+    assert plan.proportional(5, [0.0, 0.0]) == [3, 2]  # nothing known: as if equal
+    shares = plan.split_units(list(range(3)), [("master", 0.1), ("w1", 5.0), ("w2", 5.0)])
+    assert shares == {"w1": [0, 1], "w2": [2]}  # an empty share is no share
+    assert sorted(u for units in shares.values() for u in units) == [0, 1, 2]
+
+
+def test_a_failed_share_is_divided_among_those_left():
+    missing = [8, 9, 10, 11, 12, 13]
+    parts = plan.split_units(missing, [("w2", 1.0), ("w3", 2.0)])
+    assert parts == {"w2": [8, 9], "w3": [10, 11, 12, 13]}
     assert plan.chunks_of([9, 3, 4, 5]) == [[3, 3], [9, 1]]
 
 
-def simulate(batch, rates, overhead=0.0):
-    """Workers pull chunks by next_chunk; returns the makespan divided by the ideal."""
-    pool = plan.ChunkPool(range(batch))
-    free = {w: 0.0 for w in rates}
-    busy_until = dict(free)
-    pulling = set(rates)
-    now = 0.0
-    while pulling:
-        w = min(pulling, key=lambda x: busy_until[x])
-        now = busy_until[w]
-        others = [(max(0.0, busy_until[v] - now), rates[v]) for v in pulling if v != w]
-        size = plan.next_chunk(len(pool), rates[w], others)
-        if size == 0:
-            pulling.discard(w)
-            continue
-        busy_until[w] = now + overhead + len(pool.take(size)) / rates[w]
-    return max(busy_until.values()) / (batch / sum(rates.values()))
-
-
-def test_chunking_balances_unequal_workers():
-    assert simulate(28, {"a": 1.0, "b": 2.0, "c": 4.0}) <= 1.15
-    assert simulate(64, {"a": 1.0, "b": 1.0}) <= 1.1
-    assert simulate(5, {"a": 3.0}) == pytest.approx(1.0)
-    assert plan.next_chunk(0, 1.0, []) == 0
+def test_execution_time_comes_from_history_timestamps():
+    from distributed_core.coordinator import execution_seconds, execution_started
+    entry = {"status": {"messages": [["execution_start", {"prompt_id": "p", "timestamp": 1_000_000}],
+                                     ["execution_cached", {"nodes": [], "timestamp": 1_000_100}],
+                                     ["execution_success", {"prompt_id": "p", "timestamp": 1_002_500}]]}}
+    assert execution_seconds(entry) == pytest.approx(2.5)
+    assert execution_started(entry) == pytest.approx(1000.0)
+    old = {"status": {"messages": [["execution_start", {"prompt_id": "p"}]]}}  # ComfyUI of early 2024
+    assert execution_seconds(old) is None and execution_started(old) is None
+    assert execution_seconds({}) is None
 
 
 def test_throughput_is_kept_across_restarts(tmp_path):
