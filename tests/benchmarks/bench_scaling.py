@@ -1,6 +1,6 @@
 """Scaling across real GPUs, against one instance and against plain instances run by hand.
 
-    COMFYUI_ROOT=<ComfyUI folder> python tests/benchmarks/bench_scaling.py [--checkpoint PATH] [--runs 3]
+    COMFYUI_ROOT=<ComfyUI folder> python tests/benchmarks/bench_scaling.py [--checkpoint PATH] [--runs 5]
         [--sizes 512:4,1024:2] [--extension PATH] [--no-hand] [--profile] [--out FILE]
 
 The launcher of the extension under test detects the GPUs and starts one ComfyUI per GPU (with its CPU
@@ -206,7 +206,7 @@ def start_plain(workdir: Path, tree: Path, config: dict, env: dict) -> list[Inst
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--sizes", default="512:4,1024:2", help="WIDTH:IMAGES_PER_GPU, comma-separated")
     parser.add_argument("--extension", type=Path, default=REPO, help="the extension folder to benchmark")
     parser.add_argument("--no-hand", action="store_true", help="skip the plain instances (one and by hand)")
