@@ -198,3 +198,45 @@ def test_a_browser_on_the_masters_machine_may_use_its_network_address(remote):
     page = {"Sec-Fetch-Site": "same-origin"}
     shown = requests.get(master.url + "/distributed/secret", headers=page, timeout=10)
     assert shown.status_code == 200 and {"X-Distributed-Secret": shown.json()["secret"]} == master.auth()
+
+
+@pytest.mark.browser
+def test_the_panel_in_a_browser_on_another_machine_asks_for_the_secret_once(remote, test_host, tmp_path):
+    """Chromium runs on the test host: the panel is refused until the user enters the secret, asks
+    again after a wrong one, then keeps it (a reload does not ask again)."""
+    from playwright import sync_api
+    from ui_support import ComfyPage, chromium_path
+    master, _worker, workdir, config = remote
+    write_config(workdir / "gpu_config.json", config)
+    name, _here, _there = test_host
+    wrapper = tmp_path / "chromium-there"
+    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {name} {chromium_path()} "$@"\n')
+    wrapper.chmod(0o755)
+    secret = master.auth()["X-Distributed-Secret"]
+    answers = ["wrong-" + secret, secret]
+    asked = []
+
+    def answer(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept(answers.pop(0) if answers else "")
+
+    with sync_api.sync_playwright() as playwright:
+        from ui_support import CHROMIUM_ARGS
+        browser = playwright.chromium.launch(executable_path=str(wrapper), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.on("dialog", answer)
+            comfy = ComfyPage(page, master.url)
+            comfy.expected_statuses = {403}  # the refusals before the secret is entered
+            panel = comfy.open_panel()
+            sync_api.expect(panel.locator('.cdist-instance[data-state="online"]')).to_have_count(2, timeout=60_000)
+            assert len(asked) == 2 and "refused" in asked[1], asked
+            assert page.evaluate("localStorage.getItem('comfyui-distributed.secret')") == secret
+            page.reload()
+            comfy.open_panel()
+            sync_api.expect(comfy.panel().locator('.cdist-instance[data-state="online"]')).to_have_count(2,
+                                                                                                      timeout=60_000)
+            assert len(asked) == 2
+            assert not comfy.own_errors(), comfy.own_errors()
+        finally:
+            browser.close()
