@@ -50,16 +50,27 @@ def error(status: int, message: str, **extra) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+def _too_large(size: int) -> web.HTTPRequestEntityTooLarge:
+    return web.HTTPRequestEntityTooLarge(max_size=MAX_JSON_BODY, actual_size=size,
+                                         text=json.dumps({"error": f"request body is too large (at most "
+                                                                   f"{MAX_JSON_BODY} bytes)"}),
+                                         content_type="application/json")
+
+
 async def read_json(request: web.Request):
+    """The whole body as JSON, however many TCP segments it arrives in, up to MAX_JSON_BODY."""
     if request.content_length is not None and request.content_length > MAX_JSON_BODY:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_JSON_BODY, actual_size=request.content_length,
-                                            text=json.dumps({"error": "request body is too large"}),
-                                            content_type="application/json")
-    body = await request.content.read(MAX_JSON_BODY + 1)
-    if len(body) > MAX_JSON_BODY:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_JSON_BODY, actual_size=len(body),
-                                            text=json.dumps({"error": "request body is too large"}),
-                                            content_type="application/json")
+        raise _too_large(request.content_length)
+    chunks, size = [], 0
+    while True:
+        chunk = await request.content.read(1 << 16)  # what has arrived, up to 64 KiB; b"" at the end
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > MAX_JSON_BODY:
+            raise _too_large(size)
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         return json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -82,7 +93,8 @@ def setup(server) -> Coordinator:
                         loopback_only=lambda: all(h in ("127.0.0.1", "localhost", "::1") for h in listen_hosts()))
     _coordinator = coord
     server.add_on_prompt_handler(coord.rewrite)
-    server.app.middlewares.append(_access_middleware(access.load_or_create()))
+    # first, before ComfyUI's own middlewares (set up before any extension loads)
+    server.app.middlewares.insert(0, _access_middleware(access.load_or_create()))
     server.app.middlewares.append(_prompt_middleware(coord))
     processes = launcher.LocalProcesses()  # local workers this master started from the panel
     _add_routes(server.routes, coord, processes)
@@ -94,13 +106,46 @@ def setup(server) -> Coordinator:
     return coord
 
 
+def _guarded_paths(request: web.Request) -> list[str]:
+    """The request's path and the path of the route it resolved to (both are checked, so that no
+    spelling of a path reaches our handlers unchecked)."""
+    paths = [request.path]
+    resource = getattr(request.match_info.route, "resource", None)
+    canonical = getattr(resource, "canonical", None)
+    if isinstance(canonical, str):
+        paths.append(canonical)
+    return paths
+
+
+def _ends(request: web.Request) -> tuple[str | None, str | None]:
+    """(the peer's IP address, the IP address the connection arrived at), from the socket itself."""
+    transport = request.transport
+    if transport is None:
+        return None, None
+
+    def address(info) -> str | None:
+        return info[0] if isinstance(info, (tuple, list)) and info and isinstance(info[0], str) else None
+    return address(transport.get_extra_info("peername")), address(transport.get_extra_info("sockname"))
+
+
 def _access_middleware(secret: str):
+    """The access rules of distributed_core.access for every route under /distributed/. It runs
+    before ComfyUI's own middlewares, so the answer does not depend on the ComfyUI version."""
     @web.middleware
     async def middleware(request: web.Request, handler):
-        if not access.allowed(request.method, request.path, request.headers, request.host, secret):
-            return error(403, f"this route changes state: call it from the ComfyUI page, or send the "
-                              f"{access.HEADER} header with the secret shown in the Distributed panel "
-                              f"(also in {access.secret_path()})")
+        paths = [p for p in _guarded_paths(request) if access.is_guarded(p)]
+        if not paths:
+            return await handler(request)
+        origin = request.headers.get("Origin")
+        if origin is not None and not access.parses_as_origin(origin):
+            return error(400, f"the Origin header {origin[:80]!r} is not an origin such as "
+                              "http://host:port: send a valid one, or none")
+        peer, local = _ends(request)
+        for path in paths:
+            reason = access.refusal(path, request.headers, peer, local, secret, str(access.secret_path()))
+            if reason:
+                return error(403, reason, need="local-browser" if access.route_path(path) == access.SECRET_PATH
+                             else "secret")
         return await handler(request)
 
     return middleware
@@ -155,6 +200,9 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
         except config_file.ConfigError as exc:
             return error(400, "invalid config: " + "; ".join(exc.errors), errors=exc.errors)
         async with config_lock:
+            refused = access.changed_extra_args_errors(config_file.load().config, new)
+            if refused:
+                return error(400, "invalid config: " + "; ".join(refused), errors=refused)
             path = await asyncio.get_running_loop().run_in_executor(None, config_file.save, new)
         return web.json_response({"config": new.to_dict(), "path": str(path), "error": ""})
 
@@ -170,9 +218,7 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
 
     @routes.get("/distributed/secret")
     async def get_secret(request: web.Request) -> web.Response:
-        # Only the ComfyUI page itself may read it (a GET is not checked by the access middleware).
-        if not access.same_origin(request.headers, request.host):
-            return error(403, "the secret is shown only on the ComfyUI page")
+        # the access middleware lets only a browser on the master's own machine get here
         return web.json_response({"header": access.HEADER, "secret": access.load_or_create(),
                                   "path": str(access.secret_path())})
 
@@ -208,12 +254,16 @@ async def _save_changed(change) -> web.Response:
 
     ``change`` returns an error response to refuse, or the id of the worker it touched."""
     async with config_lock:
-        data = config_file.load().config.to_dict()
+        old = config_file.load().config
+        data = old.to_dict()
         outcome = change(data)
         if isinstance(outcome, web.Response):
             return outcome
         try:
             new = config_file.parse(data)
+            refused = access.changed_extra_args_errors(old, new)
+            if refused:
+                raise config_file.ConfigError(refused)
         except config_file.ConfigError as exc:
             # "workers[3].port: ..." -> "port: ...": the form shows one worker
             errors = [e.split("].", 1)[1] if e.startswith("workers[") and "]." in e else e for e in exc.errors]

@@ -336,26 +336,52 @@ def load(path: Path | None = None) -> Loaded:
         return Loaded(parse(copy.deepcopy(DEFAULT_CONFIG)), path, f"{path}: " + "; ".join(exc.errors))
 
 
+def _keep_broken(path: Path) -> Path:
+    """Keep a broken config beside itself as ``<name>.broken-<time>[-n]``; never over an earlier copy."""
+    stamp = int(time.time())
+    for n in range(1000):
+        aside = path.with_name(f"{path.name}.broken-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            os.link(path, aside)  # fails if that name is taken, so two copies never overwrite each other
+            return aside
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links on this file system: copy, again never over an existing file
+            try:
+                with open(aside, "xb") as handle:
+                    handle.write(path.read_bytes())
+                return aside
+            except FileExistsError:
+                continue
+    raise OSError(f"cannot keep the broken {path} aside: too many .broken- copies; remove old ones")
+
+
 def save(config: Config, path: Path | None = None) -> Path:
     """Write atomically: a crash mid-write leaves either the old file or the new one, never a mix.
 
     A file that is currently broken is kept beside the new one (``.broken-<time>``) rather than lost.
+    When the config is a symbolic link, the file it points to is written and the link stays.
     """
     path = path or save_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = None
+    if target.exists():
         try:
-            parse(json.loads(path.read_text(encoding="utf-8")))
+            mode = target.stat().st_mode & 0o777
+            parse(json.loads(target.read_text(encoding="utf-8")))
         except (ValueError, OSError):
-            os.replace(path, path.with_name(f"{path.name}.broken-{int(time.time())}"))
+            _keep_broken(target)
     text = json.dumps(config.to_dict(), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if mode is not None:
+            os.chmod(tmp, mode)  # as the file it replaces
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -363,7 +389,7 @@ def save(config: Config, path: Path | None = None) -> Path:
             pass
         raise
     try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:

@@ -121,14 +121,15 @@ class Instance:
 
     # --- ComfyUI's HTTP API ------------------------------------------------------------------
     def auth(self) -> dict[str, str]:
-        """The shared-secret header an API client sends to the state-changing routes."""
+        """The shared-secret header an API client sends to the extension's routes."""
         path = self.env.get("COMFYUI_DISTRIBUTED_SECRET_FILE")
         if path and Path(path).exists():
             return {"X-Distributed-Secret": Path(path).read_text().strip()}
         return {}
 
     def get(self, path: str, **kw):
-        return requests.get(self.url + path, timeout=kw.pop("timeout", 10), **kw)
+        headers = {**self.auth(), **kw.pop("headers", {})}  # the extension's routes are read with the secret too
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 10), headers=headers, **kw)
 
     def post(self, path: str, body=None, **kw):
         return self.request("POST", path, body, **kw)

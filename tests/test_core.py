@@ -272,18 +272,160 @@ def test_example_template_is_the_same_graph_as_the_example_prompt():
 
 # --- access ---------------------------------------------------------------------------------------
 
-def test_access_rules():
+SECRET = "s" * 24
+HERE = "127.0.0.1:8188"
+
+
+def refused(path, headers, peer="127.0.0.1", local="127.0.0.1", method="POST"):
+    """access.refusal for a request; the Host header defaults to the master's loopback address."""
     from distributed_core import access
-    ok = lambda method, path, headers: access.allowed(method, path, headers, "127.0.0.1:8188", "s" * 20)
-    assert ok("GET", "/distributed/status", {})
-    assert ok("POST", "/prompt", {})  # ComfyUI's own routes are ComfyUI's business
-    assert ok("POST", "/distributed/result", {})  # per-job token instead
-    assert not ok("POST", "/distributed/config", {})
-    assert not ok("POST", "/api/distributed/config", {"Origin": "http://other:8188"})
-    assert ok("POST", "/distributed/config", {"Origin": "http://127.0.0.1:8188"})
-    assert ok("DELETE", "/distributed/workers/x", {"Sec-Fetch-Site": "same-origin"})
-    assert not ok("POST", "/distributed/config", {"Sec-Fetch-Site": "cross-site", "X-Distributed-Secret": "s"})
-    assert ok("POST", "/distributed/config", {"X-Distributed-Secret": "s" * 20})
+    return access.refusal(path, {"Host": HERE, **headers}, peer, local, SECRET)
+
+
+def test_only_the_result_upload_is_open():
+    assert refused("/prompt", {}) is None  # ComfyUI's own routes are ComfyUI's business
+    assert refused("/distributed/result", {}) is None  # per-job token instead
+    for path in ("/distributed/config", "/api/distributed/config", "/distributed/status",
+                 "/distributed/workers/w1/log", "/distributed/secret"):
+        assert refused(path, {}), path  # reads as well as changes: a script needs the secret
+
+
+def test_the_secret_header_lets_any_client_in_but_not_to_the_secret():
+    assert refused("/distributed/config", {"X-Distributed-Secret": SECRET}, peer="10.0.0.9", local="10.0.0.1") is None
+    assert refused("/distributed/config", {"X-Distributed-Secret": SECRET[:-1] + "x"})
+    assert refused("/distributed/config", {"X-Distributed-Secret": "s\udcff" * 12})  # not UTF-8: no error
+    reason = refused("/distributed/secret", {"X-Distributed-Secret": SECRET}, peer="10.0.0.9", local="10.0.0.1")
+    assert "only in a browser on the master's own machine" in reason
+
+
+BROWSER = {"Sec-Fetch-Site": "same-origin", "Origin": "http://127.0.0.1:8188"}
+
+
+def test_a_browser_on_this_machine_on_the_page_itself_is_let_in():
+    assert refused("/distributed/config", BROWSER) is None
+    assert refused("/distributed/secret", {"Sec-Fetch-Site": "same-origin"}) is None  # a GET has no Origin
+    assert refused("/distributed/config", {"Origin": "http://127.0.0.1:8188"}) is None  # no Fetch Metadata
+    # the master opened by its network address, from a browser on the same machine
+    assert refused("/distributed/config", {**BROWSER, "Host": "192.168.1.5:8188", "Origin": "http://192.168.1.5:8188"},
+                   peer="192.168.1.5", local="192.168.1.5") is None
+    assert refused("/distributed/config", {**BROWSER, "Host": "[::1]:8188", "Origin": "http://[::1]:8188"},
+                   peer="::ffff:127.0.0.1", local="::") is None
+    assert refused("/distributed/config", {**BROWSER, "Host": "localhost:8188", "Origin": "http://localhost:8188"}) is None
+
+
+def test_forged_browser_headers_from_another_machine_get_nothing():
+    for peer, local in [("192.168.1.7", "192.168.1.5"), ("10.0.0.2", "0.0.0.0"), (None, None)]:
+        for headers in (BROWSER, {"Sec-Fetch-Site": "same-origin"}, {"Origin": "http://127.0.0.1:8188"},
+                        {**BROWSER, "Host": "192.168.1.5:8188", "Origin": "http://192.168.1.5:8188"}):
+            assert refused("/distributed/config", headers, peer, local), (peer, headers)
+            assert refused("/distributed/secret", headers, peer, local), (peer, headers)
+
+
+def test_another_site_or_a_rebound_name_gets_nothing_even_from_this_machine():
+    cases = [
+        {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"},
+        {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:9999"},
+        {"Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"},  # Origin must match too
+        {"Origin": "http://evil.example"}, {"Origin": "null"}, {},
+        # DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1
+        {"Host": "evil.example:8188", "Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example:8188"},
+        {"Host": "evil.example:8188", "Sec-Fetch-Site": "same-origin"},
+        {"Host": "127.0.0.1.evil.example:8188", "Sec-Fetch-Site": "same-origin"},
+        {"Host": "", "Sec-Fetch-Site": "same-origin"}, {"Host": "[", "Sec-Fetch-Site": "same-origin"},
+        {"Sec-Fetch-Site": "same-origin", "Origin": "http://["},  # unreadable: refused, never an exception
+        {"Sec-Fetch-Site": "same-origin", "Origin": "ftp://127.0.0.1:8188"},
+    ]
+    for headers in cases:
+        assert refused("/distributed/config", headers), headers
+        assert refused("/distributed/secret", headers, method="GET"), headers
+
+
+def test_origin_headers_that_cannot_be_read_are_told_apart():
+    from distributed_core import access
+    assert all(access.parses_as_origin(o) for o in ("http://127.0.0.1:8188", "https://a.b", "null"))
+    assert not any(access.parses_as_origin(o) for o in ("http://[", "http://h:port", "", "x"))
+
+
+def test_own_names_and_peers():
+    from distributed_core import access
+    assert access.own_host("127.0.0.2:1", None) and access.own_host("LOCALHOST:1", None)
+    assert access.own_host("app.localhost:1", None) and access.own_host("10.1.2.3:1", "10.1.2.3")
+    assert not access.own_host("10.1.2.4:1", "10.1.2.3") and not access.own_host("localhost.evil.example", None)
+    assert access.from_this_machine("127.0.0.2", "127.0.0.1")  # every loopback address is this machine
+    assert access.from_this_machine("10.1.2.3", "10.1.2.3") and not access.from_this_machine("10.1.2.4", "10.1.2.3")
+    assert not access.from_this_machine("not an address", "not an address")
+
+
+@pytest.mark.parametrize("args", [
+    "--lowvram", "--reserve-vram 1.5 --cpu-vae", "--preview-method auto --bf16-unet", "--verbose",
+    "--verbose DEBUG --log-stdout", "--fast fp16_accumulation --highvram", "--cache-lru=8",
+    "--front-end-version Comfy-Org/ComfyUI_legacy_frontend@latest", "",
+])
+def test_extra_args_that_only_tune_comfyui_pass(args):
+    from distributed_core import access
+    assert access.extra_args_errors(args) == []
+
+
+@pytest.mark.parametrize("args, named", [
+    ("--listen 0.0.0.0", "--listen"), ("--lowvram --input-directory /", "--input-directory"),
+    ("--extra-model-paths-config /x/input/a.yaml", "--extra-model-paths-config"),
+    ("--enable-cors", "--enable-cors"),  # argparse would take it for --enable-cors-header
+    ("--enable-cors-header", "--enable-cors-header"), ("--listen=0.0.0.0", "--listen=0.0.0.0"),
+    ("--front-end-root /", "--front-end-root"), ("--low", "--low"), ("--tls-keyfile k", "--tls-keyfile"),
+    ("--port 1", "--port"), ("--base-dir /", "--base-dir"), ("--whitelist-custom-nodes x", "--whitelist-custom-nodes"),
+    ("-h", "-h"), ("lowvram", "lowvram"), ("--", "--"),
+])
+def test_extra_args_that_open_access_or_files_are_refused_by_name(args, named):
+    from distributed_core import access
+    errors = access.extra_args_errors(args)
+    assert errors and named in errors[0] and "by hand" in errors[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    ("--front-end-version someone/frontend@1.0", "not an accepted value"),
+    ("--reserve-vram", "needs a value"), ("--reserve-vram -3", "needs a value"), ("--cpu=yes", "takes no value"),
+    ("--preview-method ../x", "not an accepted value"), ('--lowvram "', "cannot be split"),
+])
+def test_extra_args_values_are_checked(args, words):
+    from distributed_core import access
+    assert any(words in e for e in access.extra_args_errors(args))
+
+
+def test_no_allowed_flag_is_an_abbreviation_of_a_refused_comfyui_flag():
+    """ComfyUI's argparse takes unambiguous prefixes: were an allowed flag missing from some ComfyUI
+    and a prefix of a refused one there, it would turn into that one. Checked against the ComfyUI
+    under test (COMFYUI_ROOT) and flags of both 2024 and 2025 ComfyUI."""
+    import os
+    import re
+    from pathlib import Path
+    from distributed_core import access
+    known = {"--listen", "--port", "--tls-keyfile", "--tls-certfile", "--enable-cors-header", "--max-upload-size",
+             "--base-directory", "--extra-model-paths-config", "--output-directory", "--temp-directory",
+             "--input-directory", "--auto-launch", "--user-directory", "--front-end-root", "--comfy-api-base",
+             "--database-url", "--whitelist-custom-nodes", "--disable-all-custom-nodes", "--multi-user",
+             "--windows-standalone-build", "--quick-test-for-ci", "--cuda-device", "--default-device", "--directml"}
+    cli = Path(os.environ.get("COMFYUI_ROOT", "/nonexistent")) / "comfy" / "cli_args.py"
+    if cli.exists():
+        known |= set(re.findall(r"add_argument\(\s*[\"'](--[\w-]+)", cli.read_text(encoding="utf-8")))
+    refused_flags = known - set(access.ALLOWED_FLAGS)
+    assert "--listen" in refused_flags and "--enable-cors-header" in refused_flags
+    for flag in access.ALLOWED_FLAGS:
+        assert not [r for r in refused_flags if r.startswith(flag)], flag
+    for flag in refused_flags:
+        assert access.extra_args_errors(flag), flag
+
+
+def test_only_changed_extra_args_are_checked():
+    from distributed_core import access
+    hand_written = config.parse({"master": {"extra_args": "--output-directory /data"},
+                                 "workers": [{"id": "a", "port": 9001, "extra_args": "--listen 0.0.0.0"}]})
+    same = config.parse(hand_written.to_dict())
+    same.settings.mode = "staggered"
+    assert access.changed_extra_args_errors(hand_written, same) == []  # saving settings keeps them
+    moved = config.parse({**hand_written.to_dict(), "workers": [{"id": "b", "port": 9002, "extra_args": "--listen 0.0.0.0"}]})
+    assert access.changed_extra_args_errors(hand_written, moved)[0].startswith("workers[0].extra_args: --listen")
+    changed = config.parse({**hand_written.to_dict(), "master": {"extra_args": "--output-directory /"}})
+    assert access.changed_extra_args_errors(hand_written, changed)[0].startswith("master.extra_args:")
 
 
 def test_secret_is_made_once_and_private(tmp_path):
@@ -292,6 +434,52 @@ def test_secret_is_made_once_and_private(tmp_path):
     first = access.load_or_create(path)
     assert access.load_or_create(path) == first and len(first) >= 32
     assert path.stat().st_mode & 0o077 == 0
+    assert not [p for p in tmp_path.iterdir() if p != path]  # no temporary file left
+
+
+def test_instances_starting_at_once_agree_on_one_secret(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    path = tmp_path / "secret.key"
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from distributed_core import access; "
+            "from pathlib import Path; t = float(sys.argv[3]); time.sleep(max(0, t - time.time())); "
+            "print(access.load_or_create(Path(sys.argv[2])))")
+    repo = str(Path(__file__).resolve().parent.parent)
+    start = str(time.time() + 1.0)  # all of them at the same moment
+    runs = [subprocess.Popen([sys.executable, "-c", code, repo, str(path), start], stdout=subprocess.PIPE, text=True)
+            for _ in range(8)]
+    seen = {run.communicate(timeout=60)[0].strip() for run in runs}
+    assert seen == {path.read_text().strip()}
+
+
+def test_a_secret_file_others_can_read_is_made_private(tmp_path):
+    from distributed_core import access
+    path = tmp_path / "secret.key"
+    path.write_text("k" * 40 + "\n")
+    path.chmod(0o644)
+    assert access.load_or_create(path) == "k" * 40
+    assert path.stat().st_mode & 0o077 == 0
+
+
+def test_saving_through_a_symlink_keeps_the_link(tmp_path):
+    real = tmp_path / "real" / "gpu_config.json"
+    real.parent.mkdir()
+    real.write_text(json.dumps(PRODUCT_SHEET_CONFIG))
+    link = tmp_path / "gpu_config.json"
+    link.symlink_to(real)
+    config.save(config.parse({**PRODUCT_SHEET_CONFIG, "settings": {"mode": "staggered"}}), link)
+    assert link.is_symlink() and config.load(link).config.settings.mode == "staggered"
+    assert json.loads(real.read_text())["settings"]["mode"] == "staggered"
+
+
+def test_broken_copies_made_in_the_same_second_are_all_kept(tmp_path):
+    path = tmp_path / "gpu_config.json"
+    for n in range(3):
+        path.write_text(f"broken {n}")
+        config.save(config.parse(PRODUCT_SHEET_CONFIG), path)
+    kept = sorted(p.read_text() for p in tmp_path.glob("gpu_config.json.broken-*"))
+    assert kept == ["broken 0", "broken 1", "broken 2"]
 
 
 # --- split mode -----------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_results_cannot_be_injected_into_a_running_job(live):
     frame = _frame(job=job["job_id"], unit=1, shape=(1, 8, 8, 3))
     resp = requests.post(live.master.url + "/distributed/result", data=frame[:-10], timeout=10,
                          headers={"Content-Length": str(len(frame) - 10)})
-    assert resp.status_code in (400, 403)
+    assert resp.status_code == 400  # the body is shorter than its header declares: refused before anything else
     entry = live.master.wait_prompt(prompt_id, 60)
     assert error_of(entry) == ""
     assert len(live.master.saved_images(entry, "5")) == 3
@@ -100,7 +100,15 @@ def _missing_input(prompt):
 
 
 def _unknown_node(prompt):
-    prompt["9"] = {"class_type": "NoSuchNode", "inputs": {}}  # some ComfyUI versions answer 500 here
+    prompt["9"] = {"class_type": "NoSuchNode", "inputs": {}}
+
+
+def _refusal_status(tree, spoil) -> int:
+    """ComfyUI's answer: 400 for a bad input; for an unknown node 400 since it looks node types up
+    with .get (2024-08 on), 500 before that (a KeyError in its validation, as in the March 2024 one)."""
+    if spoil is _unknown_node and "NODE_CLASS_MAPPINGS.get(" not in (tree / "execution.py").read_text():
+        return 500
+    return 400
 
 
 @pytest.mark.parametrize("spoil", [_missing_input, _unknown_node])
@@ -109,7 +117,7 @@ def test_rejected_prompt_leaves_nothing_on_the_workers(live, spoil):
     spoil(prompt)
     before = [len(w.get("/history").json()) for w in live.workers]
     resp = live.master.post("/prompt", {"prompt": prompt})
-    assert resp.status_code in (400, 500)
+    assert resp.status_code == _refusal_status(live.tree, spoil), resp.text
     import time
     time.sleep(1.5)
     assert [len(w.get("/history").json()) for w in live.workers] == before
@@ -123,33 +131,55 @@ def test_interrupt_reaches_every_instance(live):
     assert {r["id"] for r in resp.json()["results"] if r["ok"]} == {"master", "worker1", "worker2"}
 
 
-@pytest.mark.parametrize("headers", [
-    {},                                                   # a script without the secret
-    {"X-Distributed-Secret": "guess"},                    # a wrong secret
-    {"Origin": "http://evil.example"},                    # another web site, from a browser
-    {"Origin": "null"},
-])
-def test_state_changing_routes_refuse_strangers(live, headers):
+def _strangers(url: str) -> list[dict]:
+    port = url.rsplit(":", 1)[1]
+    return [
+        {},                                                   # a script without the secret
+        {"X-Distributed-Secret": "guess"},                    # a wrong secret
+        {"Origin": "http://evil.example"},                    # another web site, from a browser
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"},
+        # a page of evil.example reached through DNS rebinding: its name resolves to this master, and
+        # the browser's headers say same-origin, because for that page they are
+        {"Host": f"evil.example:{port}", "Sec-Fetch-Site": "same-origin", "Origin": f"http://evil.example:{port}"},
+        {"Host": f"evil.example:{port}", "Sec-Fetch-Site": "same-origin"},
+        {"Host": f"localhost.evil.example:{port}", "Origin": f"http://localhost.evil.example:{port}"},
+    ]
+
+
+GUARDED = [("POST", "/distributed/config"), ("POST", "/distributed/clear_vram"), ("POST", "/distributed/interrupt"),
+           ("POST", "/distributed/workers"), ("PATCH", "/distributed/workers/worker1"),
+           ("DELETE", "/distributed/workers/worker1"), ("POST", "/distributed/workers/worker1/start"),
+           ("POST", "/distributed/workers/worker1/stop"), ("GET", "/distributed/workers/worker1/log"),
+           ("GET", "/distributed/config"), ("GET", "/distributed/status"), ("GET", "/distributed/gpus"),
+           ("GET", "/distributed/secret"), ("POST", "/api/distributed/config")]
+
+
+@pytest.mark.parametrize("which", range(8))
+def test_the_extensions_routes_refuse_strangers(live, which):
+    headers = _strangers(live.master.url)[which]
     before = live.config_path.read_text()
-    for method, path in [("POST", "/distributed/config"), ("POST", "/distributed/clear_vram"),
-                         ("POST", "/distributed/interrupt"), ("POST", "/distributed/workers"),
-                         ("DELETE", "/distributed/workers/worker1"), ("POST", "/distributed/workers/worker1/start"),
-                         ("POST", "/api/distributed/config")]:
-        resp = requests.request(method, live.master.url + path, json={}, headers=headers, timeout=10)
-        assert resp.status_code == 403, (method, path, resp.status_code)
-        if resp.headers.get("Content-Type", "").startswith("application/json"):
-            assert "X-Distributed-Secret" in resp.json()["error"]
-        # else: newer ComfyUI refuses cross-site requests itself, before our routes see them
+    for method, path in GUARDED:
+        resp = requests.request(method, live.master.url + path, json={"port": 9999}, headers=headers, timeout=10)
+        # our check runs before ComfyUI's own (0.3.64 has one for some cross-site requests): one answer
+        assert resp.status_code == 403, (method, path, resp.status_code, resp.text)
+        error = resp.json()["error"]
+        assert ("only in a browser on the master's own machine" if path.endswith("/secret")
+                else "X-Distributed-Secret") in error, error
     assert live.config_path.read_text() == before
 
 
 def test_the_page_itself_and_secret_holders_are_let_in(live):
     config = live.master.get("/distributed/config").json()["config"]
-    same_origin = {"Origin": live.master.url}
-    assert requests.post(live.master.url + "/distributed/config", json=config, headers=same_origin,
+    page = {"Origin": live.master.url, "Sec-Fetch-Site": "same-origin"}  # what a browser here sends
+    assert requests.post(live.master.url + "/distributed/config", json=config, headers=page,
                          timeout=10).status_code == 200
+    assert requests.post(live.master.url + "/distributed/config", json=config, headers={"Origin": live.master.url},
+                         timeout=10).status_code == 200  # a browser without Fetch Metadata
     assert live.master.post("/distributed/config", config).status_code == 200  # sends the secret
     shown = requests.get(live.master.url + "/distributed/secret", headers={"Sec-Fetch-Site": "same-origin"},
                          timeout=10).json()
     assert {"X-Distributed-Secret": shown["secret"]} == live.master.auth()
+    # ... but neither the secret nor a script is a browser: the secret is shown to browsers only
     assert requests.get(live.master.url + "/distributed/secret", timeout=10).status_code == 403
+    assert requests.get(live.master.url + "/distributed/secret", headers=live.master.auth(), timeout=10).status_code == 403

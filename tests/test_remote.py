@@ -126,3 +126,117 @@ def test_a_master_on_loopback_says_so_instead_of_dispatching(cluster, remote):
     message = error_of(entry)
     assert "listens on 127.0.0.1 only" in message and "--listen" in message, message
     assert len(worker.get("/history").json()) == before
+
+
+# --- access from another machine -------------------------------------------------------------------
+
+FROM_THERE = """
+import json, sys, urllib.request, urllib.error
+url, requests_ = sys.argv[1], json.loads(sys.argv[2])
+answers = []
+for method, path, headers, body in requests_:
+    req = urllib.request.Request(url + path, method=method, headers=headers,
+                                 data=None if body is None else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            answers.append([resp.status, json.loads(resp.read())])
+    except urllib.error.HTTPError as exc:
+        answers.append([exc.code, json.loads(exc.read() or b"{}")])
+print(json.dumps(answers))
+"""
+
+
+def from_test_host(test_host, url: str, calls: list) -> list:
+    """Send requests from the test host (another machine, as far as the master can tell)."""
+    import json
+    import sys
+    name, _here, _there = test_host
+    run = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", FROM_THERE, url, json.dumps(calls)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_forged_browser_headers_from_another_machine_get_nothing(remote, test_host):
+    master, _worker, workdir, config = remote
+    write_config(workdir / "gpu_config.json", config)
+    before = (workdir / "gpu_config.json").read_text()
+    netloc = master.url.split("//", 1)[1]
+    browser = {"Host": netloc, "Sec-Fetch-Site": "same-origin", "Origin": master.url}
+    loopback = {"Host": f"127.0.0.1:{master.port}", "Sec-Fetch-Site": "same-origin",
+                "Origin": f"http://127.0.0.1:{master.port}"}
+    calls = [[method, path, headers, body] for headers in (browser, loopback, {"Origin": master.url}, {})
+             for method, path, body in [("POST", "/distributed/config", config), ("GET", "/distributed/secret", None),
+                                        ("GET", "/distributed/config", None), ("POST", "/distributed/workers",
+                                                                              {"port": 9000}),
+                                        ("GET", "/distributed/workers/remote/log", None)]]
+    answers = from_test_host(test_host, master.url, calls)
+    assert [status for status, _ in answers] == [403] * len(calls), answers
+    assert all("secret" in answer["error"] for _, answer in answers)
+    assert (workdir / "gpu_config.json").read_text() == before
+
+
+def test_another_machine_with_the_secret_may_change_but_not_read_the_secret(remote, test_host):
+    master, _worker, workdir, config = remote
+    write_config(workdir / "gpu_config.json", config)
+    secret = master.auth()
+    assert secret
+    answers = from_test_host(test_host, master.url, [
+        ["POST", "/distributed/config", secret, {**config, "settings": {"job_timeout": 9}}],
+        ["GET", "/distributed/status", secret, None],
+        ["GET", "/distributed/secret", {**secret, "Sec-Fetch-Site": "same-origin", "Origin": master.url}, None],
+    ])
+    assert [status for status, _ in answers] == [200, 200, 403], answers
+    import json
+    assert json.loads((workdir / "gpu_config.json").read_text())["settings"]["job_timeout"] == 9
+
+
+def test_a_browser_on_the_masters_machine_may_use_its_network_address(remote):
+    """The peer is this machine's own address, not loopback: still the master's own machine."""
+    import requests
+    master, _worker, _workdir, _config = remote
+    page = {"Sec-Fetch-Site": "same-origin"}
+    shown = requests.get(master.url + "/distributed/secret", headers=page, timeout=10)
+    assert shown.status_code == 200 and {"X-Distributed-Secret": shown.json()["secret"]} == master.auth()
+
+
+@pytest.mark.browser
+def test_the_panel_in_a_browser_on_another_machine_asks_for_the_secret_once(remote, test_host, tmp_path):
+    """Chromium runs on the test host: the panel is refused until the user enters the secret, asks
+    again after a wrong one, then keeps it (a reload does not ask again)."""
+    from playwright import sync_api
+    from ui_support import ComfyPage, chromium_path
+    master, _worker, workdir, config = remote
+    write_config(workdir / "gpu_config.json", config)
+    name, _here, _there = test_host
+    wrapper = tmp_path / "chromium-there"
+    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {name} {chromium_path()} "$@"\n')
+    wrapper.chmod(0o755)
+    secret = master.auth()["X-Distributed-Secret"]
+    answers = ["wrong-" + secret, secret]
+    asked = []
+
+    def answer(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept(answers.pop(0) if answers else "")
+
+    with sync_api.sync_playwright() as playwright:
+        from ui_support import CHROMIUM_ARGS
+        browser = playwright.chromium.launch(executable_path=str(wrapper), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.on("dialog", answer)
+            comfy = ComfyPage(page, master.url)
+            comfy.expected_statuses = {403}  # the refusals before the secret is entered
+            panel = comfy.open_panel()
+            sync_api.expect(panel.locator('.cdist-instance[data-state="online"]')).to_have_count(2, timeout=60_000)
+            assert len(asked) == 2 and "refused" in asked[1], asked
+            assert page.evaluate("localStorage.getItem('comfyui-distributed.secret')") == secret
+            page.reload()
+            comfy.open_panel()
+            sync_api.expect(comfy.panel().locator('.cdist-instance[data-state="online"]')).to_have_count(2,
+                                                                                                      timeout=60_000)
+            assert len(asked) == 2
+            assert not comfy.own_errors(), comfy.own_errors()
+        finally:
+            browser.close()

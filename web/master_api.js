@@ -10,23 +10,80 @@ export class ApiError extends Error {
   }
 }
 
-async function call(method, path, body) {
-  const options = { method, cache: "no-store" };
+// A browser on another machine than the master needs the master's secret for every call (see
+// distributed_core/access.py). The panel asks the user once, keeps it in this origin's localStorage
+// and sends it as X-Distributed-Secret; when the master refuses it, the panel asks again.
+const SECRET_KEY = "comfyui-distributed.secret";
+const SECRET_HEADER = "X-Distributed-Secret";
+let asking = null; // one question at a time, shared by the calls that wait for it
+let declined = false; // the user cancelled: polls stop asking until the API secret button is pressed
+
+export function storedSecret() {
+  try {
+    return localStorage.getItem(SECRET_KEY) || "";
+  } catch {
+    return ""; // storage disabled: ask every time instead
+  }
+}
+
+function storeSecret(value) {
+  try {
+    if (value) localStorage.setItem(SECRET_KEY, value);
+    else localStorage.removeItem(SECRET_KEY);
+  } catch {
+    // storage disabled
+  }
+}
+
+// Ask for the secret; resolves to it, or to "" when the user cancels.
+export function askForSecret(reason) {
+  declined = false;
+  if (!asking) {
+    asking = Promise.resolve().then(() => {
+      const given = (window.prompt(
+        `${reason}\n\nThis browser is not on the master's machine, so the Distributed panel needs the `
+        + "master's secret. The panel on the master's machine shows it (API secret).", "") || "").trim();
+      if (given) storeSecret(given);
+      else declined = true;
+      return given;
+    }).finally(() => { asking = null; });
+  }
+  return asking;
+}
+
+async function send(method, path, body) {
+  const options = { method, cache: "no-store", headers: {} };
   if (body !== undefined) {
-    options.headers = { "Content-Type": "application/json" };
+    options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
   }
-  let response;
+  const secret = storedSecret();
+  if (secret) options.headers[SECRET_HEADER] = secret;
   try {
-    response = await api.fetchApi(path, options);
+    const response = await api.fetchApi(path, options);
+    return { response, secret, data: await readJson(response) };
   } catch (err) {
     throw new ApiError(`cannot reach the master (${err.message})`);
   }
-  let data = {};
+}
+
+async function readJson(response) {
   try {
-    data = await response.json();
+    return await response.json();
   } catch {
-    // a proxy's or aiohttp's plain-text error page: the status line below says enough
+    return {}; // a proxy's or aiohttp's plain-text error page: the status line says enough
+  }
+}
+
+async function call(method, path, body) {
+  let { response, secret, data } = await send(method, path, body);
+  // refused for want of the secret: ask (once for all waiting calls), then try again with it
+  while (response.status === 403 && data.need === "secret" && !declined) {
+    if (storedSecret() === secret) { // not one that another call has just been given
+      if (secret) storeSecret("");
+      if (!(await askForSecret(secret ? "The master refused the stored secret." : data.error))) break;
+    }
+    ({ response, secret, data } = await send(method, path, body));
   }
   if (!response.ok) {
     const message = data.error || `${method} ${path} answered ${response.status} ${response.statusText}`;

@@ -1,7 +1,7 @@
 // The Distributed panel. One rendering path serves both UIs: the current frontend mounts it in a
 // sidebar tab, the legacy UI in a floating panel. mountPanel(container) returns its destroy().
 import { app } from "../../scripts/app.js";
-import { master } from "./master_api.js";
+import { askForSecret, master, storedSecret } from "./master_api.js";
 
 const POLL_MS = 3000;
 const JOBS_SHOWN = 3;
@@ -170,7 +170,8 @@ class Panel {
       await Promise.all([...this.cards.values()].map((card) => card.refreshLog()));
     } catch (err) {
       if (this.closed) return;
-      this.headline.textContent = "master unreachable";
+      this.headline.textContent = err?.status === 403 ? "needs the master's secret: press API secret"
+        : "master unreachable";
       this.headline.dataset.error = "";
       if (this.reachable) this.notify(`Cannot read the status: ${describe(err)}`); // once, not every poll
       this.reachable = false;
@@ -273,12 +274,28 @@ class Panel {
   }
 
   async showSecret() {
-    const { header, secret, path } = await master.secret();
+    let shown;
+    try {
+      shown = await master.secret(); // only a browser on the master's own machine is shown it
+    } catch (err) {
+      if (err.status !== 403) throw err;
+      // another machine: the secret this browser sends, asked for now if it has none or the user wants another
+      const secret = await askForSecret(storedSecret()
+        ? "Enter the master's secret again to change the one this browser keeps (Cancel keeps it)."
+        : "Enter the master's secret.");
+      const kept = secret || storedSecret();
+      if (!kept) return;
+      shown = { header: "X-Distributed-Secret", secret: kept, path: "" };
+      this.refresh();
+    }
+    const { header, secret, path } = shown;
     this.secretBox.replaceChildren(
       h("div.cdist-box-title", {}, [h("span", { text: "API secret" }), dismissButton(this.secretBox)]),
       h("div.cdist-muted", { text: "Scripts and other machines that change settings send this header:" }),
       h("code.cdist-secret-value", { text: `${header}: ${secret}` }),
-      h("div.cdist-muted", { text: `Kept in ${path}; delete that file and restart to make a new one.` }));
+      h("div.cdist-muted", { text: path
+        ? `Kept in ${path}; delete that file and restart to make a new one.`
+        : "This browser keeps it and sends it with every call to the master." }));
     this.secretBox.hidden = false;
   }
 
