@@ -52,6 +52,19 @@ def _as_tensor(value: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
 
 
+def _assigned(field: dict | None, key: str, alone: list, node: str) -> list:
+    """This participant's part of the job; ``alone`` when the prompt was not distributed. An empty
+    part means nothing to render: the master's rewrite leaves such nodes out of its prompt, so one
+    that runs anyway was not planned here, and it stops rather than render what nobody asked for."""
+    if field is None or key not in field:
+        return alone
+    part = field[key]
+    if not isinstance(part, list) or not part:
+        raise RuntimeError(f"{node}: this instance was given no share of the job ({key}={part!r}), so it "
+                           "has nothing to render; queue the workflow on the master instead.")
+    return part
+
+
 class MultiGPUCollector:
     """Gathers the images of every GPU into one batch: the master's first, then the workers in config order."""
 
@@ -85,6 +98,8 @@ class MultiGPUCollector:
             return (_concat(batches),)
         if role == "error":
             raise RuntimeError(f"Multi-GPU Collector: {job['error']}")
+        if role == "pass":  # after another Collector: its input is gathered already
+            return (_concat(batches),)
         if role == "worker":
             return (self._send(job, batches),)
         return (self._gather(job, batches),)
@@ -161,8 +176,7 @@ class DistributedSeed:
                 "hidden": HIDDEN}
 
     def seed(self, seed, prompt=None, unique_id=None):
-        field = workflow.read_field(prompt, unique_id)
-        units = (field or {}).get("units") or [0]
+        units = _assigned(workflow.read_field(prompt, unique_id), "units", [0], "Distributed Seed")
         return ([plan.seed_for(seed, unit) for unit in units],)
 
 
@@ -188,8 +202,8 @@ class DistributedEmptyLatent:
                 "hidden": HIDDEN}
 
     def make(self, width, height, batch_size, prompt=None, unique_id=None):
-        field = workflow.read_field(prompt, unique_id)
-        chunks = (field or {}).get("chunks") or [[0, batch_size]]
+        chunks = _assigned(workflow.read_field(prompt, unique_id), "chunks", [[0, batch_size]],
+                           "Distributed Empty Latent")
         device = getattr(comfy.model_management, "intermediate_device", lambda: torch.device("cpu"))()
         # batch_index makes KSampler draw each image's noise as the whole batch would have.
         return ([{"samples": torch.zeros([count, 4, height // 8, width // 8], device=device),

@@ -134,7 +134,8 @@ class Coordinator:
             return json_data
         try:
             slots = plan.slots(config)
-            batch = workflow.split_batch(prompt, collectors)
+            fanned = workflow.layout(prompt, collectors).fanned  # the Collectors workers render for
+            batch = workflow.split_batch(prompt, fanned)
         except (plan.PlanError, workflow.WorkflowError) as exc:
             json_data["prompt"] = _with_error(prompt, collectors, str(exc))
             return json_data
@@ -143,7 +144,7 @@ class Coordinator:
         available = [s.participant for s in slots
                      if s.participant == plan.MASTER_ID or not self.is_offline(s.participant)]
         labels = {w.id: w.label for w in config.workers} | {plan.MASTER_ID: "master"}
-        job_plan = JobPlan(prompt, collectors, config)
+        job_plan = JobPlan(prompt, fanned, config)
         try:
             if batch is None:
                 job, own = self._plan_multiply(slots, available, labels)
@@ -152,7 +153,7 @@ class Coordinator:
         except plan.PlanError as exc:
             json_data["prompt"] = _with_error(prompt, collectors, str(exc))
             return json_data
-        job.collectors = collectors
+        job.collectors = fanned
         for s in slots:
             if s.participant not in available:
                 job.notices.append(f"{labels[s.participant]} was unreachable moments ago; "

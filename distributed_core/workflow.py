@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from typing import Any
 
 COLLECTOR = "MultiGPUCollector"
 SEED = "DistributedSeed"
 LATENT = "DistributedEmptyLatent"
+DISTRIBUTED = (SEED, LATENT)
 FIELD = "_distributed"
 MAX_SPLIT_BATCH = 4096  # the node's own maximum
 
@@ -97,34 +99,138 @@ def _set_nodes(result: Prompt, source: Prompt, keep, chunks: list[list[int]], se
             result[nid] = _with_field(source[nid], {"chunks": chunks})
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where each part of a workflow with Collectors runs.
+
+    - ``fanned``: the Collectors with no other Collector before them. Every participant renders
+      what they need and the master gathers it; a worker's prompt holds only these, in worker role.
+    - ``chained``: Collectors after another Collector. They receive an already gathered batch and
+      run once, on the master, passing it on.
+    - ``gathered``: the fanned Collectors and everything after them; it runs once, on the master.
+    - ``own``: what a participant renders for its own share: everything after a Distributed Seed or
+      Distributed Empty Latent that is not after a Collector.
+    """
+    fanned: list[str]
+    chained: list[str]
+    gathered: set[str]
+    own: set[str]
+
+
+def describe(prompt: Prompt, nid: str) -> str:
+    node = prompt.get(nid) or {}
+    title = (node.get("_meta") or {}).get("title") if isinstance(node.get("_meta"), dict) else None
+    return f"{title or node.get('class_type', '?')} (node {nid})"
+
+
+def downstream(prompt: Prompt, roots) -> set[str]:
+    """Every node that needs the output of some root, the roots included."""
+    consumers: dict[str, list[str]] = {}
+    for nid, node in prompt.items():
+        for value in ((node.get("inputs") or {}) if isinstance(node, dict) else {}).values():
+            if is_link(value):
+                consumers.setdefault(str(value[0]), []).append(nid)
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        nid = stack.pop()
+        if nid not in seen:
+            seen.add(nid)
+            stack.extend(consumers.get(nid, ()))
+    return seen
+
+
+def fanned_of(prompt: Prompt, collectors: list[str]) -> list[str]:
+    """The Collectors that have no other Collector upstream of them."""
+    before = {c: upstream(prompt, [c]) - {c} for c in collectors}
+    return [c for c in collectors if not any(o in before[c] for o in collectors if o != c)]
+
+
+def layout(prompt: Prompt, collectors: list[str]) -> Layout:
+    """Work out where each node runs; refuse a workflow in which a node after a Collector takes
+    something that each participant rendered for itself (only the gathered batch is known there)."""
+    fanned = fanned_of(prompt, collectors)
+    gathered = downstream(prompt, fanned)
+    sources = [nid for nid, node in prompt.items()
+               if isinstance(node, dict) and node.get("class_type") in DISTRIBUTED]
+    own = downstream(prompt, sources) - gathered
+    for nid in sorted(gathered - set(fanned)):
+        for value in (prompt[nid].get("inputs") or {}).values():
+            src = str(value[0]) if is_link(value) else None
+            if src in own and prompt[src].get("class_type") not in DISTRIBUTED:
+                before = [c for c in fanned if c in upstream(prompt, [nid])]
+                raise WorkflowError(
+                    f"{describe(prompt, nid)} comes after the Multi-GPU Collector "
+                    f"{', '.join(describe(prompt, c) for c in before)} but also takes the output of "
+                    f"{describe(prompt, src)}, which every GPU renders for itself before the Collector. "
+                    "After a Collector only its combined batch exists: connect that node to the "
+                    "Collector's output, or pass the other value through a Collector of its own.")
+    return Layout(fanned, [c for c in collectors if c not in fanned], gathered, own)
+
+
+def _unused_id(prompt: Prompt, wanted: str) -> str:
+    nid = wanted
+    while nid in prompt:
+        nid += "_"
+    return nid
+
+
 def master_prompt(prompt: Prompt, collectors: list[str], job: dict, chunks: list[list[int]],
                   seeds: list[int]) -> Prompt:
     """The master's own prompt: the whole workflow, its seed and latent nodes set to its own chunks.
 
     ``chunks`` holds [first unit, count] pairs, ``seeds`` the seed offset for each chunk. With no
-    chunk of its own (master disabled) each Collector's input comes from a 1x1 EmptyImage instead,
-    so that the master renders nothing upstream of it and only gathers.
+    chunk of its own (master disabled, or a split share of 0) it renders nothing that is a share:
+    every node after a Distributed node and before the Collectors leaves the prompt (a Preview of
+    the decoded images, say), and each fanned Collector's input comes from a 1x1 EmptyImage, so
+    that it only gathers. Chained Collectors pass their batch on. Nodes after a Collector that
+    take a Distributed node's value get it as a single GPU would (the seed as it is, the whole
+    latent batch): that part of the workflow runs once.
     """
+    shape = layout(prompt, collectors)
     result = dict(prompt)
-    _set_nodes(result, prompt, prompt, chunks, seeds)
-    for nid in collectors:
+    if chunks:
+        _set_nodes(result, prompt, [nid for nid in prompt if nid not in shape.gathered], chunks, seeds)
+    else:
+        for nid in shape.own:
+            result.pop(nid, None)
+    plain: dict[str, str] = {}
+    for nid in sorted(shape.gathered - set(shape.fanned)):
+        node = None
+        for name, value in (prompt[nid].get("inputs") or {}).items():
+            src = str(value[0]) if is_link(value) else None
+            if src is None or src in shape.gathered or prompt[src].get("class_type") not in DISTRIBUTED:
+                continue
+            if src not in plain:
+                plain[src] = _unused_id(result, f"{src}-once")
+                clone = copy.deepcopy(prompt[src])
+                (clone.get("inputs") or {}).pop(FIELD, None)
+                result[plain[src]] = clone
+            node = node or copy.deepcopy(prompt[nid])
+            node["inputs"][name] = [plain[src], value[1]]
+        if node is not None:
+            result[nid] = node
+    for nid in shape.fanned:
         node = _with_field(prompt[nid], {**job, "role": "master", "collector": nid, "chunks": chunks})
         if not chunks:
-            placeholder = f"{nid}-idle"
+            placeholder = _unused_id(result, f"{nid}-idle")
             result[placeholder] = {"class_type": "EmptyImage",
                                    "inputs": {"width": 1, "height": 1, "batch_size": 1, "color": 0}}
             node["inputs"]["images"] = [placeholder, 0]
         result[nid] = node
+    for nid in shape.chained:
+        result[nid] = _with_field(result[nid], {"role": "pass"})
     return result
 
 
 def worker_prompt(prompt: Prompt, collectors: list[str], job: dict, chunks: list[list[int]],
                   seeds: list[int]) -> Prompt:
-    """A worker's prompt: only what the Collectors need, with the Collectors in worker role."""
-    keep = upstream(prompt, collectors)
+    """A worker's prompt: only what the fanned Collectors need, with them in worker role."""
+    fanned = fanned_of(prompt, collectors)
+    keep = upstream(prompt, fanned)
     result: Prompt = {nid: prompt[nid] for nid in keep}
     _set_nodes(result, prompt, keep, chunks, seeds)
-    for nid in collectors:
+    for nid in fanned:
         result[nid] = _with_field(prompt[nid], {**job, "role": "worker", "collector": nid, "chunks": chunks})
     return result
 

@@ -150,6 +150,65 @@ def test_master_prompt_keeps_the_workflow_and_drops_the_input_when_it_renders_no
     assert idle[source]["class_type"] == "EmptyImage" and source not in PROMPT
 
 
+CHAINED = {
+    "1": {"class_type": "DistributedSeed", "inputs": {"seed": 5}},
+    "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": ["1", 0]}},
+    "3": {"class_type": "MultiGPUCollector", "inputs": {"images": ["2", 0]}},
+    "4": {"class_type": "ImageInvert", "inputs": {"image": ["3", 0]}},
+    "5": {"class_type": "MultiGPUCollector", "inputs": {"images": ["4", 0]}},
+    "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "x"}},
+    "7": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+}
+
+
+def test_a_collector_after_another_runs_once_on_the_master():
+    shape = workflow.layout(CHAINED, ["3", "5"])
+    assert shape.fanned == ["3"] and shape.chained == ["5"]
+    assert shape.own == {"1", "2", "7"} and shape.gathered == {"3", "4", "5", "6"}
+    wp = workflow.worker_prompt(CHAINED, ["3", "5"], {"job": "j"}, [[1, 1]], [1])
+    assert set(wp) == {"1", "2", "3"}  # the second Collector never reaches a worker
+    mp = workflow.master_prompt(CHAINED, ["3", "5"], {"job": "j"}, [[0, 1]], [0])
+    assert workflow.read_field(mp, "3")["role"] == "master"
+    assert workflow.read_field(mp, "5") == {"role": "pass"}
+    assert workflow.read_field(mp, "1") == {"units": [0]} and "7" in mp
+
+
+def test_parallel_collectors_are_both_fanned_out():
+    prompt = {**CHAINED, "5": {"class_type": "MultiGPUCollector", "inputs": {"images": ["2", 0]}},
+              "4": {"class_type": "ImageInvert", "inputs": {"image": ["5", 0]}},
+              "6": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "x"}}}
+    assert workflow.layout(prompt, ["3", "5"]).fanned == ["3", "5"]
+    wp = workflow.worker_prompt(prompt, ["3", "5"], {"job": "j"}, [[1, 1]], [1])
+    assert {workflow.read_field(wp, c)["role"] for c in ("3", "5")} == {"worker"}
+
+
+def test_a_master_without_a_share_renders_no_share_at_all():
+    mp = workflow.master_prompt(CHAINED, ["3", "5"], {"job": "j"}, [], [])
+    assert not {"1", "2", "7"} & set(mp)  # no seed, no images, no preview of images nobody asked for
+    assert mp[mp["3"]["inputs"]["images"][0]]["class_type"] == "EmptyImage"
+    assert workflow.read_field(mp, "3")["chunks"] == [] and mp["5"]["inputs"]["images"] == ["4", 0]
+
+
+def test_after_a_collector_a_seed_is_the_plain_seed():
+    prompt = {**CHAINED, "4": {"class_type": "ImageScale", "inputs": {"image": ["3", 0], "width": ["1", 0],
+                                                                        "height": 8, "upscale_method": "nearest-exact",
+                                                                        "crop": "disabled"}}}
+    mp = workflow.master_prompt(prompt, ["3", "5"], {"job": "j"}, [[0, 1], [2, 1]], [0, 2])
+    clone = mp["4"]["inputs"]["width"][0]
+    assert clone != "1" and workflow.read_field(mp, clone) is None  # seed as it is, once
+    assert workflow.read_field(mp, "1") == {"units": [0, 2]} and prompt["4"]["inputs"]["width"] == ["1", 0]
+    idle = workflow.master_prompt(prompt, ["3", "5"], {"job": "j"}, [], [])
+    assert "1" not in idle and idle[idle["4"]["inputs"]["width"][0]]["class_type"] == "DistributedSeed"
+
+
+def test_a_node_after_a_collector_cannot_take_a_share():
+    prompt = {**CHAINED, "4": {"class_type": "ImageBatch", "inputs": {"image1": ["3", 0], "image2": ["2", 0]}}}
+    with pytest.raises(workflow.WorkflowError) as info:
+        workflow.layout(prompt, ["3", "5"])
+    assert "ImageBatch (node 4)" in str(info.value) and "MultiGPUCollector (node 3)" in str(info.value)
+    assert "EmptyImage (node 2)" in str(info.value)
+
+
 def test_fresh_collectors_ignores_non_prompts():
     assert workflow.fresh_collectors(PROMPT) == ["3"]
     assert workflow.fresh_collectors(None) == [] and workflow.fresh_collectors([1]) == []
