@@ -13,7 +13,7 @@ from aiohttp import web
 from .distributed_core import access, launcher
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
-from .distributed_core.coordinator import Coordinator, submitted
+from .distributed_core.coordinator import Coordinator, refused, submitted
 from .distributed_core.jobs import JobStore, ResultRejected, receive
 
 log = logging.getLogger("comfyui-distributed")
@@ -114,7 +114,7 @@ def _prompt_middleware(coord: Coordinator):
     async def middleware(request: web.Request, handler):
         if request.method != "POST" or request.path not in PROMPT_PATHS:
             return await handler(request)
-        token = submitted.set([])
+        token, refusal = submitted.set([]), refused.set([])
         try:
             response = await handler(request)
         except BaseException:
@@ -122,8 +122,13 @@ def _prompt_middleware(coord: Coordinator):
                 coord.drop(job_id, "the master could not take the prompt")
             raise
         finally:
-            planned = submitted.get() or []
+            planned, reasons = submitted.get() or [], refused.get() or []
             submitted.reset(token)
+            refused.reset(refusal)
+        if reasons and response.status == 400:  # ComfyUI's own shape, so its page shows the reason
+            return web.json_response({"error": {"type": "distributed_refused", "message": reasons[0],
+                                                "details": reasons[0], "extra_info": {}},
+                                      "node_errors": {}}, status=400)
         prompt_id = ""
         if response.status == 200 and planned:
             try:

@@ -65,6 +65,16 @@ def _assigned(field: dict | None, key: str, alone: list, node: str) -> list:
     return part
 
 
+def _unseal(key) -> str | None:
+    """The token that this instance's prompt hook moved out of a worker-role prompt."""
+    from .distributed_routes import coordinator
+
+    try:
+        return coordinator().vault.take(key)
+    except RuntimeError:  # the extension did not start here, so nothing was sealed
+        return None
+
+
 class MultiGPUCollector:
     """Gathers the images of every GPU into one batch: the master's first, then the workers in config order."""
 
@@ -108,11 +118,16 @@ class MultiGPUCollector:
     def _send(job: dict, batches: list) -> torch.Tensor:
         chunks = job["chunks"]
         batches = _per_chunk(batches, chunks)
+        token = job.get("token") or _unseal(job.get("sealed"))
+        if not token:
+            raise RuntimeError("Multi-GPU Collector: this worker holds no result token for this prompt. A "
+                               "worker-role prompt runs once, as the master sent it; one queued again (from "
+                               "the history, say) cannot deliver. Queue the workflow on the master.")
         deadline = time.monotonic() + float(job.get("timeout", 120))
         url = job["master_url"].rstrip("/") + "/distributed/result"
         for (first, count), batch in zip(chunks, batches):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            parts = wire.frame(job["job"], job["collector"], first, count, job["token"], batch,
+            parts = wire.frame(job["job"], job["collector"], first, count, token, batch,
                                job.get("transport", "float32"))
             try:
                 deliver(url, parts, deadline)

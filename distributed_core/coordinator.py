@@ -33,6 +33,8 @@ CLIENT_ID = "comfyui-distributed"
 
 # Jobs planned during the POST /prompt request being handled; the middleware activates or drops them.
 submitted: contextvars.ContextVar[list | None] = contextvars.ContextVar("distributed_submitted", default=None)
+# Why the prompt hook refused the POST /prompt being handled; the middleware answers with it.
+refused: contextvars.ContextVar[list | None] = contextvars.ContextVar("distributed_refused", default=None)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Coordinator:
         self.offline_until: dict[str, float] = {}
         self.tasks: set[asyncio.Task] = set()
         self.wakeups: dict[str, asyncio.Event] = {}
+        self.vault = workflow.Vault()  # result tokens of worker-role prompts sent to this instance
         self._throughput: plan.Throughput | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, for calls from other threads
         self._session: aiohttp.ClientSession | None = None
@@ -122,7 +125,16 @@ class Coordinator:
     def _rewrite(self, json_data: Any) -> Any:
         if not isinstance(json_data, dict):
             return json_data
-        prompt = json_data.get("prompt")
+        kind, prompt = workflow.screen(json_data.get("prompt"))
+        if kind == "refused":
+            return refuse(json_data, prompt)
+        if kind == "dispatch":  # a master's prompt for this instance as a worker: run it as it is
+            json_data["prompt"] = self.vault.seal(prompt)
+            return json_data
+        if kind == "stripped":
+            log.warning("[Distributed] a submitted prompt carried %s inputs, which only the master's own "
+                        "rewrite sets; they were dropped", workflow.FIELD)
+            json_data["prompt"] = prompt
         collectors = workflow.fresh_collectors(prompt)
         if not collectors:
             return json_data
@@ -306,7 +318,7 @@ class Coordinator:
         job_plan = self.plans[job_id]
         worker = job_plan.config.worker(share.participant)
         job = self.store.get(job_id)
-        fields = {"job": job_id, "token": job.token, "timeout": job_plan.config.settings.job_timeout,
+        fields = {"job": job_id, "token": share.token, "timeout": job_plan.config.settings.job_timeout,
                   "master_url": self.master_url_for(job_plan.config, worker),
                   "transport": job_plan.config.settings.transport_for(worker)}
         chunks = plan.chunks_of(share.units) if job.split else [[u, 1] for u in share.units]
@@ -536,6 +548,17 @@ class Coordinator:
 
 class _Lost(Exception):
     pass
+
+
+def refuse(json_data: dict, message: str) -> dict:
+    """Keep a prompt out of ComfyUI's queue: without its prompt ComfyUI answers 400, and our
+    middleware puts ``message`` in that answer."""
+    log.warning("[Distributed] prompt refused: %s", message)
+    json_data.pop("prompt", None)
+    pending = refused.get()
+    if pending is not None:
+        pending.append(message)
+    return json_data
 
 
 def _set_running(job: Job, prompt_id: str) -> None:

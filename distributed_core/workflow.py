@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,6 +251,77 @@ def input_files(prompt: Prompt) -> list[str]:
             if name not in names:
                 names.append(name)
     return names
+
+
+# --- prompts that arrive with fields already in them ------------------------------------------------
+# Only the master's rewrite sets FIELD. A prompt that arrives with it is either a master's dispatch
+# to this instance as a worker (Collectors in worker role), or something a client made up: a
+# Collector in master role would take another job's images. Worker-role prompts are run as they
+# are, with their result tokens moved out of the prompt (ComfyUI shows queued prompts to anyone
+# who asks); any other field is dropped and the prompt is planned as if it were new.
+
+OURS = (COLLECTOR, SEED, LATENT)
+
+
+def screen(prompt: Any) -> tuple[str, Any]:
+    """("new", prompt) without fields; ("dispatch", prompt) for a worker-role prompt; ("stripped",
+    prompt without any field) for fields a client made up; ("refused", message) for a worker-role
+    prompt whose other Collectors claim another role."""
+    if not isinstance(prompt, dict):
+        return "new", prompt
+    carried = {nid: read_field(prompt, nid) for nid, node in prompt.items()
+               if isinstance(node, dict) and node.get("class_type") in OURS
+               and FIELD in (node.get("inputs") or {})}
+    if not carried:
+        return "new", prompt
+    roles = {nid: (field or {}).get("role") for nid, field in carried.items()
+             if prompt[nid].get("class_type") == COLLECTOR}
+    if "worker" in roles.values():
+        others = sorted(nid for nid, role in roles.items() if role != "worker")
+        if others:
+            return "refused", ("this prompt gives a Multi-GPU Collector the worker role and "
+                               f"{', '.join(f'{describe(prompt, n)} the role {roles[n]!r}' for n in others)}; "
+                               "only the master's own rewrite sets these roles. Queue the workflow on the "
+                               "master without any _distributed input.")
+        return "dispatch", prompt
+    stripped = dict(prompt)
+    for nid in carried:
+        node = copy.deepcopy(prompt[nid])
+        node["inputs"].pop(FIELD, None)
+        stripped[nid] = node
+    return "stripped", stripped
+
+
+class Vault:
+    """Result tokens of the worker-role prompts this instance was sent, held in memory only.
+
+    ``seal`` moves each worker-role Collector's token out of the prompt, leaving a random key in
+    its place, so that the prompt ComfyUI queues and lists in GET /queue and /history names no
+    credential; the Collector takes its token back when it runs. Bounded: a prompt deleted
+    before it runs leaves its token behind until newer ones push it out."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self._tokens: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def seal(self, prompt: Prompt) -> Prompt:
+        result = dict(prompt)
+        for nid in nodes_of(prompt, COLLECTOR):
+            field = read_field(prompt, nid)
+            if not field or field.get("role") != "worker" or not isinstance(field.get("token"), str):
+                continue
+            key = secrets.token_urlsafe(12)
+            with self._lock:
+                self._tokens[key] = field.pop("token")
+                while len(self._tokens) > self.limit:
+                    self._tokens.pop(next(iter(self._tokens)))
+            result[nid] = _with_field(prompt[nid], {**field, "sealed": key})
+        return result
+
+    def take(self, key: Any) -> str | None:
+        with self._lock:
+            return self._tokens.pop(key, None) if isinstance(key, str) else None
 
 
 def read_field(prompt: Any, node_id: Any) -> dict | None:

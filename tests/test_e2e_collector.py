@@ -192,6 +192,8 @@ def _chained(seed: int) -> dict:
 
 
 def test_two_collectors_in_a_row_gather_each_image_once(live):
+    for worker in live.workers:
+        worker.post("/history", {"clear": True})
     _pid, entry = run(live, _chained(100))
     assert error_of(entry) == ""
     # each participant's two images once, inverted once (blue 255 - seed)
