@@ -12,7 +12,7 @@ import comfy.model_management
 import comfy.utils
 
 from .distributed_core import plan, wire, workflow
-from .distributed_core.client import InstanceError, deliver
+from .distributed_core.client import InstanceError, Interrupted, deliver
 from .distributed_core.jobs import JobFailed, JobState
 
 log = logging.getLogger("comfyui-distributed")
@@ -130,7 +130,10 @@ class MultiGPUCollector:
             parts = wire.frame(job["job"], job["collector"], first, count, token, batch,
                                job.get("transport", "float32"))
             try:
-                deliver(url, parts, deadline)
+                deliver(url, parts, deadline, comfy.model_management.processing_interrupted)
+            except Interrupted:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                raise RuntimeError("Multi-GPU Collector: interrupted while delivering results") from None
             except InstanceError as exc:
                 raise RuntimeError(f"Multi-GPU Collector: {exc}") from None
         return _concat(batches)

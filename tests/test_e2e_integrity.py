@@ -78,3 +78,71 @@ def test_a_token_read_from_a_worker_delivers_nothing(live):
     assert blue_values(live.master.saved_images(entry, "5")) == [80, 81, 82]
     for worker in live.workers:
         assert "token" not in json.dumps([item["prompt"][2] for item in worker.get("/history").json().values()])
+
+
+class _Busy:
+    """A stand-in master that reads each result and answers 503 "retry later", forever."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        busy = self
+        self.posts = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                busy.posts += 1
+                body = b'{"error": "the master holds its result budget for earlier jobs; retry later"}'
+                self.send_response(503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def busy_master():
+    busy = _Busy()
+    yield busy
+    busy.close()
+
+
+def _dispatch(worker, master_url: str, timeout: float) -> str:
+    """Queue on a worker the prompt a master would send it for unit 1."""
+    from distributed_core import workflow
+    fields = {"job": "j" * 32, "token": "t" * 32, "timeout": timeout, "master_url": master_url,
+              "transport": "float32"}
+    prompt = workflow.worker_prompt(image_workflow(seed=1, batch=1), ["4"], fields, [[1, 1]], [1])
+    return worker.queue_prompt(prompt)
+
+
+def test_delivery_to_a_busy_master_gives_up_at_the_deadline(live, busy_master):
+    worker = live.workers[0]
+    prompt_id = _dispatch(worker, busy_master.url, timeout=2)
+    entry = worker.wait_prompt(prompt_id, 60)  # before: retried for as long as the master said 503
+    assert "503" in error_of(entry) and busy_master.posts >= 1
+    assert worker.idle()
+
+
+def test_delivery_stops_when_the_worker_is_interrupted(live, busy_master):
+    worker = live.workers[0]
+    prompt_id = _dispatch(worker, busy_master.url, timeout=600)
+    wait_until(lambda: busy_master.posts >= 2, 30, what="the worker to retry its delivery")
+    assert worker.post("/interrupt", {}).status_code == 200
+    entry = worker.wait_prompt(prompt_id, 30)  # before: the interrupt was ignored until the deadline
+    assert entry["status"]["status_str"] == "error"
+    assert any(event == "execution_interrupted" for event, _data in entry["status"]["messages"])
+    wait_until(worker.idle, 10, what="the worker to be idle")
