@@ -5,6 +5,7 @@ Every failure becomes an InstanceError whose message a user can act on.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from typing import Any, Callable, Iterable
@@ -15,6 +16,7 @@ from . import wire
 
 QUICK = aiohttp.ClientTimeout(total=3, sock_connect=2)     # status polls: a frozen worker is noticed fast
 DISPATCH = aiohttp.ClientTimeout(total=10, sock_connect=3)  # a prompt can take a moment to validate
+TRANSFER = aiohttp.ClientTimeout(total=300, sock_connect=3, sock_read=30)  # reading a whole input file
 
 
 class InstanceError(RuntimeError):
@@ -99,6 +101,24 @@ class InstanceClient:
                 return int(total) if total.isdigit() else resp.content_length
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise InstanceError(describe(self.url, exc)) from exc
+
+    async def input_digest(self, name: str) -> str | None:
+        """SHA-256 of a file in the instance's input folder (read through GET /view), or None when
+        it has none by that name."""
+        subfolder, _, filename = name.rpartition("/")
+        params = {"filename": filename, "subfolder": subfolder, "type": "input"}
+        digest = hashlib.sha256()
+        try:
+            async with self.session.get(self.url + "/view", params=params, timeout=TRANSFER) as resp:
+                if resp.status == 404:
+                    return None
+                if resp.status != 200:
+                    raise InstanceError(f"{self.url}/view answered {resp.status} for input {name}")
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    digest.update(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise InstanceError(describe(self.url, exc)) from exc
+        return digest.hexdigest()
 
     async def upload_input(self, name: str, data: bytes) -> None:
         subfolder, _, filename = name.rpartition("/")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import logging
 import socket
 import time
@@ -355,9 +356,10 @@ class Coordinator:
             path = (root / name).resolve()
             if root not in path.parents or not path.is_file():
                 continue  # not ours to send; the worker's own validation will name what is missing
-            if await client.input_size(name) == path.stat().st_size:
+            data, digest = await asyncio.get_running_loop().run_in_executor(None, _read_hashed, path)
+            # the size first, which costs nothing; then the content, read back through /view
+            if await client.input_size(name) == len(data) and await client.input_digest(name) == digest:
                 continue
-            data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
             await client.upload_input(name, data)
             log.info("[Distributed] uploaded input %s to %s", name, client.url)
 
@@ -559,6 +561,11 @@ def refuse(json_data: dict, message: str) -> dict:
     if pending is not None:
         pending.append(message)
     return json_data
+
+
+def _read_hashed(path: Path) -> tuple[bytes, str]:
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def _set_running(job: Job, prompt_id: str) -> None:

@@ -146,3 +146,24 @@ def test_delivery_stops_when_the_worker_is_interrupted(live, busy_master):
     assert entry["status"]["status_str"] == "error"
     assert any(event == "execution_interrupted" for event, _data in entry["status"]["messages"])
     wait_until(worker.idle, 10, what="the worker to be idle")
+
+
+def test_a_different_input_of_the_same_name_and_size_is_replaced(live):
+    from PIL import Image
+
+    def bmp(path, blue):  # BMP: the same size in bytes whatever the colour
+        Image.fromarray(np.full((8, 8, 3), (10, 200, blue), np.uint8)).save(path, "BMP")
+    bmp(live.master.dirs["input"] / "same-size.bmp", 30)
+    for worker in live.workers:
+        bmp(worker.dirs["input"] / "same-size.bmp", 31)
+    assert all((w.dirs["input"] / "same-size.bmp").stat().st_size ==
+               (live.master.dirs["input"] / "same-size.bmp").stat().st_size for w in live.workers)
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "same-size.bmp"}},
+              "2": {"class_type": "MultiGPUCollector", "inputs": {"images": ["1", 0]}},
+              "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "loaded"}}}
+    entry = live.master.wait_prompt(live.master.queue_prompt(prompt), 120)
+    assert error_of(entry) == ""
+    assert blue_values(live.master.saved_images(entry, "3")) == [30, 30, 30]
+    for worker in live.workers:
+        assert (worker.dirs["input"] / "same-size.bmp").read_bytes() == \
+            (live.master.dirs["input"] / "same-size.bmp").read_bytes()
