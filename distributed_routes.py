@@ -46,6 +46,18 @@ def input_dir() -> Path:
     return Path(folder_paths.get_input_directory())
 
 
+def runs_partial_targets() -> bool:
+    """Whether this ComfyUI runs only the outputs that POST /prompt names in
+    partial_execution_targets (0.3.64 does); older ones ignore the field and run every output."""
+    import inspect
+
+    import execution
+    try:
+        return len(inspect.signature(execution.validate_prompt).parameters) >= 3
+    except (TypeError, ValueError):
+        return False
+
+
 def error(status: int, message: str, **extra) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
@@ -79,7 +91,8 @@ def setup(server) -> Coordinator:
 
     store = JobStore(on_change=emit)
     coord = Coordinator(store, config_file.load, own_address, input_dir,
-                        loopback_only=lambda: all(h in ("127.0.0.1", "localhost", "::1") for h in listen_hosts()))
+                        loopback_only=lambda: all(h in ("127.0.0.1", "localhost", "::1") for h in listen_hosts()),
+                        partial_execution=runs_partial_targets())
     _coordinator = coord
     server.add_on_prompt_handler(coord.rewrite)
     server.app.middlewares.append(_access_middleware(access.load_or_create()))

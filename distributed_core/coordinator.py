@@ -55,12 +55,13 @@ class JobPlan:
 class Coordinator:
     def __init__(self, store: JobStore, load_config: Callable[[], Loaded],
                  own_address: Callable[[], tuple[str, int]], input_dir: Callable[[], Path] | None = None,
-                 loopback_only: Callable[[], bool] = lambda: False):
+                 loopback_only: Callable[[], bool] = lambda: False, partial_execution: bool = False):
         self.store = store
         self.load_config = load_config
         self.own_address = own_address
         self.input_dir = input_dir            # the master's input folder, for loaders' files
         self.loopback_only = loopback_only    # the master listens on 127.0.0.1 alone
+        self.partial_execution = partial_execution  # ComfyUI runs only partial_execution_targets
         self.plans: dict[str, JobPlan] = {}
         self.offline_until: dict[str, float] = {}
         self.tasks: set[asyncio.Task] = set()
@@ -137,6 +138,9 @@ class Coordinator:
                         "rewrite sets; they were dropped", workflow.FIELD)
             json_data["prompt"] = prompt
         collectors = workflow.fresh_collectors(prompt)
+        targets = json_data.get("partial_execution_targets")
+        if collectors and self.partial_execution and isinstance(targets, list):
+            collectors = workflow.reached(prompt, collectors, targets)  # plan only what will run
         if not collectors:
             return json_data
         loaded = self.load_config()

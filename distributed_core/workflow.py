@@ -67,6 +67,16 @@ def upstream(prompt: Prompt, roots: list[str]) -> set[str]:
     return seen
 
 
+def reached(prompt: Prompt, collectors: list[str], targets: list) -> list[str]:
+    """The Collectors that run when ComfyUI executes only the outputs ``targets`` (the current
+    frontend's partial execution)."""
+    try:
+        runs = upstream(prompt, [str(t) for t in targets if str(t) in prompt])
+    except WorkflowError:
+        return collectors  # ComfyUI's own validation names what is missing
+    return [c for c in collectors if c in runs]
+
+
 def _with_field(node: dict, data: dict) -> dict:
     node = copy.deepcopy(node)
     node.setdefault("inputs", {})[FIELD] = json.dumps(data, separators=(",", ":"))

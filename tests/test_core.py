@@ -630,3 +630,16 @@ def test_delivery_honours_its_deadline_and_interrupts():
     asked = []
     with pytest.raises(Interrupted):  # an interrupt during the retries ends them
         deliver(url, parts, time.monotonic() + 3600, interrupted=lambda: asked.append(1) or len(asked) > 3)
+
+
+def test_only_collectors_that_run_are_planned():
+    assert workflow.reached(CHAINED, ["3", "5"], ["6"]) == ["3", "5"]
+    assert workflow.reached(CHAINED, ["3", "5"], ["7"]) == []  # a preview before the Collectors
+    assert workflow.reached(CHAINED, ["3", "5"], ["3", "nope"]) == ["3"]
+    from distributed_core.coordinator import Coordinator
+
+    def nothing_to_load():
+        raise AssertionError("a prompt whose Collectors do not run needs no plan")
+    coord = Coordinator(JobStore(), nothing_to_load, lambda: ("127.0.0.1", 8188), partial_execution=True)
+    data = {"prompt": CHAINED, "partial_execution_targets": ["7"]}
+    assert coord._rewrite(data) is data and data["prompt"] is CHAINED and not coord.store.active()

@@ -167,3 +167,23 @@ def test_a_different_input_of_the_same_name_and_size_is_replaced(live):
     for worker in live.workers:
         assert (worker.dirs["input"] / "same-size.bmp").read_bytes() == \
             (live.master.dirs["input"] / "same-size.bmp").read_bytes()
+
+
+def test_a_partial_run_outside_the_collector_dispatches_no_worker(live):
+    for worker in live.workers:
+        worker.post("/history", {"clear": True})
+    prompt = image_workflow(seed=90, batch=1)
+    prompt["8"] = {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 7}}
+    prompt["9"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "alone"}}
+    resp = live.master.post("/prompt", {"prompt": prompt, "client_id": "tests", "partial_execution_targets": ["9"]})
+    assert resp.status_code == 200, resp.text
+    entry = live.master.wait_prompt(resp.json()["prompt_id"], 120)
+    assert error_of(entry) == ""
+    if "partial_execution" in (live.tree / "execution.py").read_text():
+        # this ComfyUI runs only node 9: nothing reaches the Collector, so no worker renders for it
+        assert set(entry["outputs"]) == {"9"}
+        assert all(not worker.get("/history").json() for worker in live.workers)
+    else:
+        # an older ComfyUI ignores the field and runs every output: then the Collector still gathers all
+        assert blue_values(live.master.saved_images(entry, "5")) == [90, 91, 92]
+    assert live.master.get("/distributed/status").json()["jobs"] == []
