@@ -281,7 +281,7 @@ def screen(prompt: Any) -> tuple[str, Any]:
         return "new", prompt
     carried = {nid: read_field(prompt, nid) for nid, node in prompt.items()
                if isinstance(node, dict) and node.get("class_type") in OURS
-               and FIELD in (node.get("inputs") or {})}
+               and isinstance(node.get("inputs"), dict) and FIELD in node["inputs"]}
     if not carried:
         return "new", prompt
     roles = {nid: (field or {}).get("role") for nid, field in carried.items()
