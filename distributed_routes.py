@@ -13,7 +13,7 @@ from aiohttp import web
 from .distributed_core import access, launcher
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
-from .distributed_core.coordinator import Coordinator, submitted
+from .distributed_core.coordinator import Coordinator, refused, submitted
 from .distributed_core.jobs import JobStore, ResultRejected, receive
 
 log = logging.getLogger("comfyui-distributed")
@@ -44,6 +44,18 @@ def own_address() -> tuple[str, int]:
 def input_dir() -> Path:
     import folder_paths
     return Path(folder_paths.get_input_directory())
+
+
+def runs_partial_targets() -> bool:
+    """Whether this ComfyUI runs only the outputs that POST /prompt names in
+    partial_execution_targets (0.3.64 does); older ones ignore the field and run every output."""
+    import inspect
+
+    import execution
+    try:
+        return len(inspect.signature(execution.validate_prompt).parameters) >= 3
+    except (TypeError, ValueError):
+        return False
 
 
 def error(status: int, message: str, **extra) -> web.Response:
@@ -90,7 +102,8 @@ def setup(server) -> Coordinator:
 
     store = JobStore(on_change=emit)
     coord = Coordinator(store, config_file.load, own_address, input_dir,
-                        loopback_only=lambda: all(h in ("127.0.0.1", "localhost", "::1") for h in listen_hosts()))
+                        loopback_only=lambda: all(h in ("127.0.0.1", "localhost", "::1") for h in listen_hosts()),
+                        partial_execution=runs_partial_targets())
     _coordinator = coord
     server.add_on_prompt_handler(coord.rewrite)
     # first, before ComfyUI's own middlewares (set up before any extension loads)
@@ -159,7 +172,7 @@ def _prompt_middleware(coord: Coordinator):
     async def middleware(request: web.Request, handler):
         if request.method != "POST" or request.path not in PROMPT_PATHS:
             return await handler(request)
-        token = submitted.set([])
+        token, refusal = submitted.set([]), refused.set([])
         try:
             response = await handler(request)
         except BaseException:
@@ -167,8 +180,13 @@ def _prompt_middleware(coord: Coordinator):
                 coord.drop(job_id, "the master could not take the prompt")
             raise
         finally:
-            planned = submitted.get() or []
+            planned, reasons = submitted.get() or [], refused.get() or []
             submitted.reset(token)
+            refused.reset(refusal)
+        if reasons and response.status == 400:  # ComfyUI's own shape, so its page shows the reason
+            return web.json_response({"error": {"type": "distributed_refused", "message": reasons[0],
+                                                "details": reasons[0], "extra_info": {}},
+                                      "node_errors": {}}, status=400)
         prompt_id = ""
         if response.status == 200 and planned:
             try:

@@ -13,7 +13,7 @@ import comfy.model_management
 import comfy.utils
 
 from .distributed_core import encode, plan, wire, workflow
-from .distributed_core.client import InstanceError, deliver
+from .distributed_core.client import InstanceError, Interrupted, deliver
 from .distributed_core.jobs import JobFailed, JobState
 
 log = logging.getLogger("comfyui-distributed")
@@ -53,6 +53,29 @@ def _as_tensor(value: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
 
 
+def _assigned(field: dict | None, key: str, alone: list, node: str) -> list:
+    """This participant's part of the job; ``alone`` when the prompt was not distributed. An empty
+    part means nothing to render: the master's rewrite leaves such nodes out of its prompt, so one
+    that runs anyway was not planned here, and it stops rather than render what nobody asked for."""
+    if field is None or key not in field:
+        return alone
+    part = field[key]
+    if not isinstance(part, list) or not part:
+        raise RuntimeError(f"{node}: this instance was given no share of the job ({key}={part!r}), so it "
+                           "has nothing to render; queue the workflow on the master instead.")
+    return part
+
+
+def _unseal(key) -> str | None:
+    """The token that this instance's prompt hook moved out of a worker-role prompt."""
+    from .distributed_routes import coordinator
+
+    try:
+        return coordinator().vault.take(key)
+    except RuntimeError:  # the extension did not start here, so nothing was sealed
+        return None
+
+
 class MultiGPUCollector:
     """Gathers the images of every GPU into one batch: the master's first, then the workers in config order."""
 
@@ -86,6 +109,8 @@ class MultiGPUCollector:
             return (_concat(batches),)
         if role == "error":
             raise RuntimeError(f"Multi-GPU Collector: {job['error']}")
+        if role == "pass":  # after another Collector: its input is gathered already
+            return (_concat(batches),)
         if role == "worker":
             return (self._send(job, batches),)
         return (self._gather(job, batches),)
@@ -94,14 +119,22 @@ class MultiGPUCollector:
     def _send(job: dict, batches: list) -> torch.Tensor:
         chunks = job["chunks"]
         batches = _per_chunk(batches, chunks)
+        token = job.get("token") or _unseal(job.get("sealed"))
+        if not token:
+            raise RuntimeError("Multi-GPU Collector: this worker holds no result token for this prompt. A "
+                               "worker-role prompt runs once, as the master sent it; one queued again (from "
+                               "the history, say) cannot deliver. Queue the workflow on the master.")
         deadline = time.monotonic() + float(job.get("timeout", 120))
         url = job["master_url"].rstrip("/") + "/distributed/result"
         for (first, count), batch in zip(chunks, batches):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            parts = wire.frame(job["job"], job["collector"], first, count, job["token"], batch,
+            parts = wire.frame(job["job"], job["collector"], first, count, token, batch,
                                job.get("transport", "float32"))
             try:
-                deliver(url, parts, deadline)
+                deliver(url, parts, deadline, comfy.model_management.processing_interrupted)
+            except Interrupted:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                raise RuntimeError("Multi-GPU Collector: interrupted while delivering results") from None
             except InstanceError as exc:
                 raise RuntimeError(f"Multi-GPU Collector: {exc}") from None
         return _concat(batches)
@@ -162,8 +195,7 @@ class DistributedSeed:
                 "hidden": HIDDEN}
 
     def seed(self, seed, prompt=None, unique_id=None):
-        field = workflow.read_field(prompt, unique_id)
-        units = (field or {}).get("units") or [0]
+        units = _assigned(workflow.read_field(prompt, unique_id), "units", [0], "Distributed Seed")
         return ([plan.seed_for(seed, unit) for unit in units],)
 
 
@@ -189,8 +221,8 @@ class DistributedEmptyLatent:
                 "hidden": HIDDEN}
 
     def make(self, width, height, batch_size, prompt=None, unique_id=None):
-        field = workflow.read_field(prompt, unique_id)
-        chunks = (field or {}).get("chunks") or [[0, batch_size]]
+        chunks = _assigned(workflow.read_field(prompt, unique_id), "chunks", [[0, batch_size]],
+                           "Distributed Empty Latent")
         device = getattr(comfy.model_management, "intermediate_device", lambda: torch.device("cpu"))()
         # batch_index makes KSampler draw each image's noise as the whole batch would have.
         return ([{"samples": torch.zeros([count, 4, height // 8, width // 8], device=device),

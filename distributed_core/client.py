@@ -5,9 +5,10 @@ Every failure becomes an InstanceError whose message a user can act on.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import aiohttp
 
@@ -15,6 +16,7 @@ from . import wire
 
 QUICK = aiohttp.ClientTimeout(total=3, sock_connect=2)     # status polls: a frozen worker is noticed fast
 DISPATCH = aiohttp.ClientTimeout(total=10, sock_connect=3)  # a prompt can take a moment to validate
+TRANSFER = aiohttp.ClientTimeout(total=300, sock_connect=3, sock_read=30)  # reading a whole input file
 
 
 class InstanceError(RuntimeError):
@@ -100,6 +102,24 @@ class InstanceClient:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise InstanceError(describe(self.url, exc)) from exc
 
+    async def input_digest(self, name: str) -> str | None:
+        """SHA-256 of a file in the instance's input folder (read through GET /view), or None when
+        it has none by that name."""
+        subfolder, _, filename = name.rpartition("/")
+        params = {"filename": filename, "subfolder": subfolder, "type": "input"}
+        digest = hashlib.sha256()
+        try:
+            async with self.session.get(self.url + "/view", params=params, timeout=TRANSFER) as resp:
+                if resp.status == 404:
+                    return None
+                if resp.status != 200:
+                    raise InstanceError(f"{self.url}/view answered {resp.status} for input {name}")
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    digest.update(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise InstanceError(describe(self.url, exc)) from exc
+        return digest.hexdigest()
+
     async def upload_input(self, name: str, data: bytes) -> None:
         subfolder, _, filename = name.rpartition("/")
         form = aiohttp.FormData()
@@ -145,49 +165,70 @@ def _error_text(text: str) -> str:
     return text[:300]
 
 
-def deliver(url: str, parts: list, deadline: float) -> None:
+class Interrupted(InstanceError):
+    """The worker's prompt was interrupted while its results were being delivered."""
+
+
+def deliver(url: str, parts: list, deadline: float, interrupted: Callable[[], bool] = lambda: False) -> None:
     """POST one result frame (from wire.frame) to the master. Runs on the worker's execution thread.
 
-    While the master answers "retry later" (503: it holds results for earlier jobs) the worker
-    waits as long as it takes; when the master cannot be reached it retries until ``deadline``.
+    While the master answers "retry later" (503: it holds results for earlier jobs) or cannot be
+    reached, the worker retries until ``deadline`` (time.monotonic()). ``interrupted`` is asked
+    between retries and between the megabytes of an upload: when it says so, delivery stops at
+    once with Interrupted.
     """
     import requests
 
-    body = _Body(parts)
+    body = _Body(parts, interrupted)
     delay = 0.2
     while True:
+        if interrupted():
+            raise Interrupted("interrupted while delivering results to the master")
         try:
-            resp = requests.post(url, data=body, timeout=(5, 300), headers={"Content-Type": wire.CONTENT_TYPE})
+            read_timeout = min(300.0, max(1.0, deadline - time.monotonic()))
+            resp = requests.post(url, data=body, timeout=(5, read_timeout),
+                                 headers={"Content-Type": wire.CONTENT_TYPE})
             if resp.status_code == 200:
                 return
             last = f"{url} answered {resp.status_code}: {resp.text[:300]}"
             if resp.status_code != 503:
                 raise InstanceError(last)
+            last += " and kept answering so until the job's timeout"
+        except Interrupted:
+            raise
         except requests.RequestException as exc:
             last = (f"cannot deliver results to the master at {url} ({type(exc).__name__}); "
                     "check that this worker can reach the master's address")
-            if time.monotonic() + delay > deadline:
-                raise InstanceError(last) from None
-        time.sleep(delay)
+        if time.monotonic() + delay > deadline:
+            raise InstanceError(last) from None
+        _pause(delay, interrupted)
         delay = min(delay * 2, 2.0)
+
+
+def _pause(seconds: float, interrupted: Callable[[], bool]) -> None:
+    end = time.monotonic() + seconds
+    while not interrupted() and time.monotonic() < end:
+        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
 
 
 class _Body:
     """A re-readable iterable of buffers, so that requests sends them without concatenating.
     Its length lets requests send a Content-Length rather than chunks."""
 
-    def __init__(self, parts: Iterable):
+    def __init__(self, parts: Iterable, interrupted: Callable[[], bool] = lambda: False):
         self.parts = list(parts)
+        self.interrupted = interrupted
 
     def __len__(self) -> int:
         return sum(len(part) for part in self.parts)
 
     def __iter__(self):
         for part in self.parts:
-            if hasattr(part, "chunks"):  # made while sending (wire.LazyPixels)
-                yield from part.chunks()
-                continue
-            # memoryview slices keep each write bounded without copying the array
-            view = memoryview(part)
-            for start in range(0, len(view), 1 << 20):
-                yield view[start:start + (1 << 20)]
+            # made while sending (wire.LazyPixels), or memoryview slices that keep each write
+            # bounded without copying the array
+            view = None if hasattr(part, "chunks") else memoryview(part)
+            pieces = part.chunks() if view is None else (view[i:i + (1 << 20)] for i in range(0, len(view), 1 << 20))
+            for piece in pieces:
+                if self.interrupted():
+                    raise Interrupted("interrupted while delivering results to the master")
+                yield piece

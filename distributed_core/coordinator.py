@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import logging
 import socket
 import time
@@ -33,6 +34,8 @@ CLIENT_ID = "comfyui-distributed"
 
 # Jobs planned during the POST /prompt request being handled; the middleware activates or drops them.
 submitted: contextvars.ContextVar[list | None] = contextvars.ContextVar("distributed_submitted", default=None)
+# Why the prompt hook refused the POST /prompt being handled; the middleware answers with it.
+refused: contextvars.ContextVar[list | None] = contextvars.ContextVar("distributed_refused", default=None)
 
 
 @dataclass
@@ -50,16 +53,18 @@ class JobPlan:
 class Coordinator:
     def __init__(self, store: JobStore, load_config: Callable[[], Loaded],
                  own_address: Callable[[], tuple[str, int]], input_dir: Callable[[], Path] | None = None,
-                 loopback_only: Callable[[], bool] = lambda: False):
+                 loopback_only: Callable[[], bool] = lambda: False, partial_execution: bool = False):
         self.store = store
         self.load_config = load_config
         self.own_address = own_address
         self.input_dir = input_dir            # the master's input folder, for loaders' files
         self.loopback_only = loopback_only    # the master listens on 127.0.0.1 alone
+        self.partial_execution = partial_execution  # ComfyUI runs only partial_execution_targets
         self.plans: dict[str, JobPlan] = {}
         self.offline_until: dict[str, float] = {}
         self.tasks: set[asyncio.Task] = set()
         self.wakeups: dict[str, asyncio.Event] = {}
+        self.vault = workflow.Vault()  # result tokens of worker-role prompts sent to this instance
         self._throughput: plan.Throughput | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, for calls from other threads
         self._session: aiohttp.ClientSession | None = None
@@ -120,8 +125,20 @@ class Coordinator:
     def _rewrite(self, json_data: Any) -> Any:
         if not isinstance(json_data, dict):
             return json_data
-        prompt = json_data.get("prompt")
+        kind, prompt = workflow.screen(json_data.get("prompt"))
+        if kind == "refused":
+            return refuse(json_data, prompt)
+        if kind == "dispatch":  # a master's prompt for this instance as a worker: run it as it is
+            json_data["prompt"] = self.vault.seal(prompt)
+            return json_data
+        if kind == "stripped":
+            log.warning("[Distributed] a submitted prompt carried %s inputs, which only the master's own "
+                        "rewrite sets; they were dropped", workflow.FIELD)
+            json_data["prompt"] = prompt
         collectors = workflow.fresh_collectors(prompt)
+        targets = json_data.get("partial_execution_targets")
+        if collectors and self.partial_execution and isinstance(targets, list):
+            collectors = workflow.reached(prompt, collectors, targets)  # plan only what will run
         if not collectors:
             return json_data
         loaded = self.load_config()
@@ -132,7 +149,8 @@ class Coordinator:
             return json_data
         try:
             slots = plan.slots(config)
-            batch = workflow.split_batch(prompt, collectors)
+            fanned = workflow.layout(prompt, collectors).fanned  # the Collectors workers render for
+            batch = workflow.split_batch(prompt, fanned)
         except (plan.PlanError, workflow.WorkflowError) as exc:
             json_data["prompt"] = _with_error(prompt, collectors, str(exc))
             return json_data
@@ -141,7 +159,7 @@ class Coordinator:
         available = [s.participant for s in slots
                      if s.participant == plan.MASTER_ID or not self.is_offline(s.participant)]
         labels = {w.id: w.label for w in config.workers} | {plan.MASTER_ID: "master"}
-        job_plan = JobPlan(prompt, collectors, config)
+        job_plan = JobPlan(prompt, fanned, config)
         try:
             if batch is None:
                 job, own = self._plan_multiply(slots, available, labels)
@@ -150,7 +168,7 @@ class Coordinator:
         except plan.PlanError as exc:
             json_data["prompt"] = _with_error(prompt, collectors, str(exc))
             return json_data
-        job.collectors = collectors
+        job.collectors = fanned
         for s in slots:
             if s.participant not in available:
                 job.notices.append(f"{labels[s.participant]} was unreachable moments ago; "
@@ -258,7 +276,7 @@ class Coordinator:
         job_plan = self.plans[job_id]
         worker = job_plan.config.worker(share.participant)
         job = self.store.get(job_id)
-        fields = {"job": job_id, "token": job.token, "timeout": job_plan.config.settings.job_timeout,
+        fields = {"job": job_id, "token": share.token, "timeout": job_plan.config.settings.job_timeout,
                   "master_url": self.master_url_for(job_plan.config, worker),
                   "transport": job_plan.config.settings.transport_for(worker)}
         chunks = plan.chunks_of(share.units) if job.split else [[u, 1] for u in share.units]
@@ -313,9 +331,10 @@ class Coordinator:
             path = (root / name).resolve()
             if root not in path.parents or not path.is_file():
                 continue  # not ours to send; the worker's own validation will name what is missing
-            if await client.input_size(name) == path.stat().st_size:
+            data, digest = await asyncio.get_running_loop().run_in_executor(None, _read_hashed, path)
+            # the size first, which costs nothing; then the content, read back through /view
+            if await client.input_size(name) == len(data) and await client.input_digest(name) == digest:
                 continue
-            data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
             await client.upload_input(name, data)
             log.info("[Distributed] uploaded input %s to %s", name, client.url)
 
@@ -519,6 +538,22 @@ class Coordinator:
 
 class _Lost(Exception):
     pass
+
+
+def refuse(json_data: dict, message: str) -> dict:
+    """Keep a prompt out of ComfyUI's queue: without its prompt ComfyUI answers 400, and our
+    middleware puts ``message`` in that answer."""
+    log.warning("[Distributed] prompt refused: %s", message)
+    json_data.pop("prompt", None)
+    pending = refused.get()
+    if pending is not None:
+        pending.append(message)
+    return json_data
+
+
+def _read_hashed(path: Path) -> tuple[bytes, str]:
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def _set_running(job: Job, prompt_id: str) -> None:

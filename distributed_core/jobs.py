@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import wire
+from .plan import MASTER_ID, chunks_of
 from .wire import Header
 
 MAX_RESULT_PAYLOAD = 4 << 30
@@ -64,6 +65,8 @@ class Share:
     dispatched: float = 0.0
     state: str = "waiting"    # waiting | queued | running | done | failed | cancelled
     error: str = ""
+    # What the worker shows when it delivers: good for this share's units only, each of them once.
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
 
 @dataclass
@@ -72,7 +75,6 @@ class Job:
     collectors: list[str]
     units: list[int]                              # every unit, in output order
     split: bool = False                           # units are global batch indices, shared out in chunks
-    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     prompt_id: str = ""
     state: JobState = JobState.PLANNED
     created: float = field(default_factory=time.monotonic)
@@ -111,6 +113,19 @@ class Job:
 
     def missing_units(self, units: list[int]) -> list[int]:
         return [u for u in units if any(not self.has(c, u) for c in self.collectors)]
+
+    def chunks(self, share: Share) -> list[list[int]]:
+        """The [first, count] frames a share's worker sends: one per unit in multiply mode, one per
+        run of consecutive indices in split mode (what its prompt's chunks say)."""
+        return chunks_of(share.units) if self.split else [[u, 1] for u in share.units]
+
+    def share_with(self, token: str) -> Share | None:
+        """The worker share that this token was given to (the master's own share takes no frames)."""
+        found = None
+        for share in list(self.shares.values()):
+            if share.participant != MASTER_ID and secrets.compare_digest(token.encode(), share.token.encode()):
+                found = share
+        return found
 
     def position(self, unit: int) -> int:
         return self.units.index(unit) if not self.split else unit
@@ -196,13 +211,15 @@ class JobStore:
                     raise ResultRejected(410, f"job {header.job} has already ended "
                                               f"({self._finished[header.job]}); result discarded")
                 raise ResultRejected(404, f"no job {header.job} on this master")
-            if not secrets.compare_digest(header.token, job.token):
+            share = job.share_with(header.token)
+            if share is None:
                 raise ResultRejected(403, "wrong token for this job")
+            frames = job.chunks(share)
+            if header.collector not in job.collectors or [header.unit, header.count] not in frames:
+                raise ResultRejected(400, f"{share.label} was given units {frames} as [first, count] "
+                                          f"for collector(s) {', '.join(job.collectors)}; this frame claims "
+                                          f"[{header.unit}, {header.count}] for collector {header.collector}")
             covers = range(header.unit, header.unit + header.count)
-            if (header.collector not in job.collectors or not set(covers) <= set(job.units)
-                    or (not job.split and header.count != 1)):
-                raise ResultRejected(400, f"job {job.id} has no units {header.unit}..{header.unit + header.count - 1} "
-                                          f"for collector {header.collector}")
             if job.state not in (JobState.PLANNED, JobState.RUNNING):
                 raise ResultRejected(410, f"job {job.id} is {job.state.value}; result discarded")
             if any(job.has(header.collector, u) for u in covers) or set(covers) & job.inflight:

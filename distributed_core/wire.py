@@ -96,10 +96,12 @@ def parse_header(raw: bytes) -> Header:
             or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
         raise FrameError("header.shape must be [batch, height, width, channels]")
     batch, height, width, channels = shape
-    if not (0 <= batch <= MAX_BATCH and 1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE
+    if not (1 <= batch <= MAX_BATCH and 1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE
             and 1 <= channels <= 4):
-        raise FrameError(f"header.shape {shape} is out of range (batch <= {MAX_BATCH}, "
+        raise FrameError(f"header.shape {shape} is out of range (1 to {MAX_BATCH} images, "
                          f"sides <= {MAX_SIDE}, 1 to 4 channels)")
+    if batch % count:
+        raise FrameError(f"header.shape holds {batch} images for {count} units; every unit has as many images")
     encoding = data.get("encoding", "raw")
     if encoding not in ENCODINGS:
         raise FrameError(f"header.encoding must be one of {', '.join(ENCODINGS)}")

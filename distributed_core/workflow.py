@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import copy
 import json
+import secrets
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 COLLECTOR = "MultiGPUCollector"
 SEED = "DistributedSeed"
 LATENT = "DistributedEmptyLatent"
+DISTRIBUTED = (SEED, LATENT)
 FIELD = "_distributed"
 MAX_SPLIT_BATCH = 4096  # the node's own maximum
 
@@ -63,6 +67,16 @@ def upstream(prompt: Prompt, roots: list[str]) -> set[str]:
     return seen
 
 
+def reached(prompt: Prompt, collectors: list[str], targets: list) -> list[str]:
+    """The Collectors that run when ComfyUI executes only the outputs ``targets`` (the current
+    frontend's partial execution)."""
+    try:
+        runs = upstream(prompt, [str(t) for t in targets if str(t) in prompt])
+    except WorkflowError:
+        return collectors  # ComfyUI's own validation names what is missing
+    return [c for c in collectors if c in runs]
+
+
 def _with_field(node: dict, data: dict) -> dict:
     node = copy.deepcopy(node)
     node.setdefault("inputs", {})[FIELD] = json.dumps(data, separators=(",", ":"))
@@ -97,34 +111,138 @@ def _set_nodes(result: Prompt, source: Prompt, keep, chunks: list[list[int]], se
             result[nid] = _with_field(source[nid], {"chunks": chunks})
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where each part of a workflow with Collectors runs.
+
+    - ``fanned``: the Collectors with no other Collector before them. Every participant renders
+      what they need and the master gathers it; a worker's prompt holds only these, in worker role.
+    - ``chained``: Collectors after another Collector. They receive an already gathered batch and
+      run once, on the master, passing it on.
+    - ``gathered``: the fanned Collectors and everything after them; it runs once, on the master.
+    - ``own``: what a participant renders for its own share: everything after a Distributed Seed or
+      Distributed Empty Latent that is not after a Collector.
+    """
+    fanned: list[str]
+    chained: list[str]
+    gathered: set[str]
+    own: set[str]
+
+
+def describe(prompt: Prompt, nid: str) -> str:
+    node = prompt.get(nid) or {}
+    title = (node.get("_meta") or {}).get("title") if isinstance(node.get("_meta"), dict) else None
+    return f"{title or node.get('class_type', '?')} (node {nid})"
+
+
+def downstream(prompt: Prompt, roots) -> set[str]:
+    """Every node that needs the output of some root, the roots included."""
+    consumers: dict[str, list[str]] = {}
+    for nid, node in prompt.items():
+        for value in ((node.get("inputs") or {}) if isinstance(node, dict) else {}).values():
+            if is_link(value):
+                consumers.setdefault(str(value[0]), []).append(nid)
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        nid = stack.pop()
+        if nid not in seen:
+            seen.add(nid)
+            stack.extend(consumers.get(nid, ()))
+    return seen
+
+
+def fanned_of(prompt: Prompt, collectors: list[str]) -> list[str]:
+    """The Collectors that have no other Collector upstream of them."""
+    before = {c: upstream(prompt, [c]) - {c} for c in collectors}
+    return [c for c in collectors if not any(o in before[c] for o in collectors if o != c)]
+
+
+def layout(prompt: Prompt, collectors: list[str]) -> Layout:
+    """Work out where each node runs; refuse a workflow in which a node after a Collector takes
+    something that each participant rendered for itself (only the gathered batch is known there)."""
+    fanned = fanned_of(prompt, collectors)
+    gathered = downstream(prompt, fanned)
+    sources = [nid for nid, node in prompt.items()
+               if isinstance(node, dict) and node.get("class_type") in DISTRIBUTED]
+    own = downstream(prompt, sources) - gathered
+    for nid in sorted(gathered - set(fanned)):
+        for value in (prompt[nid].get("inputs") or {}).values():
+            src = str(value[0]) if is_link(value) else None
+            if src in own and prompt[src].get("class_type") not in DISTRIBUTED:
+                before = [c for c in fanned if c in upstream(prompt, [nid])]
+                raise WorkflowError(
+                    f"{describe(prompt, nid)} comes after the Multi-GPU Collector "
+                    f"{', '.join(describe(prompt, c) for c in before)} but also takes the output of "
+                    f"{describe(prompt, src)}, which every GPU renders for itself before the Collector. "
+                    "After a Collector only its combined batch exists: connect that node to the "
+                    "Collector's output, or pass the other value through a Collector of its own.")
+    return Layout(fanned, [c for c in collectors if c not in fanned], gathered, own)
+
+
+def _unused_id(prompt: Prompt, wanted: str) -> str:
+    nid = wanted
+    while nid in prompt:
+        nid += "_"
+    return nid
+
+
 def master_prompt(prompt: Prompt, collectors: list[str], job: dict, chunks: list[list[int]],
                   seeds: list[int]) -> Prompt:
     """The master's own prompt: the whole workflow, its seed and latent nodes set to its own chunks.
 
     ``chunks`` holds [first unit, count] pairs, ``seeds`` the seed offset for each chunk. With no
-    chunk of its own (master disabled) each Collector's input comes from a 1x1 EmptyImage instead,
-    so that the master renders nothing upstream of it and only gathers.
+    chunk of its own (master disabled, or a split share of 0) it renders nothing that is a share:
+    every node after a Distributed node and before the Collectors leaves the prompt (a Preview of
+    the decoded images, say), and each fanned Collector's input comes from a 1x1 EmptyImage, so
+    that it only gathers. Chained Collectors pass their batch on. Nodes after a Collector that
+    take a Distributed node's value get it as a single GPU would (the seed as it is, the whole
+    latent batch): that part of the workflow runs once.
     """
+    shape = layout(prompt, collectors)
     result = dict(prompt)
-    _set_nodes(result, prompt, prompt, chunks, seeds)
-    for nid in collectors:
+    if chunks:
+        _set_nodes(result, prompt, [nid for nid in prompt if nid not in shape.gathered], chunks, seeds)
+    else:
+        for nid in shape.own:
+            result.pop(nid, None)
+    plain: dict[str, str] = {}
+    for nid in sorted(shape.gathered - set(shape.fanned)):
+        node = None
+        for name, value in (prompt[nid].get("inputs") or {}).items():
+            src = str(value[0]) if is_link(value) else None
+            if src is None or src in shape.gathered or prompt[src].get("class_type") not in DISTRIBUTED:
+                continue
+            if src not in plain:
+                plain[src] = _unused_id(result, f"{src}-once")
+                clone = copy.deepcopy(prompt[src])
+                (clone.get("inputs") or {}).pop(FIELD, None)
+                result[plain[src]] = clone
+            node = node or copy.deepcopy(prompt[nid])
+            node["inputs"][name] = [plain[src], value[1]]
+        if node is not None:
+            result[nid] = node
+    for nid in shape.fanned:
         node = _with_field(prompt[nid], {**job, "role": "master", "collector": nid, "chunks": chunks})
         if not chunks:
-            placeholder = f"{nid}-idle"
+            placeholder = _unused_id(result, f"{nid}-idle")
             result[placeholder] = {"class_type": "EmptyImage",
                                    "inputs": {"width": 1, "height": 1, "batch_size": 1, "color": 0}}
             node["inputs"]["images"] = [placeholder, 0]
         result[nid] = node
+    for nid in shape.chained:
+        result[nid] = _with_field(result[nid], {"role": "pass"})
     return result
 
 
 def worker_prompt(prompt: Prompt, collectors: list[str], job: dict, chunks: list[list[int]],
                   seeds: list[int]) -> Prompt:
-    """A worker's prompt: only what the Collectors need, with the Collectors in worker role."""
-    keep = upstream(prompt, collectors)
+    """A worker's prompt: only what the fanned Collectors need, with them in worker role."""
+    fanned = fanned_of(prompt, collectors)
+    keep = upstream(prompt, fanned)
     result: Prompt = {nid: prompt[nid] for nid in keep}
     _set_nodes(result, prompt, keep, chunks, seeds)
-    for nid in collectors:
+    for nid in fanned:
         result[nid] = _with_field(prompt[nid], {**job, "role": "worker", "collector": nid, "chunks": chunks})
     return result
 
@@ -143,6 +261,77 @@ def input_files(prompt: Prompt) -> list[str]:
             if name not in names:
                 names.append(name)
     return names
+
+
+# --- prompts that arrive with fields already in them ------------------------------------------------
+# Only the master's rewrite sets FIELD. A prompt that arrives with it is either a master's dispatch
+# to this instance as a worker (Collectors in worker role), or something a client made up: a
+# Collector in master role would take another job's images. Worker-role prompts are run as they
+# are, with their result tokens moved out of the prompt (ComfyUI shows queued prompts to anyone
+# who asks); any other field is dropped and the prompt is planned as if it were new.
+
+OURS = (COLLECTOR, SEED, LATENT)
+
+
+def screen(prompt: Any) -> tuple[str, Any]:
+    """("new", prompt) without fields; ("dispatch", prompt) for a worker-role prompt; ("stripped",
+    prompt without any field) for fields a client made up; ("refused", message) for a worker-role
+    prompt whose other Collectors claim another role."""
+    if not isinstance(prompt, dict):
+        return "new", prompt
+    carried = {nid: read_field(prompt, nid) for nid, node in prompt.items()
+               if isinstance(node, dict) and node.get("class_type") in OURS
+               and isinstance(node.get("inputs"), dict) and FIELD in node["inputs"]}
+    if not carried:
+        return "new", prompt
+    roles = {nid: (field or {}).get("role") for nid, field in carried.items()
+             if prompt[nid].get("class_type") == COLLECTOR}
+    if "worker" in roles.values():
+        others = sorted(nid for nid, role in roles.items() if role != "worker")
+        if others:
+            return "refused", ("this prompt gives a Multi-GPU Collector the worker role and "
+                               f"{', '.join(f'{describe(prompt, n)} the role {roles[n]!r}' for n in others)}; "
+                               "only the master's own rewrite sets these roles. Queue the workflow on the "
+                               "master without any _distributed input.")
+        return "dispatch", prompt
+    stripped = dict(prompt)
+    for nid in carried:
+        node = copy.deepcopy(prompt[nid])
+        node["inputs"].pop(FIELD, None)
+        stripped[nid] = node
+    return "stripped", stripped
+
+
+class Vault:
+    """Result tokens of the worker-role prompts this instance was sent, held in memory only.
+
+    ``seal`` moves each worker-role Collector's token out of the prompt, leaving a random key in
+    its place, so that the prompt ComfyUI queues and lists in GET /queue and /history names no
+    credential; the Collector takes its token back when it runs. Bounded: a prompt deleted
+    before it runs leaves its token behind until newer ones push it out."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self._tokens: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def seal(self, prompt: Prompt) -> Prompt:
+        result = dict(prompt)
+        for nid in nodes_of(prompt, COLLECTOR):
+            field = read_field(prompt, nid)
+            if not field or field.get("role") != "worker" or not isinstance(field.get("token"), str):
+                continue
+            key = secrets.token_urlsafe(12)
+            with self._lock:
+                self._tokens[key] = field.pop("token")
+                while len(self._tokens) > self.limit:
+                    self._tokens.pop(next(iter(self._tokens)))
+            result[nid] = _with_field(prompt[nid], {**field, "sealed": key})
+        return result
+
+    def take(self, key: Any) -> str | None:
+        with self._lock:
+            return self._tokens.pop(key, None) if isinstance(key, str) else None
 
 
 def read_field(prompt: Any, node_id: Any) -> dict | None:

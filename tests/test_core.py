@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from distributed_core import config, plan, wire, workflow
-from distributed_core.jobs import Job, JobFailed, JobState, JobStore, ResultRejected
+from distributed_core.jobs import Job, JobFailed, JobState, JobStore, ResultRejected, Share
 
 PRODUCT_SHEET_CONFIG = {
     "master": {"port": 8188, "device": 0, "enabled": True},
@@ -150,6 +150,83 @@ def test_master_prompt_keeps_the_workflow_and_drops_the_input_when_it_renders_no
     assert idle[source]["class_type"] == "EmptyImage" and source not in PROMPT
 
 
+CHAINED = {
+    "1": {"class_type": "DistributedSeed", "inputs": {"seed": 5}},
+    "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": ["1", 0]}},
+    "3": {"class_type": "MultiGPUCollector", "inputs": {"images": ["2", 0]}},
+    "4": {"class_type": "ImageInvert", "inputs": {"image": ["3", 0]}},
+    "5": {"class_type": "MultiGPUCollector", "inputs": {"images": ["4", 0]}},
+    "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "x"}},
+    "7": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+}
+
+
+def test_a_collector_after_another_runs_once_on_the_master():
+    shape = workflow.layout(CHAINED, ["3", "5"])
+    assert shape.fanned == ["3"] and shape.chained == ["5"]
+    assert shape.own == {"1", "2", "7"} and shape.gathered == {"3", "4", "5", "6"}
+    wp = workflow.worker_prompt(CHAINED, ["3", "5"], {"job": "j"}, [[1, 1]], [1])
+    assert set(wp) == {"1", "2", "3"}  # the second Collector never reaches a worker
+    mp = workflow.master_prompt(CHAINED, ["3", "5"], {"job": "j"}, [[0, 1]], [0])
+    assert workflow.read_field(mp, "3")["role"] == "master"
+    assert workflow.read_field(mp, "5") == {"role": "pass"}
+    assert workflow.read_field(mp, "1") == {"units": [0]} and "7" in mp
+
+
+def test_parallel_collectors_are_both_fanned_out():
+    prompt = {**CHAINED, "5": {"class_type": "MultiGPUCollector", "inputs": {"images": ["2", 0]}},
+              "4": {"class_type": "ImageInvert", "inputs": {"image": ["5", 0]}},
+              "6": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "x"}}}
+    assert workflow.layout(prompt, ["3", "5"]).fanned == ["3", "5"]
+    wp = workflow.worker_prompt(prompt, ["3", "5"], {"job": "j"}, [[1, 1]], [1])
+    assert {workflow.read_field(wp, c)["role"] for c in ("3", "5")} == {"worker"}
+
+
+def test_a_master_without_a_share_renders_no_share_at_all():
+    mp = workflow.master_prompt(CHAINED, ["3", "5"], {"job": "j"}, [], [])
+    assert not {"1", "2", "7"} & set(mp)  # no seed, no images, no preview of images nobody asked for
+    assert mp[mp["3"]["inputs"]["images"][0]]["class_type"] == "EmptyImage"
+    assert workflow.read_field(mp, "3")["chunks"] == [] and mp["5"]["inputs"]["images"] == ["4", 0]
+
+
+def test_after_a_collector_a_seed_is_the_plain_seed():
+    prompt = {**CHAINED, "4": {"class_type": "ImageScale", "inputs": {"image": ["3", 0], "width": ["1", 0],
+                                                                        "height": 8, "upscale_method": "nearest-exact",
+                                                                        "crop": "disabled"}}}
+    mp = workflow.master_prompt(prompt, ["3", "5"], {"job": "j"}, [[0, 1], [2, 1]], [0, 2])
+    clone = mp["4"]["inputs"]["width"][0]
+    assert clone != "1" and workflow.read_field(mp, clone) is None  # seed as it is, once
+    assert workflow.read_field(mp, "1") == {"units": [0, 2]} and prompt["4"]["inputs"]["width"] == ["1", 0]
+    idle = workflow.master_prompt(prompt, ["3", "5"], {"job": "j"}, [], [])
+    assert "1" not in idle and idle[idle["4"]["inputs"]["width"][0]]["class_type"] == "DistributedSeed"
+
+
+def test_a_node_after_a_collector_cannot_take_a_share():
+    prompt = {**CHAINED, "4": {"class_type": "ImageBatch", "inputs": {"image1": ["3", 0], "image2": ["2", 0]}}}
+    with pytest.raises(workflow.WorkflowError) as info:
+        workflow.layout(prompt, ["3", "5"])
+    assert "ImageBatch (node 4)" in str(info.value) and "MultiGPUCollector (node 3)" in str(info.value)
+    assert "EmptyImage (node 2)" in str(info.value)
+
+
+def test_fields_from_a_client_are_dropped_and_a_dispatch_is_sealed():
+    forged = {**PROMPT, "3": workflow._with_field(PROMPT["3"], {"job": "other", "role": "master", "chunks": []})}
+    kind, stripped = workflow.screen(forged)
+    assert kind == "stripped" and workflow.fresh_collectors(stripped) == ["3"]
+    assert workflow.FIELD in forged["3"]["inputs"]  # the original is untouched
+    assert workflow.screen(PROMPT) == ("new", PROMPT)
+    wp = workflow.worker_prompt(PROMPT, ["3"], {"job": "j", "token": "secret"}, [[1, 1]], [1])
+    assert workflow.screen(wp) == ("dispatch", wp)
+    mixed = {**wp, "9": workflow._with_field(PROMPT["3"], {"job": "j", "role": "master"})}
+    kind, message = workflow.screen(mixed)
+    assert kind == "refused" and "MultiGPUCollector (node 9)" in message and "'master'" in message
+    vault = workflow.Vault()
+    sealed = vault.seal(wp)
+    assert "secret" not in json.dumps(sealed) and "token" not in workflow.read_field(sealed, "3")
+    key = workflow.read_field(sealed, "3")["sealed"]
+    assert vault.take(key) == "secret" and vault.take(key) is None  # once
+
+
 def test_fresh_collectors_ignores_non_prompts():
     assert workflow.fresh_collectors(PROMPT) == ["3"]
     assert workflow.fresh_collectors(None) == [] and workflow.fresh_collectors([1]) == []
@@ -164,7 +241,7 @@ def _header(shape, dtype="float32", unit=1):
     return wire.Header("job", "3", unit, "tok", dtype, shape)
 
 
-@pytest.mark.parametrize("shape, dtype", [((2, 3, 5, 3), "float32"), ((0, 4, 4, 3), "float32"),
+@pytest.mark.parametrize("shape, dtype", [((2, 3, 5, 3), "float32"), ((1, 4, 4, 3), "float32"),
                                           ((1, 7, 1, 4), "uint8"), ((3, 64, 33, 1), "float16"),
                                           ((8, 256, 256, 3), "float32")])
 def test_frame_round_trip(shape, dtype):
@@ -203,17 +280,25 @@ def _job(units=(0, 1, 2), collectors=("3",)):
     return Job(id="j1", collectors=list(collectors), units=list(units))
 
 
+def _token(job, *units, participant="worker1"):
+    """Give a worker a share of these units; its token is good for them only."""
+    share = Share(participant, participant, list(units))
+    job.shares[f"{participant}#{len(job.shares)}"] = share
+    return share.token
+
+
 def test_results_are_checked_before_they_are_read():
     store = JobStore()
     job = _job()
     store.add(job)
-    ok = wire.Header("j1", "3", 1, job.token, "uint8", (1, 2, 2, 3))
+    token = _token(job, 1)
+    ok = wire.Header("j1", "3", 1, token, "uint8", (1, 2, 2, 3))
     assert store.reserve(ok) is not None  # it fits the final batch
     store.commit(ok, None)
     cases = [(wire.Header("nope", "3", 1, "t", "uint8", (1, 2, 2, 3)), 404),
              (wire.Header("j1", "3", 1, "bad", "uint8", (1, 2, 2, 3)), 403),
-             (wire.Header("j1", "3", 9, job.token, "uint8", (1, 2, 2, 3)), 400),
-             (wire.Header("j1", "3", 1, job.token, "uint8", (1, 2, 2, 3), 2), 400),  # count 2 in multiply
+             (wire.Header("j1", "3", 9, token, "uint8", (1, 2, 2, 3)), 400),
+             (wire.Header("j1", "3", 1, token, "uint8", (2, 2, 2, 3), 2), 400),  # count 2 in multiply
              (ok, 409)]
     for header, status in cases:
         with pytest.raises(ResultRejected) as info:
@@ -225,13 +310,40 @@ def test_results_are_checked_before_they_are_read():
     assert info.value.status == 410
 
 
+def test_a_token_delivers_only_the_units_of_its_share():
+    store = JobStore()
+    job = Job(id="s", collectors=["3"], units=list(range(6)), split=True)
+    store.add(job)
+    first, second = _token(job, 0, 1, 2), _token(job, 3, 4, 5, participant="worker2")
+    master = _token(job, 0, 1, 2, participant="master")
+    for header, status in [(wire.Header("s", "3", 3, first, "uint8", (3, 1, 1, 1), 3), 400),  # not its units
+                           (wire.Header("s", "3", 0, first, "uint8", (2, 1, 1, 1), 2), 400),  # part of its chunk
+                           (wire.Header("s", "3", 0, first, "uint8", (3, 1, 1, 1), 3, ), None),
+                           (wire.Header("s", "9", 0, first, "uint8", (3, 1, 1, 1), 3), 400),  # another collector
+                           (wire.Header("s", "3", 0, master, "uint8", (3, 1, 1, 1), 3), 403),  # the master's own
+                           (wire.Header("s", "3", 3, second, "uint8", (3, 1, 1, 1), 3), None)]:
+        if status is None:
+            store.check(header)
+            continue
+        with pytest.raises(ResultRejected) as info:
+            store.check(header)
+        assert info.value.status == status, header
+
+
+def test_a_frame_without_images_or_with_a_ragged_batch_is_refused():
+    for shape, count in [((0, 2, 2, 3), 1), ((3, 2, 2, 3), 2)]:
+        raw = json.loads(wire.Header("j", "3", 0, "t", "uint8", (1, 2, 2, 3)).to_bytes()[8:])
+        with pytest.raises(wire.FrameError, match="images"):
+            wire.parse_header(json.dumps({**raw, "shape": list(shape), "count": count}).encode())
+
+
 def test_budget_holds_later_jobs_but_never_the_oldest():
     store = JobStore(budget_bytes=600)
     first, second, third = (Job(id="a", collectors=["3"], units=[1]), Job(id="b", collectors=["3"], units=[1, 2]),
                             Job(id="c", collectors=["3"], units=[1]))
     for job in (first, second, third):
         store.add(job)
-    frame = lambda job: wire.Header(job.id, "3", 1, job.token, "float32", (1, 8, 8, 1))  # 256 bytes a unit
+    frame = lambda job: wire.Header(job.id, "3", 1, _token(job, 1), "float32", (1, 8, 8, 1))  # 256 bytes a unit
     store.reserve(frame(second))  # its final batch: 512 bytes
     with pytest.raises(ResultRejected) as info:
         store.reserve(frame(third))
@@ -246,7 +358,7 @@ def test_wait_wakes_on_results_and_raises_on_failure():
     store.add(job)
     store.put_local("j1", "3", 0, 1, np.zeros((1, 2, 2, 3), np.float32))
     assert store.wait("j1", "3", 0.01) == (1, False)
-    frame = wire.frame("j1", "3", 1, 1, job.token, np.ones((1, 2, 2, 3), np.float32), "float32")
+    frame = wire.frame("j1", "3", 1, 1, _token(job, 1), np.ones((1, 2, 2, 3), np.float32), "float32")
     threading.Timer(0.05, lambda: _send(store, frame)).start()
     started = time.monotonic()
     assert store.wait("j1", "3", 10) == (2, True)
@@ -562,11 +674,11 @@ def test_split_results_cover_ranges():
     job = Job(id="s", collectors=["3"], units=list(range(6)), split=True)
     store.add(job)
     store.put_local("s", "3", 0, 2, np.zeros((2, 1, 1, 1), np.float32))
-    _send(store, wire.frame("s", "3", 4, 2, job.token, np.ones((2, 1, 1, 1), np.float32), "float32"))
-    with pytest.raises(ResultRejected) as info:
-        store.check(wire.Header("s", "3", 3, job.token, "uint8", (2, 1, 1, 1), 2))  # overlaps 4
+    _send(store, wire.frame("s", "3", 4, 2, _token(job, 4, 5), np.ones((2, 1, 1, 1), np.float32), "float32"))
+    with pytest.raises(ResultRejected) as info:  # a share given again after a failure, say
+        store.check(wire.Header("s", "3", 3, _token(job, 3, 4), "uint8", (2, 1, 1, 1), 2))  # overlaps 4
     assert info.value.status == 409
-    _send(store, wire.frame("s", "3", 2, 2, job.token, np.full((2, 1, 1, 1), 0.5, np.float32), "float32"))
+    _send(store, wire.frame("s", "3", 2, 2, _token(job, 2, 3), np.full((2, 1, 1, 1), 0.5, np.float32), "float32"))
     assert store.wait("s", "3", 0) == (6, True)
     (batch,) = store.take("s", "3")
     assert batch.reshape(-1).tolist() == [0, 0, 0.5, 0.5, 1, 1]
@@ -607,7 +719,7 @@ def test_every_transport_lands_in_place(transport, tolerance):
     shares = [rng.random((2, 33, 17, 3), dtype=np.float32) for _ in range(3)]
     store.put_local("t", "4", 0, 1, shares[0])
     for unit in (2, 1):  # out of order
-        _send(store, wire.frame("t", "4", unit, 1, job.token, shares[unit], transport))
+        _send(store, wire.frame("t", "4", unit, 1, _token(job, unit), shares[unit], transport))
     assert store.wait("t", "4", 0) == (3, True)
     parts = store.take("t", "4")
     assert len(parts) == 1 and parts[0].shape == (6, 33, 17, 3)  # one buffer, no joining
@@ -619,7 +731,7 @@ def test_a_share_of_another_size_is_kept_apart():
     job = Job(id="t", collectors=["4"], units=[0, 1])
     store.add(job)
     store.put_local("t", "4", 0, 1, np.zeros((1, 4, 4, 3), np.float32))
-    _send(store, wire.frame("t", "4", 1, 1, job.token, np.ones((2, 4, 4, 3), np.float32), "uint8"))
+    _send(store, wire.frame("t", "4", 1, 1, _token(job, 1), np.ones((2, 4, 4, 3), np.float32), "uint8"))
     parts = store.take("t", "4")
     assert [p.shape[0] for p in parts] == [1, 2] and parts[1].max() == 1.0
 
@@ -630,8 +742,8 @@ def test_split_chunks_land_at_their_global_rows():
     store.add(job)
     images = np.arange(5, dtype=np.float32).reshape(5, 1, 1, 1) / 10
     store.put_local("s", "4", 0, 2, images[:2])
-    _send(store, wire.frame("s", "4", 4, 1, job.token, images[4:], "float32"))
-    _send(store, wire.frame("s", "4", 2, 2, job.token, images[2:4], "float32"))
+    _send(store, wire.frame("s", "4", 4, 1, _token(job, 4), images[4:], "float32"))
+    _send(store, wire.frame("s", "4", 2, 2, _token(job, 2, 3), images[2:4], "float32"))
     (batch,) = store.take("s", "4")
     assert np.array_equal(batch, images)
 
@@ -646,7 +758,8 @@ def test_broken_bodies_are_refused_and_leave_nothing_behind(mangle, status, word
     store = JobStore()
     job = Job(id="t", collectors=["4"], units=[1])
     store.add(job)
-    parts, cut = mangle(wire.frame("t", "4", 1, 1, job.token, np.zeros((1, 16, 16, 3), np.float32), "float32"))
+    token = _token(job, 1)
+    parts, cut = mangle(wire.frame("t", "4", 1, 1, token, np.zeros((1, 16, 16, 3), np.float32), "float32"))
     data = b"".join(bytes(p) for p in parts)
     data = data[:len(data) - cut]
     with pytest.raises(ResultRejected) as info:
@@ -654,7 +767,7 @@ def test_broken_bodies_are_refused_and_leave_nothing_behind(mangle, status, word
     assert info.value.status == status and words in info.value.message
     assert store.get("t").delivered("4") == 0 and not store.get("t").inflight
     # the unit can still be delivered properly afterwards
-    _send(store, wire.frame("t", "4", 1, 1, job.token, np.zeros((1, 16, 16, 3), np.float32), "float32"))
+    _send(store, wire.frame("t", "4", 1, 1, token, np.zeros((1, 16, 16, 3), np.float32), "float32"))
     assert store.get("t").delivered("4") == 1
 
 
@@ -663,7 +776,7 @@ def test_png_bigger_than_its_header_is_refused_before_decoding():
     job = Job(id="t", collectors=["4"], units=[1])
     store.add(job)
     big = wire.pack_png(np.zeros((1, 64, 64, 3), np.uint8))  # a 64x64 PNG ...
-    header = wire.Header("t", "4", 1, job.token, "uint8", (1, 8, 8, 3), 1, "png", len(big))  # ... sold as 8x8
+    header = wire.Header("t", "4", 1, _token(job, 1), "uint8", (1, 8, 8, 3), 1, "png", len(big))  # ... sold as 8x8
     with pytest.raises(ResultRejected) as info:
         _send(store, [header.to_bytes(), big])
     assert info.value.status == 400 and "64" in info.value.message
@@ -673,7 +786,7 @@ def test_a_declared_size_that_does_not_match_the_body_is_refused():
     store = JobStore()
     job = Job(id="t", collectors=["4"], units=[1])
     store.add(job)
-    data = b"".join(bytes(p) for p in wire.frame("t", "4", 1, 1, job.token, np.zeros((1, 2, 2, 3)), "float32"))
+    data = b"".join(bytes(p) for p in wire.frame("t", "4", 1, 1, _token(job, 1), np.zeros((1, 2, 2, 3)), "float32"))
     with pytest.raises(ResultRejected) as info:
         _deliver(store, data, len(data) + 5)
     assert info.value.status == 400
@@ -685,3 +798,30 @@ def test_input_files_of_loaders():
               "3": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
               "4": {"class_type": "EmptyImage", "inputs": {"width": 8}}}
     assert workflow.input_files(prompt) == ["a.png", "sub/b.png"]
+
+
+def test_delivery_honours_its_deadline_and_interrupts():
+    from distributed_core.client import InstanceError, Interrupted, deliver
+    from harness import free_port
+    url = f"http://127.0.0.1:{free_port()}/distributed/result"  # nothing listens there
+    parts = wire.frame("j", "3", 1, 1, "t", np.zeros((1, 2, 2, 3), np.float32), "float32")
+    with pytest.raises(Interrupted):
+        deliver(url, parts, time.monotonic() + 3600, interrupted=lambda: True)
+    with pytest.raises(InstanceError, match="cannot deliver"):
+        deliver(url, parts, time.monotonic() + 0.3)
+    asked = []
+    with pytest.raises(Interrupted):  # an interrupt during the retries ends them
+        deliver(url, parts, time.monotonic() + 3600, interrupted=lambda: asked.append(1) or len(asked) > 3)
+
+
+def test_only_collectors_that_run_are_planned():
+    assert workflow.reached(CHAINED, ["3", "5"], ["6"]) == ["3", "5"]
+    assert workflow.reached(CHAINED, ["3", "5"], ["7"]) == []  # a preview before the Collectors
+    assert workflow.reached(CHAINED, ["3", "5"], ["3", "nope"]) == ["3"]
+    from distributed_core.coordinator import Coordinator
+
+    def nothing_to_load():
+        raise AssertionError("a prompt whose Collectors do not run needs no plan")
+    coord = Coordinator(JobStore(), nothing_to_load, lambda: ("127.0.0.1", 8188), partial_execution=True)
+    data = {"prompt": CHAINED, "partial_execution_targets": ["7"]}
+    assert coord._rewrite(data) is data and data["prompt"] is CHAINED and not coord.store.active()

@@ -175,3 +175,67 @@ def test_every_transport_delivers_the_same_images(live, transport):
     live.reset_config(live.default_config(transport=transport))
     _pid, entry = run(live, image_workflow(seed=60, batch=2, size=24))
     assert blue_values(live.master.saved_images(entry, "5")) == [60, 60, 61, 61, 62, 62]
+
+
+def _assert_inverted(values: list[int], seeds: list[int]) -> None:
+    """ImageInvert's blue values are 255 - seed, or one less: SaveImage truncates 1 - x."""
+    assert len(values) == len(seeds) and all(255 - s - v in (0, 1) for v, s in zip(values, seeds)), values
+
+
+def _chained(seed: int) -> dict:
+    """Two Collectors in a row: the second one receives an already gathered batch."""
+    prompt = image_workflow(seed=seed, batch=2)
+    prompt["5"] = {"class_type": "ImageInvert", "inputs": {"image": ["4", 0]}}
+    prompt["6"] = {"class_type": "MultiGPUCollector", "inputs": {"images": ["5", 0]}}
+    prompt["7"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "chained"}}
+    return prompt
+
+
+def test_two_collectors_in_a_row_gather_each_image_once(live):
+    for worker in live.workers:
+        worker.post("/history", {"clear": True})
+    _pid, entry = run(live, _chained(100))
+    assert error_of(entry) == ""
+    # each participant's two images once, inverted once (blue 255 - seed)
+    _assert_inverted(blue_values(live.master.saved_images(entry, "7")), [100, 100, 101, 101, 102, 102])
+    for worker in live.workers:
+        for item in worker.get("/history").json().values():
+            collectors = [n for n, node in item["prompt"][2].items() if node["class_type"] == "MultiGPUCollector"]
+            assert collectors == ["4"], collectors
+
+
+def test_parallel_collectors_each_gather_their_branch(live):
+    prompt = image_workflow(seed=10, batch=1)
+    prompt["6"] = {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}}
+    prompt["7"] = {"class_type": "MultiGPUCollector", "inputs": {"images": ["6", 0]}}
+    prompt["8"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "branch"}}
+    _pid, entry = run(live, prompt)
+    assert error_of(entry) == ""
+    assert blue_values(live.master.saved_images(entry, "5")) == [10, 11, 12]
+    _assert_inverted(blue_values(live.master.saved_images(entry, "8")), [10, 11, 12])
+
+
+def test_a_master_without_a_share_previews_nothing(live):
+    config = live.default_config()
+    config["master"]["enabled"] = False
+    live.reset_config(config)
+    prompt = image_workflow(seed=30, batch=1)
+    prompt["9"] = {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "beside"}}
+    _pid, entry = run(live, prompt)
+    assert error_of(entry) == ""
+    assert blue_values(live.master.saved_images(entry, "5")) == [31, 32]
+    assert "9" not in entry["outputs"], "the master rendered a share nobody gave it"
+    assert not list(live.master.dirs["output"].glob("beside*.png"))
+
+
+def test_a_split_master_without_a_share_previews_nothing(live):
+    from harness import batch_indices, split_workflow
+    config = live.default_config()
+    config["master"]["enabled"] = False
+    live.reset_config(config)
+    prompt = split_workflow(batch=4)
+    prompt["9"] = {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "beside"}}
+    _pid, entry = run(live, prompt)
+    assert error_of(entry) == ""
+    assert batch_indices(live.master.saved_images(entry, "5")) == [0, 1, 2, 3]
+    assert "9" not in entry["outputs"], "the master rendered the whole split batch besides"

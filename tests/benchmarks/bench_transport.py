@@ -63,7 +63,7 @@ def serve(port: int, batch: int) -> None:
     from aiohttp import web
     from PIL import Image
 
-    from distributed_core.jobs import Job, JobStore, receive
+    from distributed_core.jobs import Job, JobStore, Share, receive
 
     state: dict = {}
 
@@ -71,9 +71,10 @@ def serve(port: int, batch: int) -> None:
         state.clear()
         store = JobStore()
         job = Job(id="bench", collectors=["c"], units=[0])
+        job.shares["worker"] = share = Share("worker", "worker", [0])
         store.add(job)
         state.update(store=store, job=job, parts=[], sampler=PeakSampler())
-        return web.json_response({"token": job.token})
+        return web.json_response({"token": share.token})
 
     async def ours(request):
         await receive(state["store"], request.content, request.content_length)
