@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import batch_indices, error_of, split_workflow
+import json
+
+from harness import batch_indices, error_of, split_workflow, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,6 +45,10 @@ def test_slow_worker_receives_fewer_images(live):
     live.reset_config(config)
     live.set_speeds({"worker1": 1.0, "worker2": 4.0})
     run(live, split_workflow(batch=6, seconds_per_image=0.3))  # the master learns the speeds
+    learned = live.workdir / "throughput.json"  # each worker's speed is read from its prompt's history,
+    wait_until(lambda: learned.exists() and all(  # a moment after the job itself has ended
+        any(w.name in rates for rates in json.loads(learned.read_text()).values()) for w in live.workers),
+        30, what="both workers' speeds to be learned")
     live.probe_log.unlink()
     images = run(live, split_workflow(batch=20, seconds_per_image=0.3))
     assert batch_indices(images) == list(range(20))
