@@ -82,7 +82,6 @@ class Job:
     # (collector, first unit) -> (units covered, images); a chunk covers a run of units
     results: dict[tuple[str, int], tuple[int, Any]] = field(default_factory=dict)
     covered: dict[str, set[int]] = field(default_factory=dict)
-    arrived: dict[int, float] = field(default_factory=dict)  # first unit of a chunk -> when it came
     canvases: dict[str, np.ndarray] = field(default_factory=dict)   # collector -> its final batch
     inflight: set[int] = field(default_factory=set)                 # units being received now
     held_bytes: int = 0
@@ -133,7 +132,6 @@ class Job:
     def record(self, collector: str, first: int, count: int, value: Any, nbytes: int = 0) -> None:
         self.results[(collector, first)] = (count, value)
         self.covered.setdefault(collector, set()).update(range(first, first + count))
-        self.arrived[first] = time.monotonic()
         self.held_bytes += nbytes
 
 
