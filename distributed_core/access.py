@@ -42,7 +42,8 @@ HEADER = "X-Distributed-Secret"
 SECRET_FILE = EXTENSION_DIR / "secret.key"   # ignored by git
 ENV_VAR = "COMFYUI_DISTRIBUTED_SECRET_FILE"
 PREFIX = "/distributed/"
-OPEN_PATHS = {"/distributed/result"}  # guarded by the per-job token
+OPEN_PATHS = {"/distributed/result",  # guarded by the per-job token
+              "/distributed/tiles/image", "/distributed/tiles/lease", "/distributed/tiles/result"}  # tile tokens
 SECRET_PATH = "/distributed/secret"   # for a local browser only
 
 
