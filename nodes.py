@@ -291,7 +291,11 @@ def _render_tile(pixels: np.ndarray, seed: int, model, positive, negative, vae, 
     tensor = _as_tensor(pixels[None, ..., :3])
     if below or right:
         tensor = torch.nn.functional.pad(tensor.movedim(-1, 1), (0, right, 0, below), mode="replicate").movedim(1, -1)
-    latent = vae.encode(tensor)
+    with torch.random.fork_rng(devices=[]):
+        # ComfyUI of early 2024 samples the VAE's latent distribution from torch's global CPU
+        # generator: seed it from the tile, so that the encoding does not depend on what ran before.
+        torch.default_generator.manual_seed(seed)
+        latent = vae.encode(tensor)
     samples = _common_ksampler()(model, seed, params["steps"], params["cfg"], params["sampler_name"],
                                  params["scheduler"], positive, negative, {"samples": latent},
                                  denoise=params["denoise"])[0]["samples"]

@@ -114,7 +114,7 @@ class UpscaleJob:
     def summary(self) -> dict:
         """The panel's view, in the Collector jobs' shape: a unit is a tile."""
         total = sum(p.total for p in self.pools.values())
-        done = sum(len(p.results) for p in self.pools.values())
+        done = sum(len(p.rendered_by) for p in self.pools.values())
         count: collections.Counter = collections.Counter(
             who for p in self.pools.values() for who in p.rendered_by.values())
         shares = [{"participant": MASTER_ID, "name": "master", "units": [], "done": count[MASTER_ID],
@@ -188,6 +188,11 @@ class Board:
                 self._finished.popitem(last=False)
             self._cond.notify_all()
         self._notify(job)
+        if state is UpscaleState.DONE:
+            tally = collections.Counter(who for p in job.pools.values() for who in p.rendered_by.values())
+            labels = {w.participant: w.label for w in job.workers.values()} | {MASTER_ID: "master"}
+            log.info("[Distributed] upscale job %s done: tiles rendered by %s", job_id[:8],
+                     ", ".join(f"{labels.get(who, who)} {n}" for who, n in sorted(tally.items())))
         try:
             self.on_end(job)
         except Exception:  # noqa: BLE001
