@@ -177,9 +177,9 @@ class Board:
             if job.state is not UpscaleState.FAILED:
                 job.state = state
             job.error = job.error or reason
-            for share in job.workers.values():
+            for share in job.workers.values():  # one that never took part is withdrawn (see _ended)
                 if share.state not in ("done", "failed"):
-                    share.state = "done" if state is UpscaleState.DONE else "cancelled"
+                    share.state = "done" if state is UpscaleState.DONE and share.state == "running" else "cancelled"
             for pool in job.pools.values():
                 pool.image = None
                 pool.results = {}
@@ -522,12 +522,13 @@ class Upscales:
             return
 
     def _ended(self, job: UpscaleJob) -> None:
-        """Called from any thread when a job ends: a job that did not finish takes its workers'
-        prompts back (interrupting those that run)."""
-        if job.state is UpscaleState.DONE or self.loop is None:
+        """Called from any thread when a job ends: the prompts of workers that were still at work
+        for it (all of them if it did not finish; those that never fetched the image if it did)
+        are taken back, out of their queue or interrupted."""
+        if self.loop is None:
             return
         for share in job.workers.values():
-            if share.prompt_id and share.state != "failed":
+            if share.prompt_id and share.state == "cancelled":
                 url = job.config.worker(share.participant).url
                 self.loop.call_soon_threadsafe(
                     lambda u=url, p=share.prompt_id: self.coord.spawn(_quietly(self.coord.client(u).withdraw(p))))

@@ -238,3 +238,10 @@ def test_an_upscale_before_a_collector_is_refused_with_a_remedy():
     with pytest.raises(workflow.WorkflowError, match="put it after the Collector"):
         workflow.check_upscales(prompt, ["6"])
     workflow.check_upscales(upscale_prompt(), ["6"])
+
+
+def test_a_finished_job_takes_back_only_workers_that_never_started():
+    board, job, _grid = board_with_job()
+    board.image("job1", "9", job.workers["w1"].token)  # w1 fetched the image and works; w2 is still queued
+    board.end("job1", UpscaleState.DONE)
+    assert job.workers["w1"].state == "done" and job.workers["w2"].state == "cancelled"
