@@ -39,6 +39,7 @@ log = logging.getLogger("comfyui-distributed")
 POLL_SECONDS = 1.0
 REFUSALS_MEAN_GONE = 3
 MAX_HOLDERS = 2          # at most this many participants render one tile at once
+OVERDUE = 2.0            # a tile held this many median tile times may be rendered by an idle participant too
 FINISHED_MEMORY = 256
 CLIENT_ID = "comfyui-distributed"
 
@@ -74,7 +75,8 @@ class Pool:
     params: dict = field(default_factory=dict)
     image: np.ndarray | None = None          # the enlarged batch, float32 (frames, h, w, c)
     pending: list[int] = field(default_factory=list)
-    leases: dict[int, dict[str, float]] = field(default_factory=dict)  # index -> {participant: deadline}
+    leases: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)  # index -> {who: (since, deadline)}
+    durations: list[float] = field(default_factory=list)   # seconds from lease to delivery of finished tiles
     results: dict[int, np.ndarray] = field(default_factory=dict)
     rendered_by: dict[int, str] = field(default_factory=dict)
 
@@ -234,7 +236,7 @@ class Board:
                 return False
             pool.image, pool.grid, pool.params = image, grid, dict(params)
             pool.pending = list(range(len(grid)))
-            pool.leases, pool.results, pool.rendered_by = {}, {}, {}
+            pool.leases, pool.results, pool.rendered_by, pool.durations = {}, {}, {}, []
             job.state = UpscaleState.RUNNING
             self._cond.notify_all()
         self._notify(job)
@@ -254,7 +256,9 @@ class Board:
     def lease(self, job_id: str, node: str, participant: str, seconds: float,
               token: str | None = None) -> Lease:
         """The next tile for ``participant`` to render. While tiles are pending, the lowest one;
-        then a tile that others hold (at most MAX_HOLDERS at once), the longest-held first."""
+        then a tile that others hold (at most MAX_HOLDERS at once) for longer than OVERDUE times
+        the median tile so far, the longest-held first: a frozen or slow holder then delays the
+        job by about that much, while a holder about to deliver is left to it."""
         now = time.monotonic()
         with self._cond:
             if token is not None:
@@ -272,19 +276,22 @@ class Board:
             if pool.pending:
                 index = pool.pending.pop(0)
             else:
-                held = [(min(holders.values()), i) for i, holders in pool.leases.items()
-                        if i not in pool.results and participant not in holders and len(holders) < MAX_HOLDERS]
+                overdue = OVERDUE * float(np.median(pool.durations)) if pool.durations else float("inf")
+                held = [(since, i) for i, holders in pool.leases.items()
+                        for since in [min(s for s, _d in holders.values())]
+                        if i not in pool.results and participant not in holders and len(holders) < MAX_HOLDERS
+                        and now - since > overdue]
                 if not held:
                     return Lease("wait")
                 index = min(held)[1]
-            pool.leases.setdefault(index, {})[participant] = now + seconds
+            pool.leases.setdefault(index, {})[participant] = (now, now + seconds)
             return Lease("tile", index)
 
     @staticmethod
     def _expire(pool: Pool, now: float) -> None:
         for index in list(pool.leases):
             holders = pool.leases[index]
-            for who in [w for w, deadline in holders.items() if deadline < now]:
+            for who in [w for w, (_since, deadline) in holders.items() if deadline < now]:
                 del holders[who]
             if not holders:
                 del pool.leases[index]
@@ -301,7 +308,9 @@ class Board:
                 raise Refused(410, f"upscale job {job_id[:8]} has ended")
             if pool.grid is None or not 0 <= index < len(pool.grid):
                 raise Refused(400, f"tile {index} is not a tile of this job")
-            pool.leases.pop(index, None)
+            held = pool.leases.pop(index, {})
+            if participant in held and index not in pool.results:
+                pool.durations.append(time.monotonic() - held[participant][0])
             if index in pool.pending:
                 pool.pending.remove(index)
             if index in pool.results:

@@ -120,16 +120,19 @@ def board_with_job(workers=("w1", "w2")) -> tuple[Board, UpscaleJob, Grid]:
     return board, job, grid
 
 
-def test_leases_hand_out_each_tile_once_then_let_idle_participants_share_held_ones():
+def test_leases_hand_out_each_tile_once_then_let_idle_participants_share_overdue_ones():
     board, job, grid = board_with_job()
     token = job.workers["w1"].token
-    first = [board.lease("job1", "9", "", 60, token=token).index for _ in range(3)]
-    assert first == [0, 1, 2]
+    first = [board.lease("job1", "9", "", 60, token=token).index for _ in range(2)]
+    assert first == [0, 1]
+    assert board.lease("job1", "9", "master", 60).index == 2
     assert board.lease("job1", "9", "master", 60).index == 3
-    # pool empty: the master takes the longest-held tile of someone else, once
-    assert board.lease("job1", "9", "master", 60).index == 0
-    second = board.lease("job1", "9", "", 60, token=job.workers["w2"].token)
-    assert second.index == 1  # tile 0 already has two holders
+    # pool empty, and no tile has finished yet: nothing counts as overdue, so the master waits
+    assert board.lease("job1", "9", "master", 60).kind == "wait"
+    assert board.complete("job1", "9", 2, "master", np.ones((40, 40, 3), np.float32))  # a tile takes ~0 s
+    time.sleep(0.01)
+    assert board.lease("job1", "9", "master", 60).index == 0  # w1's tiles are overdue: longest-held first
+    assert board.lease("job1", "9", "", 60, token=job.workers["w2"].token).index == 1  # tile 0 has two holders
     assert board.complete("job1", "9", 0, "master", np.ones((40, 40, 3), np.float32))
     assert not board.complete("job1", "9", 0, "w1", np.zeros((40, 40, 3), np.float32))  # first wins
 
