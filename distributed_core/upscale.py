@@ -114,16 +114,18 @@ class UpscaleJob:
     finished_nodes: set[str] = field(default_factory=set)
 
     def summary(self) -> dict:
-        """The panel's view, in the Collector jobs' shape: a unit is a tile."""
-        total = sum(p.total for p in self.pools.values())
-        done = sum(len(p.rendered_by) for p in self.pools.values())
-        count: collections.Counter = collections.Counter(
-            who for p in self.pools.values() for who in p.rendered_by.values())
+        """The panel's view, in the Collector jobs' shape: a unit is a tile. Read from any thread
+        while the job runs: each dict is copied whole first (one step under the GIL)."""
+        pools = list(self.pools.values())
+        delivered = [list(p.rendered_by.values()) for p in pools]
+        total = sum(p.total for p in pools)
+        done = sum(len(d) for d in delivered)
+        count: collections.Counter = collections.Counter(who for d in delivered for who in d)
         shares = [{"participant": MASTER_ID, "name": "master", "units": [], "done": count[MASTER_ID],
                    "state": "running" if self.state is UpscaleState.RUNNING else self.state.value,
                    "error": ""}]
         shares += [{"participant": w.participant, "name": w.label, "units": [], "done": count[w.participant],
-                    "state": w.state, "error": w.error} for w in self.workers.values()]
+                    "state": w.state, "error": w.error} for w in list(self.workers.values())]
         return {"job_id": self.id, "prompt_id": self.prompt_id, "state": self.state.value, "error": self.error,
                 "notices": list(self.notices), "units": total, "done": done, "split": False, "kind": "tiles",
                 "shares": shares}

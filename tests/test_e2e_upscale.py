@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from distributed_core import sandbox
-from harness import CHECKPOINT, build_checkpoint, error_of, link_checkpoint, wait_until
+from harness import (CHECKPOINT, Instance, build_checkpoint, error_of, free_port, link_checkpoint, wait_until,
+                     write_config)
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -195,3 +196,36 @@ def test_interrupting_the_master_stops_the_workers(live, checkpoint, sources):
     history = worker.get("/history").json()
     last = max(history.values(), key=lambda e: e.get("prompt", [0])[0])
     assert last["status"]["status_str"] == "error", last["status"]
+
+
+def test_the_node_works_where_the_upscale_model_package_is_missing(live, checkpoint, sources, tmp_path):
+    """A ComfyUI whose optional upscale-model package cannot be imported (its Load Upscale Model
+    nodes then fail to load on current versions) still runs the node, with the same result."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "spandrel.py").write_text("raise ImportError('spandrel is not installed here')\n")
+    config, port = tmp_path / "alone.json", free_port()
+    write_config(config, {"master": {"port": port, "device": 0, "enabled": True}, "workers": [],
+                          "settings": {"mode": "parallel"}})
+    env = {**live.env, "PYTHONPATH": f"{blocker}:{live.env.get('PYTHONPATH', '')}".rstrip(":"),
+           "COMFYUI_DISTRIBUTED_CONFIG": str(config)}
+    bare = Instance(live.tree, "no-spandrel", port, tmp_path, env)
+    prompt = upscale_workflow(sources[:1])
+    use_workers(live, [False, False])
+    try:
+        alone = render(live, prompt)
+        free_memory(live)
+        bare.start().wait_ready()
+        (bare.dirs["input"] / sources[0]).write_bytes((live.master.dirs["input"] / sources[0]).read_bytes())
+        nodes = bare.get("/object_info").json()
+        entry = bare.wait_prompt(bare.queue_prompt(prompt), 900)
+        assert error_of(entry) == "", error_of(entry)
+        without = np.stack(bare.saved_images(entry, "6")).astype(np.int16)
+    finally:
+        bare.stop()
+        free_memory(live)
+    assert "DistributedTiledUpscale" in nodes
+    assert "upscale_model" in nodes["DistributedTiledUpscale"]["input"]["optional"]
+    if "spandrel" in (live.tree / "comfy_extras" / "nodes_upscale_model.py").read_text():
+        assert "ImageUpscaleWithModel" not in nodes, "the package was not blocked"
+    compare(without, alone)
