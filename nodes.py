@@ -462,7 +462,7 @@ class DistributedTiledUpscale:
             if resp.status_code == 200:
                 break
             _pause(TILE_WAIT, interrupted)
-        header, enlarged = wire.decode(resp.content)
+        _header, enlarged = wire.decode(resp.content)
         info = json.loads(resp.headers["X-Distributed-Tiles"])
         grid, params = tiles.Grid.from_dict(info["grid"]), info["params"]
         rendered = 0
