@@ -14,7 +14,7 @@ from .distributed_core import access, launcher
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, refused, submitted
-from .distributed_core.jobs import JobStore, ResultRejected, receive
+from .distributed_core.jobs import JobState, JobStore, ResultRejected, receive
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -106,6 +106,10 @@ def setup(server) -> Coordinator:
                         partial_execution=runs_partial_targets())
     _coordinator = coord
     server.add_on_prompt_handler(coord.rewrite)
+
+    async def begin(_app) -> None:  # the reachability checks run on the server's loop, once it runs
+        coord.begin()
+    server.app.on_startup.append(begin)
     # first, before ComfyUI's own middlewares (set up before any extension loads)
     server.app.middlewares.insert(0, _access_middleware(access.load_or_create()))
     server.app.middlewares.append(_prompt_middleware(coord))
@@ -232,7 +236,8 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
             instance["managed"] = processes.is_running(instance["id"])
         return web.json_response({"instances": instances, "config_error": loaded.error,
                                   "mode": loaded.config.settings.mode,
-                                  "jobs": [job.summary() for job in coord.store.active()]})
+                                  "jobs": [job.summary() for job in coord.store.active()],
+                                  "recent": coord.store.recent()})
 
     @routes.get("/distributed/secret")
     async def get_secret(request: web.Request) -> web.Response:
@@ -248,7 +253,7 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
     @routes.post("/distributed/interrupt")
     async def interrupt(request: web.Request) -> web.Response:
         for job in coord.store.active():
-            await coord.cancel(job.id, "interrupted from the Distributed panel")
+            coord.end(job.id, JobState.CANCELLED, "interrupted from the Distributed panel")
         results = await coord.broadcast(config_file.load().config, "interrupt")
         return web.json_response({"results": results})
 

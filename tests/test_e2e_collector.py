@@ -148,8 +148,8 @@ def test_everything_disabled_is_a_clear_error(live):
     for w in config["workers"]:
         w["enabled"] = False
     live.reset_config(config)
-    _pid, entry = run(live, image_workflow(seed=1, batch=1))
-    assert "Nothing to render on" in error_of(entry)
+    resp = live.master.post("/prompt", {"prompt": image_workflow(seed=1, batch=1), "client_id": "tests"})
+    assert resp.status_code == 400 and "Nothing to render on" in resp.json()["error"]["message"], resp.text
 
 
 def test_master_disabled_only_gathers(live):
