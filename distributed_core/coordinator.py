@@ -722,10 +722,17 @@ def _set_running(job: Job, prompt_id: str) -> None:
 
 def _malformed(prompt: Any) -> bool:
     """Not even the shape of a prompt (an object of nodes, each with a class_type and an object
-    of inputs): left to ComfyUI's own validation, which names what is wrong."""
-    return not isinstance(prompt, dict) or any(
-        not isinstance(node, dict) or not isinstance(node.get("class_type"), str)
-        or not isinstance(node.get("inputs", {}), dict) for node in prompt.values())
+    of inputs, linking only to nodes it holds): left to ComfyUI's own validation, which names
+    what is wrong."""
+    if not isinstance(prompt, dict):
+        return True
+    for node in prompt.values():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) \
+                or not isinstance(node.get("inputs", {}), dict):
+            return True
+        if any(workflow.is_link(v) and str(v[0]) not in prompt for v in (node.get("inputs") or {}).values()):
+            return True  # a link to a node that is not there
+    return False
 
 
 def job_signature(job: Job, prompt: dict, fanned: list[str]) -> str:

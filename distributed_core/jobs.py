@@ -96,7 +96,7 @@ class Job:
 
     def summary(self) -> dict:
         """What the panel shows of a job: each share and how many of its units have arrived."""
-        first = self.collectors[0]
+        first = self.collectors[0] if self.collectors else ""
         return {
             "job_id": self.id, "prompt_id": self.prompt_id, "state": self.state.value,
             "error": self.error, "notices": list(self.notices), "units": len(self.units),
