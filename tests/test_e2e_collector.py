@@ -106,7 +106,9 @@ def test_clear_vram_names_an_unreachable_worker(live):
 
 
 def test_status_reports_every_instance(live):
-    body = live.master.get("/distributed/status").json()
+    # what the master's checks last saw, at most a couple of seconds old: the queues just emptied
+    body = wait_until(lambda: (b := live.master.get("/distributed/status").json())
+                      if all(r["queue"] == 0 for r in b["instances"]) else None, 20, what="empty queues seen")
     rows = {r["id"]: r for r in body["instances"]}
     assert list(rows) == ["master", "worker1", "worker2"]
     for row in rows.values():
