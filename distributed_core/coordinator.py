@@ -63,8 +63,10 @@ class JobPlan:
 
 @dataclass
 class _Queue:
-    """One instance's queue as last read: prompt ids running or pending, and when."""
+    """One instance's queue as last read: prompt ids running or pending, and when the request
+    that read them was sent."""
     read_at: float = float("-inf")
+    tried_at: float = float("-inf")
     ids: frozenset = frozenset()
     reading: asyncio.Future | None = None
 
@@ -476,18 +478,21 @@ class Coordinator:
         if entry.read_at >= newer_than:
             return entry.ids
         if entry.reading is None:
-            if self.clock.now() - entry.read_at < QUEUE_MAX_AGE:
+            if self.clock.now() - entry.tried_at < QUEUE_MAX_AGE:
                 return None
-            entry.reading = asyncio.ensure_future(client.queue())
-        reading = entry.reading
-        try:
-            running, pending = await asyncio.shield(reading)
-        finally:
-            if entry.reading is reading:
-                entry.reading = None
-        if entry.read_at < self.clock.now():
-            entry.read_at, entry.ids = self.clock.now(), frozenset(running + pending)
+            entry.tried_at = self.clock.now()
+            entry.reading = asyncio.ensure_future(self._read_queue(client, entry))
+        await asyncio.shield(entry.reading)
         return entry.ids if entry.read_at >= newer_than else None
+
+    async def _read_queue(self, client: InstanceClient, entry: _Queue) -> None:
+        sent = self.clock.now()
+        try:
+            running, pending = await client.queue()
+        finally:
+            entry.reading = None
+        if sent > entry.read_at:
+            entry.read_at, entry.ids = sent, frozenset(running + pending)
 
     async def supervise(self, job_id: str, share: Share, client: InstanceClient, timeout: float) -> bool:
         """Watch one worker prompt until its units arrive, it fails, or its worker is gone (the
@@ -505,7 +510,8 @@ class Coordinator:
 
     async def _supervise(self, job_id: str, share: Share, client: InstanceClient, timeout: float) -> bool:
         finished_at = None
-        next_read = self.clock.now() + POLL_SECONDS
+        answered = share.dispatched  # the last answer to our own reads (the checks may forget a
+        next_read = self.clock.now() + POLL_SECONDS  # worker removed from the config meanwhile)
         while self.active(job_id):
             job = self.store.get(job_id)
             if job is None or not job.missing_units(share.units):
@@ -516,7 +522,7 @@ class Coordinator:
             if seen is not None and seen.refusals >= REFUSALS_MEAN_GONE:
                 await self.failover(job_id, share, f"its ComfyUI is gone: {seen.error}")
                 return False
-            last_sign = max(share.dispatched, (seen.last_ok if seen is not None and seen.last_ok else 0.0))
+            last_sign = max(answered, (seen.last_ok if seen is not None and seen.last_ok else 0.0))
             if now - last_sign > timeout:
                 why = f": {seen.error}" if seen is not None and seen.error else ""
                 await self.failover(job_id, share, f"no sign of progress for {timeout:g} s{why}")
@@ -527,6 +533,7 @@ class Coordinator:
             next_read = now + self._poll_interval(client.url, share)
             try:
                 entry = await client.history(share.prompt_id)
+                answered = self.clock.now()
                 self.reach.ok(client.url)
                 if entry is None:
                     ids = await self.queue_ids(client, share.dispatched)
