@@ -20,6 +20,7 @@ log = logging.getLogger("comfyui-distributed")
 
 MAX_JSON_BODY = 1 << 20
 PROMPT_PATHS = ("/prompt", "/api/prompt")
+QUEUE_PATHS = ("/queue", "/api/queue")
 
 _coordinator: Coordinator | None = None
 WORKER_FIELDS = {"name", "host", "port", "device", "enabled", "extra_args"}
@@ -174,6 +175,11 @@ def _prompt_middleware(coord: Coordinator):
 
     @web.middleware
     async def middleware(request: web.Request, handler):
+        if request.method == "POST" and request.path in QUEUE_PATHS:
+            response = await handler(request)
+            if response.status == 200:  # prompts deleted or the queue cleared: their jobs end now
+                coord.master_queue_changed()
+            return response
         if request.method != "POST" or request.path not in PROMPT_PATHS:
             return await handler(request)
         token, refusal = submitted.set([]), refused.set([])

@@ -169,7 +169,7 @@ class MultiGPUCollector:
             coord.from_thread(coord.end, job_id, JobState.CANCELLED, "the master's Collector stopped")
             raise
         if notices:
-            log.warning("[Distributed] job %s completed without some workers: %s", job_id[:8], "; ".join(notices))
+            log.warning("[Distributed] job %s completed after recovering: %s", job_id[:8], "; ".join(notices))
         return _concat([_as_tensor(v) for v in parts])
 
 

@@ -356,6 +356,15 @@ class Coordinator:
         """The Collector gives up (on the execution thread): the loop ends the job."""
         self.from_thread(self.end, job_id, state, error)
 
+    def master_queue_changed(self) -> None:
+        """Someone deleted prompts from the master's queue or cleared it (POST /queue): read it
+        again now rather than at its next reading, so a deleted job's workers stop at once."""
+        entry = self.queues.get(self.own_url())
+        if entry is not None:
+            entry.tried_at = float("-inf")
+        for job in self.store.active():
+            self.result_arrived(job.id)
+
     # --- running a job -----------------------------------------------------------------------
     async def start(self, job_id: str, prompt_id: str) -> None:
         self.loop = asyncio.get_running_loop()
@@ -585,6 +594,8 @@ class Coordinator:
                       if w.enabled and w.id not in failed_workers and not self.reach.is_down(w.url)]
         if not candidates:
             failures = [n for n in job.notices if " failed: " in n]  # this one last, each worker named
+            failures += [f"{w.label} is unreachable: {self.reach.why(w.url)}" for w in current.workers
+                         if w.enabled and w.id not in failed_workers and self.reach.is_down(w.url)]
             self.store.fail(job_id, f"{'; '.join(failures)}. No other worker is left to render the share "
                                     f"(units {plan.chunks_of(missing)} as [first, count]); "
                                     "the job stops rather than return a partial batch.")

@@ -107,8 +107,10 @@ def test_clear_vram_names_an_unreachable_worker(live):
 
 def test_status_reports_every_instance(live):
     # what the master's checks last saw, at most a couple of seconds old: the queues just emptied
-    body = wait_until(lambda: (b := live.master.get("/distributed/status").json())
-                      if all(r["queue"] == 0 for r in b["instances"]) else None, 20, what="empty queues seen")
+    def seen_idle():
+        body = live.master.get("/distributed/status").json()
+        return body if all(r["queue"] == 0 for r in body["instances"]) else None
+    body = wait_until(seen_idle, 20, what="the master's checks to see every queue empty")
     rows = {r["id"]: r for r in body["instances"]}
     assert list(rows) == ["master", "worker1", "worker2"]
     for row in rows.values():
