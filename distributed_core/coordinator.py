@@ -184,9 +184,9 @@ class Coordinator:
         if not isinstance(json_data, dict):
             return json_data
         try:
-            self.loop = asyncio.get_running_loop()
+            self.begin()  # normally started with the server already
         except RuntimeError:
-            pass
+            pass  # no running loop (tests that call the hook directly)
         kind, prompt = workflow.screen(json_data.get("prompt"))
         if kind == "refused":
             return refuse(json_data, prompt)
@@ -672,6 +672,7 @@ class Coordinator:
         only an instance with no answer yet (the first moments after a start) is waited for, a
         few seconds at most."""
         infos = self.instances(config)
+        self.begin()  # normally started with the server already
         await self.reach.settled([i["url"] for i in infos], timeout=3.0)
         rows = []
         for info in infos:

@@ -129,6 +129,7 @@ class Harness:
                                  lambda: ("127.0.0.1", 18188),
                                  client_factory=lambda url: FakeClient(self.world, url), clock=self.clock)
         self.coord._throughput = plan.Throughput(tmp_path / "throughput.json")
+        self.coord.reach.start = lambda: None  # the tests run the checks themselves (checked())
 
     def submit(self, prompt: dict) -> tuple[dict, list[str], list[str]]:
         """POST /prompt as the middleware sees it: (the request after the hook, jobs planned, refusals)."""
