@@ -1,7 +1,7 @@
 """Does the master stay responsive with many distributed jobs queued at once?
 
     COMFYUI_ROOT=<ComfyUI folder> python tests/benchmarks/bench_load.py [--jobs 200] [--workers 2]
-        [--size 8] [--seconds 0] [--gpu] [--out FILE]
+        [--size 8] [--seconds 0.1] [--gpu] [--out FILE]
 
 Starts a real master and ``--workers`` workers on loopback (CPU instances; with --gpu one instance
 per GPU, CUDA_VISIBLE_DEVICES per instance), queues ``--jobs`` cheap Multi-GPU Collector jobs at
@@ -45,7 +45,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--size", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=0.0, help="emulated render time per image")
+    parser.add_argument("--seconds", type=float, default=0.1,
+                        help="emulated render time per image: long enough that the jobs stay queued")
     parser.add_argument("--gpu", action="store_true", help="one instance per GPU instead of CPU instances")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
