@@ -15,13 +15,14 @@ from .distributed_core import access, launcher, wire
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, refused, submitted
-from .distributed_core.jobs import JobStore, ResultRejected, receive
+from .distributed_core.jobs import JobState, JobStore, ResultRejected, receive
 from .distributed_core.upscale import Refused
 
 log = logging.getLogger("comfyui-distributed")
 
 MAX_JSON_BODY = 1 << 20
 PROMPT_PATHS = ("/prompt", "/api/prompt")
+QUEUE_PATHS = ("/queue", "/api/queue")
 
 _coordinator: Coordinator | None = None
 WORKER_FIELDS = {"name", "host", "port", "device", "enabled", "extra_args"}
@@ -108,6 +109,10 @@ def setup(server) -> Coordinator:
                         partial_execution=runs_partial_targets())
     _coordinator = coord
     server.add_on_prompt_handler(coord.rewrite)
+
+    async def begin(_app) -> None:  # the reachability checks run on the server's loop, once it runs
+        coord.begin()
+    server.app.on_startup.append(begin)
     # first, before ComfyUI's own middlewares (set up before any extension loads)
     server.app.middlewares.insert(0, _access_middleware(access.load_or_create()))
     server.app.middlewares.append(_prompt_middleware(coord))
@@ -174,6 +179,11 @@ def _prompt_middleware(coord: Coordinator):
 
     @web.middleware
     async def middleware(request: web.Request, handler):
+        if request.method == "POST" and request.path in QUEUE_PATHS:
+            response = await handler(request)
+            if response.status == 200:  # prompts deleted or the queue cleared: their jobs end now
+                coord.master_queue_changed()
+            return response
         if request.method != "POST" or request.path not in PROMPT_PATHS:
             return await handler(request)
         token, refusal = submitted.set([]), refused.set([])
@@ -237,7 +247,8 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
         return web.json_response({"instances": instances, "config_error": loaded.error,
                                   "mode": loaded.config.settings.mode,
                                   "jobs": [job.summary() for job in coord.store.active()]
-                                  + [job.summary() for job in coord.upscales.board.active()]})
+                                  + [job.summary() for job in coord.upscales.board.active()],
+                                  "recent": coord.store.recent()})
 
     @routes.get("/distributed/secret")
     async def get_secret(request: web.Request) -> web.Response:
@@ -253,7 +264,7 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
     @routes.post("/distributed/interrupt")
     async def interrupt(request: web.Request) -> web.Response:
         for job in coord.store.active():
-            await coord.cancel(job.id, "interrupted from the Distributed panel")
+            coord.end(job.id, JobState.CANCELLED, "interrupted from the Distributed panel")
         results = await coord.broadcast(config_file.load().config, "interrupt")
         return web.json_response({"results": results})
 

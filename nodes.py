@@ -143,6 +143,8 @@ class MultiGPUCollector:
 
     @staticmethod
     def _gather(job: dict, batches: list) -> torch.Tensor:
+        """The master's Collector: its own images go to the job, then it waits for the workers'.
+        It changes no job state itself: the event loop does what it asks (coord.from_thread)."""
         from .distributed_routes import coordinator
 
         coord = coordinator()
@@ -150,9 +152,8 @@ class MultiGPUCollector:
         store = coord.store
         try:
             if chunks:
-                for (first, count), batch in zip(chunks, _per_chunk(batches, chunks)):
-                    store.put_local(job_id, collector, first, count, _as_array(batch))
-                coord.local_done(job_id, sum(count for _first, count in chunks))
+                arrays = [_as_array(batch) for batch in _per_chunk(batches, chunks)]
+                coord.from_thread(coord.local_share, job_id, collector, chunks, arrays)
             known = store.get(job_id)
             total = len(known.units) if known else 0
             progress = comfy.utils.ProgressBar(total)
@@ -162,20 +163,16 @@ class MultiGPUCollector:
                 if complete:
                     break
                 comfy.model_management.throw_exception_if_processing_interrupted()
-            result = _concat([_as_tensor(v) for v in store.take(job_id, collector)])
+            parts, notices = coord.from_thread(coord.collected, job_id, collector)
         except JobFailed as exc:
-            coord.finish(job_id, JobState.FAILED, str(exc))
+            coord.from_thread(coord.end, job_id, JobState.FAILED, str(exc))
             raise RuntimeError(f"Multi-GPU Collector: {exc}") from None
         except BaseException:
-            coord.finish(job_id, JobState.CANCELLED, "the master's Collector stopped")
+            coord.from_thread(coord.end, job_id, JobState.CANCELLED, "the master's Collector stopped")
             raise
-        finished = store.get(job_id)
-        if finished is None or finished.all_taken():
-            coord.finish(job_id, JobState.DONE)
-        if finished is not None and finished.notices:
-            log.warning("[Distributed] job %s completed after recovering: %s", job_id[:8],
-                        "; ".join(finished.notices))
-        return result
+        if notices:
+            log.warning("[Distributed] job %s completed after recovering: %s", job_id[:8], "; ".join(notices))
+        return _concat([_as_tensor(v) for v in parts])
 
 
 class DistributedSeed:

@@ -80,8 +80,10 @@ class InstanceClient:
     async def free(self) -> None:
         await self._request("POST", "/free", QUICK, {"unload_models": True, "free_memory": True})
 
-    async def interrupt(self) -> None:
-        await self._request("POST", "/interrupt", QUICK, {})
+    async def interrupt(self, prompt_id: str = "") -> None:
+        """Stop what the instance runs; with ``prompt_id``, current ComfyUI stops only that prompt
+        (and nothing when it is not the one running). ComfyUI of early 2024 ignores the body."""
+        await self._request("POST", "/interrupt", QUICK, {"prompt_id": prompt_id} if prompt_id else {})
 
     async def delete_queued(self, prompt_ids: list[str]) -> None:
         await self._request("POST", "/queue", QUICK, {"delete": prompt_ids})
@@ -136,12 +138,17 @@ class InstanceClient:
             raise InstanceError(describe(self.url, exc)) from exc
 
     async def withdraw(self, prompt_id: str) -> None:
-        """Take a prompt back: out of the queue if pending, interrupted if it is the one running."""
+        """Take one of our prompts back: deleted from the queue if pending, interrupted if it is
+        the one running, left alone otherwise. The interrupt names the prompt, so a current
+        ComfyUI stops only ours; it is sent only when the queue shows ours running, because a
+        ComfyUI of early 2024 ignores the name and stops whatever runs."""
+        if not prompt_id:
+            return
         running, pending = await self.queue()
         if prompt_id in pending:
             await self.delete_queued([prompt_id])
         if prompt_id in running:
-            await self.interrupt()
+            await self.interrupt(prompt_id)
 
 
 def _error_text(text: str) -> str:

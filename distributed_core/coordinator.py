@@ -1,19 +1,27 @@
 """The master's side of a job: plan it when a prompt arrives, dispatch the workers' prompts, watch
 them, move the units of a worker that fails to one that works, and end the job with its prompt.
 
-Everything here runs on the server's event loop except ``rewrite``, which ComfyUI calls synchronously
-from its POST /prompt handler (it must not block: it only plans and rewrites).
+One owner for a job's state: the server's event loop. ``rewrite`` runs there too (ComfyUI calls it
+synchronously from its POST /prompt handler, so it only plans and rewrites). The Collector on
+ComfyUI's execution thread only waits for results; whatever it needs done (its own images put in
+place, the job ended) it asks of the loop through ``from_thread``. A job ends in one way, ``end``.
+
+Who can be reached is known from one background check per instance (reach.Reachability); planning,
+supervision and GET /distributed/status all read it. Supervision asks each worker only for the
+history of our own prompt, the share nearest the head of a worker's queue most often, and reads a
+worker's whole queue at most every QUEUE_MAX_AGE seconds, shared by all its shares.
 """
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import hashlib
+import inspect
 import logging
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,12 +32,15 @@ from . import plan, upscale, workflow
 from .client import InstanceClient, InstanceError
 from .config import Config, Loaded, Worker
 from .jobs import Job, JobState, JobStore, Share
+from .reach import Clock, Reachability
 
 log = logging.getLogger("comfyui-distributed")
 
-POLL_SECONDS = 1.0
-OFFLINE_MEMORY = 20.0   # seconds a dispatch failure keeps a worker out of new plans
-REFUSALS_MEAN_GONE = 3  # polls in a row refused: the worker's process has died
+POLL_SECONDS = 1.0      # how often the share nearest the head of a queue reads its prompt's history
+MAX_POLL_SECONDS = 15.0  # ...and the share furthest back
+QUEUE_MAX_AGE = 10.0    # a worker's whole queue (to find a prompt it lost) is read at most this often
+REFUSALS_MEAN_GONE = 3  # checks in a row refused: the worker's process has died
+FINISHED_GRACE = 5.0    # results are posted before a prompt ends: a finished prompt gets this long more
 CLIENT_ID = "comfyui-distributed"
 
 # Jobs planned during the POST /prompt request being handled; the middleware activates or drops them.
@@ -46,25 +57,40 @@ class JobPlan:
     collectors: list[str]
     config: Config
     signature: str = ""
-    started: float = field(default_factory=time.monotonic)
+    started: float = 0.0
     master_done: float = 0.0  # wall-clock time the master's own share was ready (split mode)
+
+
+@dataclass
+class _Queue:
+    """One instance's queue as last read: prompt ids running or pending, and when the request
+    that read them was sent."""
+    read_at: float = float("-inf")
+    tried_at: float = float("-inf")
+    ids: frozenset = frozenset()
+    reading: asyncio.Future | None = None
 
 
 class Coordinator:
     def __init__(self, store: JobStore, load_config: Callable[[], Loaded],
                  own_address: Callable[[], tuple[str, int]], input_dir: Callable[[], Path] | None = None,
-                 loopback_only: Callable[[], bool] = lambda: False, partial_execution: bool = False):
+                 loopback_only: Callable[[], bool] = lambda: False, partial_execution: bool = False,
+                 client_factory: Callable[[str], Any] | None = None, clock: Clock | None = None):
         self.store = store
         self.load_config = load_config
         self.own_address = own_address
         self.input_dir = input_dir            # the master's input folder, for loaders' files
         self.loopback_only = loopback_only    # the master listens on 127.0.0.1 alone
         self.partial_execution = partial_execution  # ComfyUI runs only partial_execution_targets
+        self.clock = clock or Clock()
+        self._client_factory = client_factory  # tests give a fake; else InstanceClient over HTTP
         self.plans: dict[str, JobPlan] = {}
-        self.offline_until: dict[str, float] = {}
         self.tasks: set[asyncio.Task] = set()
         self.wakeups: dict[str, asyncio.Event] = {}
+        self.watching: dict[str, list[Share]] = {}  # instance URL -> shares watched there, oldest first
+        self.queues: dict[str, _Queue] = {}
         self.vault = workflow.Vault()  # result tokens of worker-role prompts sent to this instance
+        self.reach = Reachability(self._watched_instances, self.client, self.clock)
         self._throughput: plan.Throughput | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, for calls from other threads
         self._session: aiohttp.ClientSession | None = None
@@ -77,6 +103,8 @@ class Coordinator:
         return self._session
 
     def client(self, url: str) -> InstanceClient:
+        if self._client_factory is not None:
+            return self._client_factory(url)
         return InstanceClient(self.session(), url)
 
     def own_url(self) -> str:
@@ -94,6 +122,19 @@ class Coordinator:
             host = "127.0.0.1" if worker.is_local else _route_address(worker.host)
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
+    def begin(self) -> None:
+        """On the server's loop once it runs: start the reachability checks."""
+        self.loop = asyncio.get_running_loop()
+        self.reach.start()
+
+    def _watched_instances(self) -> list[tuple[str, bool]]:
+        """What the reachability checks watch: this master and every worker of the current config
+        (none on an instance that is itself a worker)."""
+        config = self.load_config().config
+        if self.is_worker_instance(config):
+            return []
+        return [(self.own_url(), True)] + [(w.url, w.enabled) for w in config.workers]
+
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
@@ -105,8 +146,18 @@ class Coordinator:
         if not task.cancelled() and task.exception() is not None:
             log.error("[Distributed] internal error", exc_info=task.exception())
 
-    def is_offline(self, worker_id: str) -> bool:
-        return self.offline_until.get(worker_id, 0) > time.monotonic()
+    async def settle(self) -> None:
+        """Until no task of ours is left running (tests)."""
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+
+    def from_thread(self, fn: Callable, *args, timeout: float = 60.0) -> Any:
+        """Run ``fn(*args)`` (a function or coroutine function) on the event loop and wait for its
+        result: the only way ComfyUI's execution thread acts on a job."""
+        async def call():
+            result = fn(*args)
+            return await result if inspect.isawaitable(result) else result
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(timeout)
 
     def is_worker_instance(self, config: Config) -> bool:
         """This instance is one of the config's local workers: it runs what it is sent, nothing more."""
@@ -115,17 +166,28 @@ class Coordinator:
 
     # --- planning (synchronous, inside POST /prompt) --------------------------------------------
     def rewrite(self, json_data: Any) -> Any:
-        """ComfyUI's prompt hook. A prompt too malformed to plan is passed on untouched, with
-        nothing registered: ComfyUI's own validation then says what is wrong with it."""
+        """ComfyUI's prompt hook. A prompt that holds a Collector but cannot be planned is refused
+        with the reason (POST /prompt answers 400 before anything renders). A prompt too malformed
+        to be a prompt at all is passed on untouched, with nothing registered: ComfyUI's own
+        validation then says what is wrong with it. A prompt without a Collector is not touched."""
         try:
             return self._rewrite(json_data)
-        except Exception:  # noqa: BLE001 - never fail inside ComfyUI's request; log and step aside
-            log.debug("[Distributed] prompt not planned", exc_info=True)
-            return json_data
+        except Exception as exc:  # noqa: BLE001 - never raise inside ComfyUI's request
+            prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+            if _malformed(prompt) or not workflow.nodes_of(prompt, workflow.COLLECTOR):
+                log.debug("[Distributed] prompt not planned", exc_info=True)
+                return json_data
+            log.error("[Distributed] a prompt could not be planned", exc_info=True)
+            return refuse(json_data, f"the Multi-GPU Collector's job could not be planned "
+                                     f"({type(exc).__name__}: {exc}); nothing was queued")
 
     def _rewrite(self, json_data: Any) -> Any:
         if not isinstance(json_data, dict):
             return json_data
+        try:
+            self.begin()  # normally started with the server already
+        except RuntimeError:
+            pass  # no running loop (tests that call the hook directly)
         kind, prompt = workflow.screen(json_data.get("prompt"))
         if kind == "refused":
             return refuse(json_data, prompt)
@@ -143,7 +205,7 @@ class Coordinator:
         targets = json_data.get("partial_execution_targets")
         if collectors and self.partial_execution and isinstance(targets, list):
             collectors = workflow.reached(prompt, collectors, targets)  # plan only what will run
-        if not collectors:
+        if not collectors or _malformed(prompt):
             return json_data
         loaded = self.load_config()
         if loaded.error:
@@ -152,37 +214,19 @@ class Coordinator:
         if self.is_worker_instance(config):
             return json_data
         try:
-            slots = plan.slots(config)
-            fanned = workflow.layout(prompt, collectors).fanned  # the Collectors workers render for
-            batch = workflow.split_batch(prompt, fanned)
+            job, own, fanned = self.plan_job(prompt, collectors, config)
         except (plan.PlanError, workflow.WorkflowError) as exc:
-            json_data["prompt"] = _with_error(prompt, collectors, str(exc))
-            return json_data
-        if len(slots) == 1 and slots[0].participant == plan.MASTER_ID:
+            return refuse(json_data, f"Multi-GPU Collector {', '.join(collectors)}: {exc}")
+        if job is None:
             return json_data  # nobody else takes part: the Collector passes its images through
-        available = [s.participant for s in slots
-                     if s.participant == plan.MASTER_ID or not self.is_offline(s.participant)]
-        labels = {w.id: w.label for w in config.workers} | {plan.MASTER_ID: "master"}
-        job_plan = JobPlan(prompt, fanned, config)
-        try:
-            if batch is None:
-                job, own = self._plan_multiply(slots, available, labels)
-            else:
-                job, own = self._plan_split(batch, available, labels, job_plan)
-        except plan.PlanError as exc:
-            json_data["prompt"] = _with_error(prompt, collectors, str(exc))
-            return json_data
-        job.collectors = fanned
-        for s in slots:
-            if s.participant not in available:
-                job.notices.append(f"{labels[s.participant]} was unreachable moments ago; "
-                                   "its share goes to the others")
         chunks = plan.chunks_of(own) if job.split else [[u, 1] for u in own]
         seeds = [0] * len(chunks) if job.split else own
         rewritten = workflow.master_prompt(prompt, collectors, {"job": job.id}, chunks, seeds)
         # Registered only once everything above has worked, so a failure leaves nothing behind.
         self.store.add(job)
-        self.plans[job.id] = job_plan
+        self.plans[job.id] = JobPlan(prompt, fanned, config, signature=job_signature(job, prompt, fanned))
+        for notice in job.notices:
+            log.warning("[Distributed] job %s: %s", job.id[:8], notice)
         json_data["prompt"] = rewritten
         pending = submitted.get()
         if pending is not None:
@@ -190,6 +234,39 @@ class Coordinator:
         else:  # called outside our middleware (should not happen): dispatch without waiting
             asyncio.get_running_loop().call_soon(lambda: self.spawn(self.start(job.id, "")))
         return json_data
+
+    def plan_job(self, prompt: dict, collectors: list[str], config: Config) -> tuple[Job | None, list[int], list[str]]:
+        """The job for a prompt under ``config``: (job, the master's units, the Collectors the
+        workers render for), or (None, ...) when the master alone takes part. Workers that the
+        reachability checks know to be down are planned out: their units (seed slots) stay and go
+        to the others. A worker with no answer yet is planned in; if it refuses its prompt, its
+        units fail over like any failed share's. Raises PlanError or WorkflowError."""
+        slots = plan.slots(config)
+        fanned = workflow.layout(prompt, collectors).fanned  # the Collectors workers render for
+        batch = workflow.split_batch(prompt, fanned)
+        if len(slots) == 1 and slots[0].participant == plan.MASTER_ID:
+            return None, [], fanned
+        workers = {w.id: w for w in config.workers}
+        left_out = {s.participant: self.reach.why(workers[s.participant].url) for s in slots
+                    if s.participant != plan.MASTER_ID and self.reach.is_down(workers[s.participant].url)}
+        available = [s.participant for s in slots if s.participant not in left_out]
+        labels = {w.id: w.label for w in config.workers} | {plan.MASTER_ID: "master"}
+        if not available:
+            raise plan.PlanError("the master is disabled and no enabled worker can be reached: "
+                                 + "; ".join(f"{labels[p]}: {why}" for p, why in left_out.items())
+                                 + ". Start the workers (Distributed panel) or enable the master.")
+        if batch is None:
+            job, own = self._plan_multiply(slots, available, labels)
+        else:
+            job, own = self._plan_split(prompt, fanned, batch, available, labels)
+        job.collectors = fanned
+        for share in job.shares.values():
+            share.url = workers[share.participant].url if share.participant in workers else ""
+        for participant, why in left_out.items():
+            took = "its seed slot goes to the others" if batch is None else "its part of the batch goes to the others"
+            job.notices.append(f"{labels[participant]} ({workers[participant].url}) was left out, "
+                               f"unreachable: {why}; {took}")
+        return job, own, fanned
 
     def _plan_multiply(self, slots, available, labels) -> tuple[Job, list[int]]:
         """Every participant renders the whole workflow with its own seed slot."""
@@ -199,15 +276,12 @@ class Coordinator:
             job.shares[participant] = Share(participant, labels[participant], units)
         return job, assignment.get(plan.MASTER_ID, [])
 
-    def _plan_split(self, batch: int, available: list[str], labels: dict[str, str],
-                    job_plan: JobPlan) -> tuple[Job, list[int]]:
+    def _plan_split(self, prompt: dict, fanned: list[str], batch: int, available: list[str],
+                    labels: dict[str, str]) -> tuple[Job, list[int]]:
         """One batch divided by index: one contiguous share per participant, in one prompt, in
         proportion to the speeds learned for this workflow (equal when none are known yet)."""
-        if not available:
-            raise plan.PlanError("no worker can be reached and the master is disabled")
         rates = self.throughput()
-        sig = job_plan.signature = plan.signature(job_plan.prompt,
-                                                  workflow.upstream(job_plan.prompt, job_plan.collectors))
+        sig = plan.signature(prompt, workflow.upstream(prompt, fanned))
         shares = plan.split_units(list(range(batch)), [(p, rates.rate(sig, p)) for p in available])
         job = Job(id=uuid.uuid4().hex, collectors=[], units=list(range(batch)), split=True)
         for participant, units in shares.items():
@@ -219,38 +293,100 @@ class Coordinator:
             self._throughput = plan.Throughput(config_file.save_path().with_name("throughput.json"))
         return self._throughput
 
-    def local_done(self, job_id: str, images: int) -> None:
-        """The master's Collector has its own share (called on ComfyUI's execution thread); its
-        speed is learned once the prompt's history tells when it started (see watch_master)."""
-        job_plan, job = self.plans.get(job_id), self.store.get(job_id)
+    # --- the Collector's requests (made from the execution thread through from_thread) ---------
+    async def local_share(self, job_id: str, collector: str, chunks: list, arrays: list) -> None:
+        """The master's own images: each chunk's rows are claimed here, filled off the loop, then
+        recorded. Raises JobFailed when the job has ended."""
+        loop = asyncio.get_running_loop()
+        for (first, count), images in zip(chunks, arrays):
+            view = self.store.place_local(job_id, collector, first, count, images.shape)
+            if view is not None:
+                await loop.run_in_executor(None, _copy, view, images)
+            self.store.record_local(job_id, collector, first, count, None if view is not None else images)
+        job = self.store.get(job_id)
         if job is not None and plan.MASTER_ID in job.shares:
             self.store.update(job_id, lambda j: setattr(j.shares[plan.MASTER_ID], "state", "done"))
+        job_plan = self.plans.get(job_id)
         if job_plan is not None:
-            job_plan.master_done = time.time()
+            job_plan.master_done = time.time()  # its speed is learned in watch_master
+
+    def collected(self, job_id: str, collector: str) -> tuple[list, list[str]]:
+        """One Collector's batch handed over; the job ends once every Collector has its own.
+        Returns (the batch's parts, the job's notices)."""
+        parts = self.store.take(job_id, collector)
+        job = self.store.get(job_id)
+        notices = list(job.notices) if job is not None else []
+        if job is None or job.all_taken():
+            self.end(job_id, JobState.DONE)
+        return parts, notices
+
+    # --- ending a job ------------------------------------------------------------------------------
+    def end(self, job_id: str, state: JobState, error: str = "") -> Job | None:
+        """The one way a job ends (on the loop): ended in the store, its plan and wake-ups dropped,
+        its watchers woken so that they stop, and every worker prompt that may still run for it
+        withdrawn. A share being dispatched at this moment withdraws its prompt itself once it
+        has its id (see run_share)."""
+        self.plans.pop(job_id, None)
+        event = self.wakeups.pop(job_id, None)
+        if event is not None:
+            event.set()
+        job = self.store.get(job_id)
+        outstanding = [] if job is None else [
+            s for s in list(job.shares.values())
+            if s.participant != plan.MASTER_ID and s.prompt_id and s.state not in ("done", "failed")
+            and (state is not JobState.DONE or job.missing_units(s.units))]
+        job = self.store.end(job_id, state, error)
+        if job is None:
+            return None
+        if state is not JobState.DONE:
+            log.info("[Distributed] job %s %s: %s", job_id[:8], job.state.value, job.error or error)
+        for share in outstanding:
+            self.spawn(self.withdraw(share))
+        return job
+
+    async def withdraw(self, share: Share) -> None:
+        try:
+            await self.client(share.url).withdraw(share.prompt_id)
+        except InstanceError as exc:
+            log.info("[Distributed] could not withdraw %s's prompt: %s", share.label, exc)
 
     def drop(self, job_id: str, reason: str) -> None:
         self.upscales.drop(job_id, reason)
-        self.plans.pop(job_id, None)
-        self.wakeups.pop(job_id, None)
-        self.store.end(job_id, JobState.CANCELLED, reason)
+        self.end(job_id, JobState.CANCELLED, reason)
+
+    async def cancel(self, job_id: str, reason: str) -> None:
+        self.end(job_id, JobState.CANCELLED, reason)
+
+    def finish(self, job_id: str, state: JobState, error: str = "") -> None:
+        """The Collector gives up (on the execution thread): the loop ends the job."""
+        self.from_thread(self.end, job_id, state, error)
+
+    def master_queue_changed(self) -> None:
+        """Someone deleted prompts from the master's queue or cleared it (POST /queue): read it
+        again now rather than at its next reading, so a deleted job's workers stop at once."""
+        entry = self.queues.get(self.own_url())
+        if entry is not None:
+            entry.tried_at = float("-inf")
+        for job in self.store.active():
+            self.result_arrived(job.id)
 
     # --- running a job -----------------------------------------------------------------------
     async def start(self, job_id: str, prompt_id: str) -> None:
         self.loop = asyncio.get_running_loop()
         if self.upscales.start(job_id, prompt_id):
             return
+        job_plan = self.plans.get(job_id)
         job = self.store.update(job_id, lambda j: _set_running(j, prompt_id))
-        if job is not None and plan.MASTER_ID in job.shares:  # its own prompt waits in its queue
-            self.store.update(job_id, lambda j: setattr(j.shares[plan.MASTER_ID], "state", "queued"))
-        if job is None:
+        if job is None or job_plan is None:
             return
-        job_plan = self.plans[job_id]
-        job_plan.started = time.monotonic()
+        if plan.MASTER_ID in job.shares:  # its own prompt waits in its queue
+            self.store.update(job_id, lambda j: setattr(j.shares[plan.MASTER_ID], "state", "queued"))
+        job_plan.started = self.clock.now()
         settings = job_plan.config.settings
         workers = [p for p in job.shares if p != plan.MASTER_ID]
         for k, worker_id in enumerate(workers):
             delay = k * settings.stagger_delay if settings.mode == "staggered" else 0.0
-            self.spawn(self.run_share(job_id, job.shares[worker_id], delay))
+            self.spawn(self.run_share(job_id, job.shares[worker_id], delay, job_plan.config.worker(worker_id)))
         if prompt_id:
             self.spawn(self.watch_master(job_id, prompt_id))
 
@@ -268,21 +404,16 @@ class Coordinator:
     async def _nap(self, job_id: str, seconds: float) -> None:
         """Sleep until a result for this job arrives or ``seconds`` pass. Callers check their
         condition just before, with no await in between, so no wake-up is lost."""
-        event = self.wakeups.setdefault(job_id, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), max(0.0, seconds))
-        except asyncio.TimeoutError:
-            pass
+        await self.clock.wait(self.wakeups.setdefault(job_id, asyncio.Event()), seconds)
 
-    async def run_share(self, job_id: str, share: Share, delay: float) -> bool:
+    async def run_share(self, job_id: str, share: Share, delay: float, worker: Worker) -> bool:
         """Send one share to its worker and watch it; True once all its units have arrived."""
         if delay:
-            await asyncio.sleep(delay)
-        if not self.active(job_id):
+            await self.clock.sleep(delay)
+        job_plan, job = self.plans.get(job_id), self.store.get(job_id)
+        if not self.active(job_id) or job_plan is None or job is None:
             return False
-        job_plan = self.plans[job_id]
-        worker = job_plan.config.worker(share.participant)
-        job = self.store.get(job_id)
+        share.url = worker.url
         fields = {"job": job_id, "token": share.token, "timeout": job_plan.config.settings.job_timeout,
                   "master_url": self.master_url_for(job_plan.config, worker),
                   "transport": job_plan.config.settings.transport_for(worker)}
@@ -290,7 +421,7 @@ class Coordinator:
         seeds = [0] * len(chunks) if job.split else share.units
         prompt = workflow.worker_prompt(job_plan.prompt, job_plan.collectors, fields, chunks, seeds)
         client = self.client(worker.url)
-        share.dispatched = time.monotonic()
+        share.dispatched = self.clock.now()
         if not worker.is_local and not job_plan.config.master.host and self.loopback_only():
             await self.failover(job_id, share, f"it is on another machine ({worker.host}) but this master "
                                                "listens on 127.0.0.1 only; start the master with --listen "
@@ -298,19 +429,21 @@ class Coordinator:
             return False
         try:
             await self.sync_inputs(client, prompt)
-            share.prompt_id = await client.post_prompt(prompt, CLIENT_ID)
+            prompt_id = await client.post_prompt(prompt, CLIENT_ID)
         except InstanceError as exc:
-            self.offline_until[worker.id] = time.monotonic() + OFFLINE_MEMORY
+            self.reach.failed(worker.url, str(exc), exc.refused)
             await self.failover(job_id, share, str(exc))
             return False
-        self.offline_until.pop(worker.id, None)
-        self.store.update(job_id, lambda j: setattr(share, "state", "queued"))
+        self.reach.ok(worker.url)
+        share.prompt_id = prompt_id
+        share.dispatched = self.clock.now()
         if not self.active(job_id):  # the job ended while we were dispatching
-            await _quietly(client.withdraw(share.prompt_id))
+            await self.withdraw(share)
             return False
+        self.store.update(job_id, lambda j: setattr(share, "state", "queued"))
         done = await self.supervise(job_id, share, client, job_plan.config.settings.job_timeout)
         if done and job.split:
-            self.spawn(self.learn(job_plan.signature, share, client, time.monotonic() - share.dispatched))
+            self.spawn(self.learn(job_plan.signature, share, client, self.clock.now() - share.dispatched))
         return done
 
     async def learn(self, sig: str, share: Share, client: InstanceClient, fallback: float) -> None:
@@ -325,7 +458,7 @@ class Coordinator:
             if entry is not None:
                 seconds = execution_seconds(entry) or fallback
                 break
-            await asyncio.sleep(0.3)
+            await self.clock.sleep(0.3)
         self.throughput().observe(sig, share.participant, len(share.units), seconds)
 
     async def sync_inputs(self, client: InstanceClient, prompt: dict) -> None:
@@ -345,62 +478,108 @@ class Coordinator:
             await client.upload_input(name, data)
             log.info("[Distributed] uploaded input %s to %s", name, client.url)
 
+    # --- watching prompts ------------------------------------------------------------------------
+    def _poll_interval(self, url: str, share: Share) -> float:
+        """Seconds until a watched prompt's history is read again: the one nearest the head of
+        the instance's queue (ComfyUI runs prompts in order) every POLL_SECONDS, later ones less
+        often, so many queued jobs cost little."""
+        watched = self.watching.get(url, [])
+        position = next((i for i, s in enumerate(watched) if s is share), len(watched))
+        return min(POLL_SECONDS * (1 + position), MAX_POLL_SECONDS)
+
+    async def queue_ids(self, client: InstanceClient, newer_than: float) -> frozenset | None:
+        """The prompt ids an instance runs or holds, read after ``newer_than``, or None when no
+        such reading is due yet: one read of its queue serves every share watched there."""
+        entry = self.queues.setdefault(client.url, _Queue())
+        if entry.read_at >= newer_than:
+            return entry.ids
+        if entry.reading is None:
+            if self.clock.now() - entry.tried_at < QUEUE_MAX_AGE:
+                return None
+            entry.tried_at = self.clock.now()
+            entry.reading = asyncio.ensure_future(self._read_queue(client, entry))
+        await asyncio.shield(entry.reading)
+        return entry.ids if entry.read_at >= newer_than else None
+
+    async def _read_queue(self, client: InstanceClient, entry: _Queue) -> None:
+        sent = self.clock.now()
+        try:
+            running, pending = await client.queue()
+        finally:
+            entry.reading = None
+        if sent > entry.read_at:
+            entry.read_at, entry.ids = sent, frozenset(running + pending)
+
     async def supervise(self, job_id: str, share: Share, client: InstanceClient, timeout: float) -> bool:
-        """Watch one worker prompt until its units arrive, it fails, or it shows no sign of life."""
-        last_sign = time.monotonic()
+        """Watch one worker prompt until its units arrive, it fails, or its worker is gone (the
+        reachability checks say so) or shows no sign of life for ``timeout`` seconds."""
+        url = client.url
+        self.watching.setdefault(url, []).append(share)
+        try:
+            return await self._supervise(job_id, share, client, timeout)
+        finally:
+            watched = self.watching.get(url, [])
+            if share in watched:
+                watched.remove(share)
+            if not watched:
+                self.watching.pop(url, None)
+
+    async def _supervise(self, job_id: str, share: Share, client: InstanceClient, timeout: float) -> bool:
         finished_at = None
-        refusals = 0
-        next_poll = time.monotonic() + POLL_SECONDS
+        answered = share.dispatched  # the last answer to our own reads (the checks may forget a
+        next_read = self.clock.now() + POLL_SECONDS  # worker removed from the config meanwhile)
         while self.active(job_id):
             job = self.store.get(job_id)
             if job is None or not job.missing_units(share.units):
                 self.store.update(job_id, lambda j: setattr(share, "state", "done"))
                 return True
-            if time.monotonic() < next_poll:
-                await self._nap(job_id, next_poll - time.monotonic())
+            now = self.clock.now()
+            seen = self.reach.get(client.url)
+            if seen is not None and seen.refusals >= REFUSALS_MEAN_GONE:
+                await self.failover(job_id, share, f"its ComfyUI is gone: {seen.error}")
+                return False
+            last_sign = max(answered, (seen.last_ok if seen is not None and seen.last_ok else 0.0))
+            if now - last_sign > timeout:
+                why = f": {seen.error}" if seen is not None and seen.error else ""
+                await self.failover(job_id, share, f"no sign of progress for {timeout:g} s{why}")
+                return False
+            if now < next_read:
+                await self._nap(job_id, min(next_read - now, POLL_SECONDS))
                 continue
-            next_poll = time.monotonic() + POLL_SECONDS
-            entry = None
+            next_read = now + self._poll_interval(client.url, share)
             try:
                 entry = await client.history(share.prompt_id)
+                answered = self.clock.now()
+                self.reach.ok(client.url)
                 if entry is None:
-                    running, pending = await client.queue()
-                    state = "running" if share.prompt_id in running else "queued"
-                    if share.prompt_id not in running + pending:
+                    ids = await self.queue_ids(client, share.dispatched)
+                    if ids is not None and share.prompt_id not in ids:
                         entry = await client.history(share.prompt_id)
                         if entry is None:
-                            raise _Lost("the worker no longer has its prompt (was it restarted?)")
-                    elif share.state != state:
-                        self.store.update(job_id, lambda j: setattr(share, "state", state))
-                last_sign = time.monotonic()
-                refusals = 0
+                            await self.failover(job_id, share, "the worker no longer has its prompt "
+                                                               "(was it restarted?)")
+                            return False
             except InstanceError as exc:
-                refusals = refusals + 1 if exc.refused else 0
-                if refusals >= REFUSALS_MEAN_GONE:
-                    await self.failover(job_id, share, f"its ComfyUI is gone: {exc}")
-                    return False
-                if time.monotonic() - last_sign > timeout:
-                    await self.failover(job_id, share, f"no sign of progress for {timeout:g} s: {exc}")
-                    return False
+                self.reach.failed(client.url, str(exc), exc.refused)
                 continue
-            except _Lost as exc:
-                await self.failover(job_id, share, str(exc))
-                return False
-            if entry is not None and job.missing_units(share.units):
+            job = self.store.get(job_id)
+            if entry is not None and job is not None and job.missing_units(share.units):
                 status = entry.get("status") or {}
                 if status.get("status_str") == "error":
                     await self.failover(job_id, share, _history_error(status))
                     return False
                 # Finished: results are posted before the prompt ends, so allow only a moment more.
-                finished_at = finished_at or time.monotonic()
-                if time.monotonic() - finished_at > 5:
+                finished_at = finished_at or self.clock.now()
+                if self.clock.now() - finished_at > FINISHED_GRACE:
                     await self.failover(job_id, share, "its prompt finished but no result reached the master; "
                                                        "check that the worker can reach the master's address")
                     return False
+                next_read = min(next_read, self.clock.now() + POLL_SECONDS)
         return False
 
     async def failover(self, job_id: str, failed: Share, reason: str) -> None:
-        """Give a failed share's missing units to other workers; fail the job if nobody is left."""
+        """Give a failed share's missing units to other workers of the CURRENT config (a worker
+        removed or disabled since the job was planned gets none); fail the job if nobody is left."""
         job = self.store.get(job_id)
         job_plan = self.plans.get(job_id)
         if job is None or job_plan is None or not self.active(job_id):
@@ -413,15 +592,17 @@ class Coordinator:
             j.notices.append(f"{failed.label} failed: {reason}")
         self.store.update(job_id, mark)
         if failed.prompt_id:
-            self.spawn(_quietly(self.client(job_plan.config.worker(failed.participant).url)
-                                .withdraw(failed.prompt_id)))
+            self.spawn(self.withdraw(failed))
         if not missing:
             return
         failed_workers = {s.participant for s in job.shares.values() if s.state == "failed"}
-        candidates = [w for w in job_plan.config.workers
-                      if w.enabled and w.id not in failed_workers and not self.is_offline(w.id)]
+        current = self.load_config().config
+        candidates = [w for w in current.workers
+                      if w.enabled and w.id not in failed_workers and not self.reach.is_down(w.url)]
         if not candidates:
             failures = [n for n in job.notices if " failed: " in n]  # this one last, each worker named
+            failures += [f"{w.label} is unreachable: {self.reach.why(w.url)}" for w in current.workers
+                         if w.enabled and w.id not in failed_workers and self.reach.is_down(w.url)]
             self.store.fail(job_id, f"{'; '.join(failures)}. No other worker is left to render the share "
                                     f"(units {plan.chunks_of(missing)} as [first, count]); "
                                     "the job stops rather than return a partial batch.")
@@ -430,73 +611,60 @@ class Coordinator:
             rates = self.throughput()
             parts = plan.split_units(missing, [(w.id, rates.rate(job_plan.signature, w.id)) for w in candidates])
             for worker_id, units in parts.items():
-                retry = Share(worker_id, job_plan.config.worker(worker_id).label, units)
+                worker = current.worker(worker_id)
+                retry = Share(worker_id, worker.label, units, url=worker.url)
                 self.store.update(job_id, lambda j, r=retry: j.shares.__setitem__(f"{r.participant}#{len(j.shares)}", r))
                 log.warning("[Distributed] units %s go to %s instead", plan.chunks_of(units), retry.label)
-                self.spawn(self.run_share(job_id, retry, 0.0))
+                self.spawn(self.run_share(job_id, retry, 0.0, worker))
             return
         load = {w.id: sum(len(s.units) for s in job.shares.values()
                           if s.participant == w.id and s.state != "failed") for w in candidates}
         target = min(candidates, key=lambda w: load[w.id])
-        retry = Share(target.id, target.label, missing)
+        retry = Share(target.id, target.label, missing, url=target.url)
         self.store.update(job_id, lambda j: j.shares.__setitem__(f"{target.id}#{len(j.shares)}", retry))
         log.warning("[Distributed] units %s go to %s instead", missing, target.label)
-        await self.run_share(job_id, retry, 0.0)
+        self.spawn(self.run_share(job_id, retry, 0.0, target))
 
     async def watch_master(self, job_id: str, prompt_id: str) -> None:
         """Follow the master's own prompt to its end: a job still open then ended without its
         Collector finishing it (an error upstream, an interrupt, or the prompt deleted from the
         queue) and is cancelled. In split mode the prompt's history then tells when the master's
-        share started, so its speed is learned."""
+        share started, so its speed is learned. Read like a worker's: history first, the queue
+        rarely, the prompt nearest the head of the queue most often."""
         me = self.client(self.own_url())
         job_plan, job = self.plans.get(job_id), self.store.get(job_id)  # kept after the job ends
-        while True:
-            await asyncio.sleep(POLL_SECONDS)
-            try:
-                entry = await me.history(prompt_id)
-                if entry is None:
-                    running, pending = await me.queue()
-                    if prompt_id in running + pending:
-                        continue
+        marker = Share(plan.MASTER_ID, "master", [], url=me.url, prompt_id=prompt_id,
+                       dispatched=self.clock.now())
+        self.watching.setdefault(me.url, []).append(marker)
+        try:
+            while True:
+                if not self.active(job_id):
+                    await self.clock.sleep(POLL_SECONDS)  # its prompt ends a moment after the job
+                else:
+                    await self._nap(job_id, self._poll_interval(me.url, marker))
+                try:
                     entry = await me.history(prompt_id)
-            except InstanceError:
-                continue
-            break
+                    if entry is None:
+                        ids = await self.queue_ids(me, marker.dispatched)
+                        if ids is None or prompt_id in ids:
+                            continue
+                        entry = await me.history(prompt_id)
+                except InstanceError:
+                    continue
+                break
+        finally:
+            watched = self.watching.get(me.url, [])
+            if marker in watched:
+                watched.remove(marker)
         if self.store.get(job_id) is not None:  # failed jobs too: they still hold results
-            await self.cancel(job_id, "the master's prompt ended before its Collector finished" if entry
-                              else "the prompt was removed from the master's queue")
+            self.end(job_id, JobState.CANCELLED, "the master's prompt ended before its Collector finished"
+                     if entry else "the prompt was removed from the master's queue")
             return
         if entry and job_plan and job_plan.master_done and job and job.split and plan.MASTER_ID in job.shares:
             started = execution_started(entry)
-            seconds = job_plan.master_done - started if started else time.monotonic() - job_plan.started
+            seconds = job_plan.master_done - started if started else self.clock.now() - job_plan.started
             self.throughput().observe(job_plan.signature, plan.MASTER_ID,
                                       len(job.shares[plan.MASTER_ID].units), seconds)
-
-    async def cancel(self, job_id: str, reason: str) -> None:
-        job_plan = self.plans.pop(job_id, None)
-        self.wakeups.pop(job_id, None)
-        job = self.store.end(job_id, JobState.CANCELLED, reason)
-        if job is None or job_plan is None:
-            return
-        log.info("[Distributed] job %s cancelled: %s", job_id[:8], reason)
-        await asyncio.gather(*(_quietly(self.client(job_plan.config.worker(s.participant).url)
-                                        .withdraw(s.prompt_id))
-                               for s in job.shares.values()
-                               if s.prompt_id and s.state not in ("done", "failed")))
-
-    def finish(self, job_id: str, state: JobState, error: str = "") -> None:
-        """Called by the master's Collector (on ComfyUI's execution thread) when it has what it
-        needs, or gives up: then whatever the workers still run for the job is withdrawn."""
-        job_plan = self.plans.pop(job_id, None)
-        self.wakeups.pop(job_id, None)
-        job = self.store.get(job_id)
-        outstanding = [] if job is None or job_plan is None or state is JobState.DONE else [
-            (job_plan.config.worker(s.participant).url, s.prompt_id) for s in job.shares.values()
-            if s.prompt_id and s.state not in ("done", "failed")]
-        self.store.end(job_id, state, error)
-        for url, prompt_id in outstanding:
-            self.loop.call_soon_threadsafe(
-                lambda u=url, p=prompt_id: self.spawn(_quietly(self.client(u).withdraw(p))))
 
     # --- the panel's operations -----------------------------------------------------------------
     def instances(self, config: Config) -> list[dict]:
@@ -507,22 +675,31 @@ class Coordinator:
                             "extra_args": w.extra_args} for w in config.workers]
 
     async def status(self, config: Config) -> list[dict]:
-        async def probe(info: dict) -> dict:
-            client = self.client(info["url"])
-            try:
-                stats, remaining = await asyncio.gather(client.system_stats(), client.queue_remaining())
-            except InstanceError as exc:
-                state = "disabled" if not info["enabled"] else "offline"
-                return {**info, "state": state, "error": str(exc), "queue": None,
-                        "device_name": None, "vram_total": None, "vram_free": None}
-            if info["role"] == "worker":
-                self.offline_until.pop(info["id"], None)
-            devices = stats.get("devices") or [{}]
-            state = "disabled" if not info["enabled"] else ("busy" if remaining else "online")
-            return {**info, "state": state, "error": "", "queue": remaining,
-                    "device_name": devices[0].get("name"), "vram_total": devices[0].get("vram_total"),
-                    "vram_free": devices[0].get("vram_free")}
-        return list(await asyncio.gather(*(probe(i) for i in self.instances(config))))
+        """Every instance as the reachability checks last saw it. Reading it changes nothing;
+        only an instance with no answer yet (the first moments after a start) is waited for, a
+        few seconds at most."""
+        infos = self.instances(config)
+        self.begin()  # normally started with the server already
+        await self.reach.settled([i["url"] for i in infos], timeout=3.0)
+        rows = []
+        for info in infos:
+            seen = self.reach.get(info["url"])
+            view = seen.view() if seen is not None else {"reach": "unknown", "error": "", "queue": None,
+                                                         "device_name": None, "vram_total": None,
+                                                         "vram_free": None}
+            reach = view.pop("reach")
+            if not info["enabled"]:
+                state = "disabled"
+            elif reach == "up":
+                state = "busy" if view["queue"] else "online"
+            elif reach == "down":
+                state = "offline"
+            else:
+                state = "unknown"
+            rows.append({**info, **view, "state": state,
+                         "checked_ago": None if seen is None or seen.last_ok is None
+                         else round(self.clock.now() - seen.last_ok, 1)})
+        return rows
 
     async def broadcast(self, config: Config, action: str) -> list[dict]:
         """POST /free or /interrupt to the master and every enabled worker; answer per instance."""
@@ -537,6 +714,7 @@ class Coordinator:
         return list(await asyncio.gather(*(one(i) for i in targets)))
 
     async def close(self) -> None:
+        await self.reach.stop()
         for task in list(self.tasks):
             task.cancel()
         if self._session is not None:
@@ -568,11 +746,28 @@ def _set_running(job: Job, prompt_id: str) -> None:
     job.state = JobState.RUNNING
 
 
-def _with_error(prompt: dict, collectors: list[str], message: str) -> dict:
-    result = dict(prompt)
-    for nid in collectors:
-        result[nid] = workflow._with_field(prompt[nid], {"role": "error", "error": message})
-    return result
+def _malformed(prompt: Any) -> bool:
+    """Not even the shape of a prompt (an object of nodes, each with a class_type and an object
+    of inputs, linking only to nodes it holds): left to ComfyUI's own validation, which names
+    what is wrong."""
+    if not isinstance(prompt, dict):
+        return True
+    for node in prompt.values():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) \
+                or not isinstance(node.get("inputs", {}), dict):
+            return True
+        if any(workflow.is_link(v) and str(v[0]) not in prompt for v in (node.get("inputs") or {}).values()):
+            return True  # a link to a node that is not there
+    return False
+
+
+def job_signature(job: Job, prompt: dict, fanned: list[str]) -> str:
+    """What a split job's speeds are learned under ('' in multiply mode)."""
+    return plan.signature(prompt, workflow.upstream(prompt, fanned)) if job.split else ""
+
+
+def _copy(view, images) -> None:
+    view[...] = images
 
 
 def _timestamps(entry: dict) -> dict[str, float]:
@@ -606,13 +801,6 @@ def _history_error(status: dict) -> str:
         if event == "execution_interrupted":
             return "its prompt was interrupted on the worker"
     return "its prompt ended with an error"
-
-
-async def _quietly(coro) -> None:
-    try:
-        await coro
-    except InstanceError:
-        pass
 
 
 def _route_address(remote_host: str) -> str:

@@ -31,6 +31,7 @@ from .wire import Header
 MAX_RESULT_PAYLOAD = 4 << 30
 
 FINISHED_MEMORY = 256  # how many finished job ids are remembered, to answer late results with 410
+RECENT_SHOWN = 20      # how many finished jobs GET /distributed/status still shows, with their notices
 
 
 class JobState(enum.Enum):
@@ -61,6 +62,7 @@ class Share:
     participant: str
     label: str
     units: list[int]
+    url: str = ""             # the worker's address when it was dispatched (config may change since)
     prompt_id: str = ""
     dispatched: float = 0.0
     state: str = "waiting"    # waiting | queued | running | done | failed | cancelled
@@ -94,7 +96,7 @@ class Job:
 
     def summary(self) -> dict:
         """What the panel shows of a job: each share and how many of its units have arrived."""
-        first = self.collectors[0]
+        first = self.collectors[0] if self.collectors else ""
         return {
             "job_id": self.id, "prompt_id": self.prompt_id, "state": self.state.value,
             "error": self.error, "notices": list(self.notices), "units": len(self.units),
@@ -142,6 +144,7 @@ class JobStore:
         self._cond = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._finished: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._recent: collections.deque[dict] = collections.deque(maxlen=RECENT_SHOWN)
 
     # --- bookkeeping -------------------------------------------------------------------------
     def add(self, job: Job) -> None:
@@ -155,6 +158,12 @@ class JobStore:
     def active(self) -> list[Job]:
         with self._cond:
             return list(self._jobs.values())
+
+    def recent(self) -> list[dict]:
+        """Summaries of the jobs that ended last, newest first (what was left out and why stays
+        visible after the job)."""
+        with self._cond:
+            return list(reversed(self._recent))
 
     def held_bytes(self) -> int:
         with self._cond:
@@ -185,6 +194,7 @@ class JobStore:
             job.results.clear()
             job.held_bytes = 0
             self._finished[job_id] = state.value
+            self._recent.append(job.summary())
             while len(self._finished) > FINISHED_MEMORY:
                 self._finished.popitem(last=False)
             self._cond.notify_all()
@@ -274,14 +284,28 @@ class JobStore:
         if self.update(header.job, change) is None:
             raise ResultRejected(410, f"job {header.job} ended while its result was arriving; discarded")
 
+    def place_local(self, job_id: str, collector: str, first: int, count: int, shape) -> np.ndarray | None:
+        """Rows of the final batch for the master's own images, or None when they must be held
+        apart. Raises JobFailed when the job has ended."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobFailed(f"job {job_id} is gone ({self._finished.get(job_id, 'unknown')})")
+            return self._place(job, collector, first, count, shape)
+
     def put_local(self, job_id: str, collector: str, first: int, count: int, images: np.ndarray) -> None:
-        """The master's own share (float32 images), copied into its place in the final batch."""
+        """place_local, copy, record_local in one call (the coordinator copies off the event loop)."""
+        view = self.place_local(job_id, collector, first, count, images.shape)
+        if view is not None:
+            view[...] = images
+        self.record_local(job_id, collector, first, count, None if view is not None else images)
+
+    def record_local(self, job_id: str, collector: str, first: int, count: int, kept_apart: np.ndarray | None) -> None:
+        """The master's own images are in place (or in ``kept_apart``)."""
         def change(job: Job) -> None:
-            view = self._place(job, collector, first, count, images.shape)
-            if view is not None:
-                view[...] = images
-            job.record(collector, first, count, None if view is not None else images)
-        self.update(job_id, change)
+            job.record(collector, first, count, kept_apart)
+        if self.update(job_id, change) is None:
+            raise JobFailed(f"job {job_id} is gone ({self._finished.get(job_id, 'unknown')})")
 
     def wait(self, job_id: str, collector: str, timeout: float) -> tuple[int, bool]:
         """Block up to ``timeout`` for progress; returns (units delivered, complete). Raises JobFailed."""
@@ -305,7 +329,9 @@ class JobStore:
         """One Collector's results in unit order, handed over (the store lets go of them): the
         final batch alone when every share fitted into it, else its parts to be joined."""
         with self._cond:
-            job = self._jobs[job_id]
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobFailed(f"job {job_id} is gone ({self._finished.get(job_id, 'unknown')})")
             mine = sorted((k for k in job.results if k[0] == collector), key=lambda k: job.position(k[1]))
             canvas = job.canvases.pop(collector, None)
             parts = []

@@ -389,7 +389,7 @@ class Upscales:
     """Plans upscale jobs at submission and runs the workers' side of them on the event loop.
 
     ``coord`` is the Coordinator: its ``client``, ``master_url_for``, ``sync_inputs``, ``spawn``,
-    ``is_offline``, ``is_worker_instance``, ``own_url`` and ``partial_execution`` are used as they are."""
+    ``reach``, ``is_worker_instance``, ``own_url`` and ``partial_execution`` are used as they are."""
 
     def __init__(self, coord):
         self.coord = coord
@@ -409,7 +409,7 @@ class Upscales:
             nodes = workflow.reached(prompt, nodes, targets)
         if not nodes or self.coord.is_worker_instance(config):
             return prompt
-        workers = [w for w in config.workers if w.enabled and not self.coord.is_offline(w.id)]
+        workers = [w for w in config.workers if w.enabled and not self.coord.reach.is_down(w.url)]
         if not workers:
             return prompt
         try:

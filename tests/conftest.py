@@ -39,6 +39,11 @@ def live(cluster):
     for leftover in cluster.workdir.glob("throughput.json*"):
         leftover.unlink()
     harness.wait_until(lambda: all(i.idle() for i in cluster.instances), 60, what="idle instances")
+    # and the master's reachability checks have seen every worker answer (a worker seen down,
+    # at the cluster's start or after a test killed it, is planned out until it answers again)
+    harness.wait_until(lambda: all(r["state"] in ("online", "busy") for r in
+                                   cluster.master.get("/distributed/status", timeout=30).json()["instances"]),
+                       60, interval=0.3, what="the master to see every worker online")
     if cluster.probe_log.exists():
         cluster.probe_log.unlink()
     yield cluster

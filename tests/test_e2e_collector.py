@@ -106,7 +106,11 @@ def test_clear_vram_names_an_unreachable_worker(live):
 
 
 def test_status_reports_every_instance(live):
-    body = live.master.get("/distributed/status").json()
+    # what the master's checks last saw, at most a couple of seconds old: the queues just emptied
+    def seen_idle():
+        body = live.master.get("/distributed/status").json()
+        return body if all(r["queue"] == 0 for r in body["instances"]) else None
+    body = wait_until(seen_idle, 20, what="the master's checks to see every queue empty")
     rows = {r["id"]: r for r in body["instances"]}
     assert list(rows) == ["master", "worker1", "worker2"]
     for row in rows.values():
@@ -148,8 +152,8 @@ def test_everything_disabled_is_a_clear_error(live):
     for w in config["workers"]:
         w["enabled"] = False
     live.reset_config(config)
-    _pid, entry = run(live, image_workflow(seed=1, batch=1))
-    assert "Nothing to render on" in error_of(entry)
+    resp = live.master.post("/prompt", {"prompt": image_workflow(seed=1, batch=1), "client_id": "tests"})
+    assert resp.status_code == 400 and "Nothing to render on" in resp.json()["error"]["message"], resp.text
 
 
 def test_master_disabled_only_gathers(live):

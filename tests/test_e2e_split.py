@@ -73,5 +73,10 @@ def test_linked_batch_size_is_a_clear_error(live):
     prompt = split_workflow(batch=4)
     prompt["6"] = {"class_type": "DistributedSeed", "inputs": {"seed": 4}}
     prompt["1"]["inputs"]["batch_size"] = ["6", 0]
-    entry = live.master.wait_prompt(live.master.queue_prompt(prompt), 60)
-    assert "must be a number in the node" in error_of(entry)
+    # refused when queued, before any node renders (it used to fail in the Collector, after the
+    # master had rendered its share)
+    resp = live.master.post("/prompt", {"prompt": prompt, "client_id": "tests"})
+    assert resp.status_code == 400, resp.text
+    assert "must be a number in the node" in resp.json()["error"]["message"]
+    assert not live.probes(), "a node rendered although the prompt was refused"
+    assert live.master.idle() and all(w.idle() for w in live.workers)

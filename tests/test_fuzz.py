@@ -510,11 +510,17 @@ def test_prompt_hook_refuses_a_split_batch_beyond_the_nodes_maximum(tmp_path, ba
     coord = _hook_coordinator(tmp_path)
     prompt = split_workflow(batch=2)
     prompt["1"]["inputs"]["batch_size"] = batch_size
-    result, error, pending, orphans = _rewrite(coord, prompt)
+    from distributed_core import coordinator as coordinator_module
+    reasons: list[str] = []
+    token = coordinator_module.refused.set(reasons)
+    try:
+        result, error, pending, orphans = _rewrite(coord, prompt)
+    finally:
+        coordinator_module.refused.reset(token)
     assert error is None, f"the hook raised {_where(error)}: {error}"
     assert not pending and not orphans, "a job was planned for a batch beyond the node's maximum"
-    field = json.loads(result["prompt"]["4"]["inputs"]["_distributed"])
-    assert field["role"] == "error" and "batch_size" in field["error"], field
+    # refused before anything renders: POST /prompt answers 400 with the reason
+    assert "prompt" not in result and len(reasons) == 1 and "batch_size" in reasons[0], (result, reasons)
 
 
 # --- the config file under kill -9 -------------------------------------------------------------------

@@ -302,8 +302,9 @@ def test_worker_that_comes_back_is_used_again(live):
         assert blue_values(live.master.saved_images(entry, "5")) == [70, 71, 72]
         assert worker.port not in probe_ports(live, "away")
         worker.start().wait_ready()
-        rows = {r["id"]: r for r in live.master.get("/distributed/status").json()["instances"]}
-        assert rows[worker.name]["state"] == "online", rows[worker.name]
+        # the master's checks find it again within their back-off (at most 10 s)
+        wait_until(lambda: {r["id"]: r for r in live.master.get("/distributed/status").json()["instances"]}
+                   [worker.name]["state"] == "online", 30, interval=0.3, what="the master to see the worker back")
         _pid, entry = run(live, image_workflow(seed=80, batch=1, label="back"))
         assert error_of(entry) == ""
         assert blue_values(live.master.saved_images(entry, "5")) == [80, 81, 82]

@@ -269,12 +269,14 @@ def test_a_failed_worker_is_named_with_its_error(live, comfy, tmp_path):
 
     _entry, images = run_job(live, seed=12, batch=1)
     assert images == 4  # the ghost's unit was rendered by another worker
-    ghost = panel.locator('.cdist-job .cdist-share[data-participant="ghost"]').first
-    expect(ghost).to_have_attribute("data-state", "failed", timeout=TIMEOUT)
-    expect(ghost.locator(".cdist-error")).to_contain_text("ghost failed:")
-    expect(ghost.locator(".cdist-error")).to_contain_text(str(ghost_port))
-    expect(panel.locator(".cdist-job").first).to_have_attribute("data-state", "done")
-    ghost.scroll_into_view_if_needed()
+    # known to be down before the job, so planned out: the job says so and why
+    job = panel.locator(".cdist-job").first
+    expect(job).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    expect(job.locator('.cdist-share[data-participant="ghost"]')).to_have_count(0)
+    notice = job.locator(".cdist-notice").filter(has_text="ghost")
+    expect(notice).to_contain_text("left out")
+    expect(notice).to_contain_text(str(ghost_port))
+    job.scroll_into_view_if_needed()
     comfy.screenshot(f"failed-worker-{comfy.ui}", tmp_path)
 
 
@@ -371,6 +373,18 @@ def test_the_sidebar_tab_path_with_a_stand_in_extension_manager(live, comfy):
     assert toast["severity"] == "error" and toast["summary"] == "Distributed" and toast["life"] == 5000
     assert "not started from this master" in toast["detail"]
     expect(host.locator(".cdist-message")).to_be_hidden()
+
+    # A worker left out of a job is a warning toast, once per notice
+    config = live.default_config()
+    config["workers"].append({"id": "ghost", "name": "ghost", "port": harness.free_port(), "enabled": True})
+    live.reset_config(config)
+    expect(host.locator('.cdist-instance[data-id="ghost"]')).to_have_attribute("data-state", "offline",
+                                                                               timeout=TIMEOUT)
+    run_job(live, seed=14, batch=1)
+    left_out = comfy.page.wait_for_function(
+        "window.cdistToasts.filter((t) => t.detail.includes('ghost')).length && "
+        "window.cdistToasts.filter((t) => t.detail.includes('ghost'))").json_value()
+    assert len(left_out) == 1 and left_out[0]["severity"] == "warn" and "left out" in left_out[0]["detail"], left_out
 
     polls = []
     comfy.page.on("request", lambda r: polls.append(r.url) if r.url.endswith("/distributed/status") else None)

@@ -13,7 +13,24 @@ const JOB_ACTIVE = ["planned", "running"];
 // Progress events arrive once on ComfyUI's socket; every open panel shows them.
 const openPanels = new Set();
 export function showProgress(summary) {
+  toastNewNotices(summary);
   for (const panel of openPanels) panel.showJob(summary);
+}
+
+// Workers left out of a job or failed during it: each notice once, as a toast in the current
+// frontend, whether the panel is open or not (the legacy UI shows them in the panel's job list).
+const noticesShown = new Map(); // job id -> notices already shown
+function toastNewNotices(summary) {
+  const toast = app.extensionManager?.toast;
+  const shown = noticesShown.get(summary.job_id) || new Set();
+  for (const notice of summary.notices || []) {
+    if (shown.has(notice)) continue;
+    shown.add(notice);
+    toast?.add({ severity: "warn", summary: "Distributed", detail: notice, life: 8000 });
+  }
+  noticesShown.delete(summary.job_id);
+  noticesShown.set(summary.job_id, shown);
+  while (noticesShown.size > 50) noticesShown.delete(noticesShown.keys().next().value);
 }
 
 export function mountPanel(container, { onClose } = {}) {
