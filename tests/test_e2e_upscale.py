@@ -229,3 +229,47 @@ def test_the_node_works_where_the_upscale_model_package_is_missing(live, checkpo
     if "spandrel" in (live.tree / "comfy_extras" / "nodes_upscale_model.py").read_text():
         assert "ImageUpscaleWithModel" not in nodes, "the package was not blocked"
     compare(without, alone)
+
+
+def tiny_upscale_model(path) -> str:
+    """A 2x Real-ESRGAN Compact state dict with small random weights: both ComfyUI's old bundled
+    loader and the current one's optional package read it as an upscale model."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    features, state = 8, {}
+
+    def conv(name, inputs, outputs):
+        state[f"{name}.weight"] = torch.randn(outputs, inputs, 3, 3, generator=generator) * 0.02
+        state[f"{name}.bias"] = torch.zeros(outputs)
+    conv("body.0", 3, features)
+    state["body.1.weight"] = torch.full((features,), 0.25)
+    conv("body.2", features, features)
+    state["body.3.weight"] = torch.full((features,), 0.25)
+    conv("body.4", features, 3 * 2 * 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path.name
+
+
+def test_a_connected_upscale_model_enlarges_on_the_master_only(live, checkpoint, sources):
+    name = tiny_upscale_model(live.tree / "models" / "upscale_models" / "tiny-compact-x2.pth")
+    prompt = upscale_workflow(sources[:1])
+    prompt["m"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": name}}
+    prompt["5"]["inputs"]["upscale_model"] = ["m", 0]
+    use_workers(live, [False, False])
+    try:
+        alone = render(live, prompt)
+        plain = render(live, upscale_workflow(sources[:1]))
+        use_workers(live, [True, False])
+        start = log_size(live.master)
+        shared = render(live, prompt)
+    finally:
+        free_memory(live)
+    compare(shared, alone)
+    assert np.abs(alone - plain).mean() > 0.5, "the upscale model changed nothing"
+    tally = tallies(log_since(live.master, start))
+    assert tally and tally[0].get("worker1", 0) >= 1, tally
+    worker_prompts = [entry["prompt"][2] for entry in live.workers[0].get("/history").json().values()]
+    assert worker_prompts and not any(node.get("class_type") == "UpscaleModelLoader"
+                                      for p in worker_prompts for node in p.values())

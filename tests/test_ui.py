@@ -392,3 +392,31 @@ def test_the_sidebar_tab_path_with_a_stand_in_extension_manager(live, comfy):
     expect(host.locator(".cdist-panel")).to_have_count(0)
     comfy.page.wait_for_timeout(4000)
     assert polls == []  # destroyed: no more polling
+
+
+def test_a_tiled_upscale_job_counts_tiles_per_participant(live, comfy, tmp_path):
+    from distributed_core import sandbox
+    from test_e2e_upscale import upscale_workflow
+    from PIL import Image
+
+    harness.link_checkpoint(live.tree, harness.build_checkpoint(live.tree, sandbox.CACHE / harness.CHECKPOINT))
+    Image.new("RGB", (64, 64), (120, 90, 60)).save(live.master.dirs["input"] / "ui-upscale.png")
+    config = live.default_config()
+    config["workers"][1]["enabled"] = False  # two models in RAM are enough
+    live.reset_config(config)
+    panel = comfy.open_panel()
+    try:
+        entry = live.master.wait_prompt(live.master.queue_prompt(upscale_workflow(["ui-upscale.png"])), 600)
+    finally:
+        for instance in live.instances:
+            instance.post("/free", {"unload_models": True, "free_memory": True})
+    assert harness.error_of(entry) == ""
+    job = panel.locator(".cdist-job").first
+    expect(job).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    expect(job.locator(".cdist-role")).to_have_text("tiles")
+    expect(job.locator(".cdist-row .cdist-count").first).to_have_text("9 of 9")
+    counts = job.locator(".cdist-share .cdist-count").all_inner_texts()
+    assert len(counts) == 2 and all(re.fullmatch(r"\d+ tiles", c) for c in counts), counts
+    assert sum(int(c.split()[0]) for c in counts) == 9, counts
+    job.scroll_into_view_if_needed()
+    comfy.screenshot(f"upscale-{comfy.ui}-done", tmp_path)
