@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .distributed_core import access, launcher
+from .distributed_core import access, doctor, launcher
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, refused, submitted
@@ -112,6 +112,7 @@ def setup(server) -> Coordinator:
     processes = launcher.LocalProcesses()  # local workers this master started from the panel
     _add_routes(server.routes, coord, processes)
     _add_worker_routes(server.routes, coord, processes)
+    _add_doctor_routes(server.routes, coord)
     loaded = config_file.load()
     if loaded.error:
         log.warning("[Distributed] gpu_config problem: %s. Running with defaults; the file was left "
@@ -396,3 +397,32 @@ def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes)
         except ValueError as exc:
             return error(400, str(exc))
         return web.json_response({"id": worker_id, "log": text, "running": processes.is_running(worker_id)})
+
+
+def _has_input(name: str) -> bool:
+    """Whether the master's input folder holds this file (a loader's value, maybe in a subfolder)."""
+    root = input_dir().resolve()
+    path = (root / name.removesuffix(" [input]")).resolve()
+    return root in path.parents and path.is_file()
+
+
+def _add_doctor_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
+    @routes.post("/distributed/check")
+    async def check(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or (prompt is not None and not (
+                isinstance(prompt, dict) and all(isinstance(n, dict) for n in prompt.values()))):
+            return error(400, 'body must be {} or {"prompt": <a prompt in ComfyUI\'s API format, '
+                              'an object of nodes>}')
+        config = config_file.load().config
+        instances = await doctor.check(coord, config, prompt or None, _has_input)
+        return web.json_response({"instances": instances, "extension_version": doctor.extension_version()})
+
+    @routes.post(doctor.REACH_BACK_PATH)
+    async def reach_back(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        url = body.get("url") if isinstance(body, dict) else None
+        if doctor.reach_back_target(url) is None:
+            return error(400, 'body must be {"url": "http://host:port"}: the master\'s address, nothing after it')
+        return web.json_response(await doctor.reach_back(coord.client, url))

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import aiohttp
 
 from . import config as config_file
-from . import plan, workflow
+from . import doctor, plan, workflow
 from .client import InstanceClient, InstanceError
 from .config import Config, Loaded, Worker
 from .jobs import Job, JobState, JobStore, Share
@@ -68,6 +68,7 @@ class Coordinator:
         self._throughput: plan.Throughput | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, for calls from other threads
         self._session: aiohttp.ClientSession | None = None
+        self.object_infos = doctor.ObjectInfoCache()  # each worker's /object_info, for a short while
 
     # --- helpers ---------------------------------------------------------------------------------
     def session(self) -> aiohttp.ClientSession:
@@ -290,11 +291,18 @@ class Coordinator:
                                                "(the launcher does when a worker is remote), or set master.host")
             return False
         try:
-            await self.sync_inputs(client, prompt)
-            share.prompt_id = await client.post_prompt(prompt, CLIENT_ID)
+            # a worker that lacks a model or node class the prompt needs is left out, as one that is down
+            lacks = doctor.lacking(prompt, await self.object_infos.get(worker.url, client.object_info),
+                                   workflow.input_files(prompt))
+            if not lacks:
+                await self.sync_inputs(client, prompt)
+                share.prompt_id = await client.post_prompt(prompt, CLIENT_ID)
         except InstanceError as exc:
             self.offline_until[worker.id] = time.monotonic() + OFFLINE_MEMORY
             await self.failover(job_id, share, str(exc))
+            return False
+        if lacks:
+            await self.failover(job_id, share, doctor.lack_reason(lacks))
             return False
         self.offline_until.pop(worker.id, None)
         self.store.update(job_id, lambda j: setattr(share, "state", "queued"))
@@ -333,7 +341,7 @@ class Coordinator:
                 continue  # not ours to send; the worker's own validation will name what is missing
             data, digest = await asyncio.get_running_loop().run_in_executor(None, _read_hashed, path)
             # the size first, which costs nothing; then the content, read back through /view
-            if await client.input_size(name) == len(data) and await client.input_digest(name) == digest:
+            if await client.input_size(name) == len(data) and await client.input_digest(name, len(data)) == digest:
                 continue
             await client.upload_input(name, data)
             log.info("[Distributed] uploaded input %s to %s", name, client.url)
