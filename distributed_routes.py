@@ -375,7 +375,7 @@ def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes)
         try:
             pid = processes.start_worker(config, worker, Path(folder_paths.base_path), sys.executable,
                                          cpu=bool(args.cpu), config_file=Path(named) if named else None,
-                                         placements=placements)
+                                         placements=placements, master_args=sys.argv[1:])
         except launcher.LauncherError as exc:
             return error(409, str(exc))
         return web.json_response({"ok": True, "pid": pid})
