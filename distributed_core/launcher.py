@@ -540,8 +540,25 @@ def watch(processes: LocalProcesses, stop: _StopRequest) -> int:
     return 0
 
 
-def run_example(master_url: str) -> int:
-    """Hook for the example run: ``distributed_core.example.run(master_url) -> int`` when it exists."""
+def output_folder(comfy_root: Path, master_words: list[str]) -> Path:
+    """Where the master saves images: --output-directory, else <--base-directory>/output, else
+    ComfyUI's own output folder (relative paths start at ComfyUI's folder, where instances run)."""
+    groups = _flag_groups(master_words)
+
+    def value(flag: str) -> str | None:
+        group = groups.get(flag) or []
+        return (group[0].partition("=")[2] or None) if group and "=" in group[0] else (group[1] if len(group) > 1
+                                                                                      else None)
+    folder = value("--output-directory")
+    if folder is None:
+        base = value("--base-directory")
+        folder = str(Path(base) / "output") if base else "output"
+    return (Path(comfy_root) / Path(folder).expanduser()).resolve()
+
+
+def run_example(master_url: str, output_dir: Path | None = None) -> int:
+    """Hook for the example run: ``distributed_core.example.run(master_url[, output_dir]) -> int``
+    when it exists; ``output_dir`` is where the master saves, so the real paths can be printed."""
     name = f"{__package__}.example"
     try:
         example = importlib.import_module(name)
@@ -551,7 +568,7 @@ def run_example(master_url: str) -> int:
         print("The example is not available in this version (distributed_core/example.py is missing).")
         return 1
     try:
-        return int(example.run(master_url) or 0)
+        return int((example.run(master_url, output_dir) if output_dir else example.run(master_url)) or 0)
     except Exception as exc:  # a failed example is a result to report, not a launcher crash
         print(f"ERROR: the example failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -601,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if args.example:
             stop.interrupt = True
-            return run_example(plan.master.url)
+            return run_example(plan.master.url,
+                               output_folder(plan.comfy_root, shlex.split(plan.config.master.extra_args)))
         return watch(processes, stop)
     except LauncherError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)

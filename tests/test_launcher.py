@@ -332,6 +332,16 @@ def test_run_example_calls_the_example_module(monkeypatch):
     assert seen == ["http://127.0.0.1:8188"]
     module.run = lambda url: 1 / 0
     assert launcher.run_example("http://127.0.0.1:8188") == 1  # reported, not raised
+    module.run = lambda url, where: seen.append(where) or 0
+    assert launcher.run_example("http://127.0.0.1:8188", Path("/out")) == 0 and seen[-1] == Path("/out")
+
+
+def test_output_folder_is_where_the_master_saves(tmp_path):
+    root = tmp_path / "ComfyUI"
+    assert launcher.output_folder(root, []) == (root / "output").resolve()
+    assert launcher.output_folder(root, ["--output-directory", "/data/out"]) == Path("/data/out").resolve()
+    assert launcher.output_folder(root, ["--base-directory=/data"]) == Path("/data/output").resolve()
+    assert launcher.output_folder(root, ["--output-directory=rel", "--base-directory", "/x"]) == (root / "rel").resolve()
 
 
 # --- finding ComfyUI ------------------------------------------------------------------------------
