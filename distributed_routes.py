@@ -233,7 +233,8 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
             instance["managed"] = processes.is_running(instance["id"])
         return web.json_response({"instances": instances, "config_error": loaded.error,
                                   "mode": loaded.config.settings.mode,
-                                  "jobs": [job.summary() for job in coord.store.active()]})
+                                  "jobs": [job.summary() for job in coord.store.active()],
+                                  "ended": coord.store.ended()})
 
     @routes.get("/distributed/secret")
     async def get_secret(request: web.Request) -> web.Response:

@@ -41,8 +41,28 @@ def describe(url: str, exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return f"{url} did not answer in time (frozen, overloaded, or a firewall dropping packets)"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect to {url} ({exc.os_error or exc}); is that ComfyUI instance running?"
+        return f"cannot connect to {url}: {_connect_reason(exc.os_error)}; is that ComfyUI instance running?"
     return f"{url}: {type(exc).__name__}: {exc}"
+
+
+def _connect_reason(error: OSError | None) -> str:
+    """Why a connection failed, in words rather than as "[Errno 111] Connect call failed"."""
+    import errno
+    import socket
+    if isinstance(error, socket.gaierror):
+        return "its host name does not resolve"
+    reasons = {errno.ECONNREFUSED: "nothing listens on that port",
+               errno.EHOSTUNREACH: "that host cannot be reached (off, or another network)",
+               errno.ENETUNREACH: "that network cannot be reached from here",
+               errno.ETIMEDOUT: "the connection timed out (a firewall dropping packets?)",
+               errno.ECONNRESET: "the connection was reset"}
+    code = getattr(error, "errno", None)
+    if code in reasons:
+        return reasons[code]
+    text = getattr(error, "strerror", None) or str(error or "the connection failed")
+    if "Connect call failed" in text or "[Errno 111]" in text:  # several addresses tried, all refused
+        return reasons[errno.ECONNREFUSED]
+    return text[0].lower() + text[1:] if text else "the connection failed"
 
 
 class InstanceClient:

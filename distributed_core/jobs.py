@@ -30,6 +30,7 @@ from .wire import Header
 
 MAX_RESULT_PAYLOAD = 4 << 30
 
+ENDED_SHOWN = 3        # how many ended jobs GET /distributed/status still lists
 FINISHED_MEMORY = 256  # how many finished job ids are remembered, to answer late results with 410
 
 
@@ -142,6 +143,8 @@ class JobStore:
         self._cond = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._finished: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # the last jobs that ended, as the panel shows them: one opened after a job still lists it
+        self._ended: collections.deque[dict] = collections.deque(maxlen=ENDED_SHOWN)
 
     # --- bookkeeping -------------------------------------------------------------------------
     def add(self, job: Job) -> None:
@@ -155,6 +158,11 @@ class JobStore:
     def active(self) -> list[Job]:
         with self._cond:
             return list(self._jobs.values())
+
+    def ended(self) -> list[dict]:
+        """Summaries of the last jobs that ended, oldest first."""
+        with self._cond:
+            return list(self._ended)
 
     def held_bytes(self) -> int:
         with self._cond:
@@ -187,6 +195,8 @@ class JobStore:
             self._finished[job_id] = state.value
             while len(self._finished) > FINISHED_MEMORY:
                 self._finished.popitem(last=False)
+            if job.collectors:
+                self._ended.append(job.summary())
             self._cond.notify_all()
         self.on_change(job)
         return job

@@ -42,6 +42,7 @@ def test_check_reports_a_running_worker_and_one_that_is_not_running(live):
     ghost = found["ghost"]
     assert ghost["reachable"] is False and ghost["reach_back"] is None
     assert "cannot connect" in ghost["message"] and "start it" in ghost["message"], ghost
+    assert "nothing listens on that port" in ghost["message"] and "Errno" not in ghost["message"], ghost
     assert found["master"]["reachable"] is True and found["master"]["message"].startswith("Ready")
 
 
