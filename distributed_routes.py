@@ -412,10 +412,10 @@ def _add_doctor_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
     async def check(request: web.Request) -> web.Response:
         body = await read_json(request)
         prompt = body.get("prompt") if isinstance(body, dict) else None
-        if not isinstance(body, dict) or (prompt is not None and not (
-                isinstance(prompt, dict) and all(isinstance(n, dict) for n in prompt.values()))):
-            return error(400, 'body must be {} or {"prompt": <a prompt in ComfyUI\'s API format, '
-                              'an object of nodes>}')
+        problem = "it is not an object" if not isinstance(body, dict) else (
+            doctor.prompt_problem(prompt) if prompt is not None else None)
+        if problem:
+            return error(400, f'body must be {{}} or {{"prompt": <a prompt in ComfyUI\'s API format>}}: {problem}')
         config = config_file.load().config
         instances = await doctor.check(coord, config, prompt or None, _has_input)
         return web.json_response({"instances": instances, "extension_version": doctor.extension_version()})

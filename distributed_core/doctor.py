@@ -33,6 +33,18 @@ RESULT_PATH = "/distributed/result"          # the master's result address, whic
 
 # --- what an instance lacks for a prompt ----------------------------------------------------------
 
+def prompt_problem(prompt: Any) -> str | None:
+    """Why a value is not a prompt in ComfyUI's API format that the check can read (None: it is)."""
+    if not isinstance(prompt, dict):
+        return "the prompt must be an object of nodes"
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            return f"node {str(node_id)[:40]!r} must be an object with a class_type"
+        if not isinstance(node.get("inputs", {}), dict):
+            return f"node {str(node_id)[:40]!r}: its inputs must be an object"
+    return None
+
+
 def choices(spec: Any) -> list | None:
     """The choice list of an input as /object_info describes it: ``[[a, b], {...}]`` (every ComfyUI)
     or ``["COMBO", {"options": [a, b]}]`` (newer nodes); None for any other kind of input."""
@@ -283,7 +295,7 @@ def worker_part(prompt: dict) -> dict:
         return prompt
     try:
         keep = workflow.upstream(prompt, collectors)
-    except workflow.WorkflowError:
+    except (workflow.WorkflowError, TypeError, ValueError):
         return prompt
     return {nid: node for nid, node in prompt.items() if nid in keep}
 

@@ -144,3 +144,12 @@ def test_object_info_cache_fetches_once_per_ttl_and_shares_a_fetch():
             raise AssertionError("a failed fetch must raise")
         assert await cache.get("w", fetch) == {"n": 3}  # a failure is not kept
     asyncio.run(scenario())
+
+
+def test_prompt_problem_names_what_is_wrong():
+    assert doctor.prompt_problem({"1": {"class_type": "A", "inputs": {}}}) is None
+    assert doctor.prompt_problem({"1": {"class_type": "A"}}) is None
+    assert "object of nodes" in doctor.prompt_problem([1])
+    assert "class_type" in doctor.prompt_problem({"1": 5})
+    assert "class_type" in doctor.prompt_problem({"1": {"inputs": {}}})
+    assert "inputs" in doctor.prompt_problem({"1": {"class_type": "LoadImage", "inputs": ["x"]}})
