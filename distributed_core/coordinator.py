@@ -292,8 +292,8 @@ class Coordinator:
             return False
         try:
             # a worker that lacks a model or node class the prompt needs is left out, as one that is down
-            lacks = doctor.lacking(prompt, await self.object_infos.get(worker.url, client.object_info),
-                                   workflow.input_files(prompt))
+            lacks = doctor.blocking(prompt, await self.object_infos.get(worker.url, client.object_info),
+                                    workflow.input_files(prompt))
             if not lacks:
                 await self.sync_inputs(client, prompt)
                 share.prompt_id = await client.post_prompt(prompt, CLIENT_ID)

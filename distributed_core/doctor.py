@@ -102,6 +102,14 @@ def lacking(prompt: dict, object_info: dict, input_files: Iterable[str] = ()) ->
     return found
 
 
+def blocking(prompt: dict, object_info: dict, input_files: Iterable[str] = ()) -> list[dict]:
+    """What keeps a worker out of a job: the node classes and model files it lacks. Other choices
+    (a sampler an older ComfyUI lacks, say) are only reported by the check: a node may accept values
+    beyond its list (ComfyUI skips the list for inputs that the node's VALIDATE_INPUTS takes), and
+    the worker's own validation then says whether it can run."""
+    return [e for e in lacking(prompt, object_info, input_files) if e["kind"] in ("node", "model")]
+
+
 def missing_inputs(names: Iterable[str], master_has: Callable[[str], bool]) -> list[dict]:
     """Input files that the prompt's loaders read and the master lacks too. Files the master has are
     not reported: they are uploaded to each worker that lacks them (or holds a different file by

@@ -41,6 +41,9 @@ def test_lacking_names_models_nodes_and_choices_and_nothing_else():
         ("model", "big.safetensors", "10")]  # in node order; the uploaded input file is not reported
     assert found[1]["folder"] == "upscale_models" and found[3]["folder"] == "checkpoints"
     assert found[3]["input"] == "ckpt_name" and found[3]["class_type"] == "CheckpointLoaderSimple"
+    # what keeps a worker out of a job: nodes and models, not other choices
+    assert [e["name"] for e in doctor.blocking(prompt, INFO, ["photo.png"])] == ["8x.pth", "SomeCustomNode",
+                                                                                 "big.safetensors"]
 
 
 def test_lacking_is_empty_when_the_instance_has_everything():
