@@ -483,6 +483,7 @@ function jobView(job) {
     h("div.cdist-row", {}, [
       h("span.cdist-job-title", { text: `Job ${job.job_id.slice(0, 8)}`, title: job.job_id }),
       job.split && h("span.cdist-role", { text: "split", title: "One batch divided among the GPUs" }),
+      job.kind === "tiles" && h("span.cdist-role", { text: "tiles", title: "One upscale whose tiles every GPU renders" }),
       h("span.cdist-state", { text: job.state }),
       h("span.cdist-count", { text: `${job.done} of ${job.units}` }),
     ]),
@@ -494,9 +495,10 @@ function jobView(job) {
         h("div.cdist-row", {}, [
           h("span.cdist-share-name", { text: share.name }),
           h("span.cdist-state", { text: shareState(share) }),
-          h("span.cdist-count", { text: shareCount(share) }),
+          h("span.cdist-count", { text: job.kind === "tiles" ? `${share.done} tiles` : shareCount(share) }),
         ]),
-        bar(share.state === "failed" ? 0 : share.done, share.units.length, ".cdist-bar-thin"),
+        bar(share.state === "failed" ? 0 : share.done, job.kind === "tiles" ? job.units : share.units.length,
+          ".cdist-bar-thin"),
         share.error && h("div.cdist-error", { text: `${share.name} failed: ${share.error}` }),
       ]))),
   ]);
