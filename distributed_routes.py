@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from .distributed_core import access, launcher, wire
+from .distributed_core import access, doctor, launcher, wire
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, refused, submitted
@@ -121,6 +121,7 @@ def setup(server) -> Coordinator:
     _add_worker_routes(server.routes, coord, processes)
     coord.upscales.board.on_change = emit
     _add_tile_routes(server.routes, coord)
+    _add_doctor_routes(server.routes, coord)
     loaded = config_file.load()
     if loaded.error:
         log.warning("[Distributed] gpu_config problem: %s. Running with defaults; the file was left "
@@ -390,7 +391,7 @@ def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes)
         try:
             pid = processes.start_worker(config, worker, Path(folder_paths.base_path), sys.executable,
                                          cpu=bool(args.cpu), config_file=Path(named) if named else None,
-                                         placements=placements)
+                                         placements=placements, master_args=sys.argv[1:])
         except launcher.LauncherError as exc:
             return error(409, str(exc))
         return web.json_response({"ok": True, "pid": pid})
@@ -412,6 +413,35 @@ def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes)
         except ValueError as exc:
             return error(400, str(exc))
         return web.json_response({"id": worker_id, "log": text, "running": processes.is_running(worker_id)})
+
+
+def _has_input(name: str) -> bool:
+    """Whether the master's input folder holds this file (a loader's value, maybe in a subfolder)."""
+    root = input_dir().resolve()
+    path = (root / name.removesuffix(" [input]")).resolve()
+    return root in path.parents and path.is_file()
+
+
+def _add_doctor_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
+    @routes.post("/distributed/check")
+    async def check(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        problem = "it is not an object" if not isinstance(body, dict) else (
+            doctor.prompt_problem(prompt) if prompt is not None else None)
+        if problem:
+            return error(400, f'body must be {{}} or {{"prompt": <a prompt in ComfyUI\'s API format>}}: {problem}')
+        config = config_file.load().config
+        instances = await doctor.check(coord, config, prompt or None, _has_input)
+        return web.json_response({"instances": instances, "extension_version": doctor.extension_version()})
+
+    @routes.post(doctor.REACH_BACK_PATH)
+    async def reach_back(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        url = body.get("url") if isinstance(body, dict) else None
+        if doctor.reach_back_target(url) is None:
+            return error(400, 'body must be {"url": "http://host:port"}: the master\'s address, nothing after it')
+        return web.json_response(await doctor.reach_back(coord.client, url))
 
 
 TILE_HEADER = "X-Distributed-Tiles"  # the tile grid and sampler settings beside the enlarged image

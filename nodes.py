@@ -176,10 +176,10 @@ class MultiGPUCollector:
 
 
 class DistributedSeed:
-    """Gives every participant its own seed: the master keeps the seed, unit k gets seed + k."""
+    """Gives every participant its own seed: the master keeps the seed, unit k gets seed + k x step."""
 
     DESCRIPTION = ("Connect to a sampler's seed. The master renders with the seed as it is, each worker "
-                   "with seed + its slot number, so every GPU makes different images and the same "
+                   "with seed + its slot number x step, so every GPU makes different images and the same "
                    "config and seed always give the same images.")
     CATEGORY = "distributed"
     RETURN_TYPES = ("INT",)
@@ -191,11 +191,17 @@ class DistributedSeed:
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                                               "control_after_generate": True})},
+                "optional": {"step": ("INT", {"default": 1, "min": 1, "max": 0xFFFFFFFF,
+                                              "tooltip": "How far apart the participants' seeds are. Set "
+                                                         "it to the number of participants or more when you "
+                                                         "raise the seed by one between runs, so that no "
+                                                         "image repeats; the example uses a large step to "
+                                                         "give each participant a very different colour."})},
                 "hidden": HIDDEN}
 
-    def seed(self, seed, prompt=None, unique_id=None):
+    def seed(self, seed, step=1, prompt=None, unique_id=None):
         units = _assigned(workflow.read_field(prompt, unique_id), "units", [0], "Distributed Seed")
-        return ([plan.seed_for(seed, unit) for unit in units],)
+        return ([plan.seed_for(seed, unit * max(1, int(step))) for unit in units],)
 
 
 class DistributedEmptyLatent:

@@ -16,7 +16,17 @@ from . import wire
 
 QUICK = aiohttp.ClientTimeout(total=3, sock_connect=2)     # status polls: a frozen worker is noticed fast
 DISPATCH = aiohttp.ClientTimeout(total=10, sock_connect=3)  # a prompt can take a moment to validate
-TRANSFER = aiohttp.ClientTimeout(total=300, sock_connect=3, sock_read=30)  # reading a whole input file
+PROBE = aiohttp.ClientTimeout(total=4, sock_connect=2)     # the worker doctor: answers within seconds
+KNOCK = aiohttp.ClientTimeout(total=2.5, sock_connect=2)   # a worker calling the master back, inside PROBE
+SLOW_LINK_BYTES_PER_S = 128 * 1024  # input files move at least this fast (about 1 Mbit/s) before we give up
+ANSWER_S = 60.0                     # an upload or download that goes silent this long has failed
+
+
+def transfer_timeout(nbytes: int | None) -> aiohttp.ClientTimeout:
+    """For moving a whole input file: a minute plus the time the file takes on a slow link (about
+    1 Mbit/s), so a large file on a slow link gets through and a stalled one is given up."""
+    size = max(0, nbytes or 0)
+    return aiohttp.ClientTimeout(total=60.0 + size / SLOW_LINK_BYTES_PER_S, sock_connect=5, sock_read=ANSWER_S)
 
 
 class InstanceError(RuntimeError):
@@ -31,8 +41,28 @@ def describe(url: str, exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return f"{url} did not answer in time (frozen, overloaded, or a firewall dropping packets)"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect to {url} ({exc.os_error or exc}); is that ComfyUI instance running?"
+        return f"cannot connect to {url}: {_connect_reason(exc.os_error)}; is that ComfyUI instance running?"
     return f"{url}: {type(exc).__name__}: {exc}"
+
+
+def _connect_reason(error: OSError | None) -> str:
+    """Why a connection failed, in words rather than as "[Errno 111] Connect call failed"."""
+    import errno
+    import socket
+    if isinstance(error, socket.gaierror):
+        return "its host name does not resolve"
+    reasons = {errno.ECONNREFUSED: "nothing listens on that port",
+               errno.EHOSTUNREACH: "that host cannot be reached (off, or another network)",
+               errno.ENETUNREACH: "that network cannot be reached from here",
+               errno.ETIMEDOUT: "the connection timed out (a firewall dropping packets?)",
+               errno.ECONNRESET: "the connection was reset"}
+    code = getattr(error, "errno", None)
+    if code in reasons:
+        return reasons[code]
+    text = getattr(error, "strerror", None) or str(error or "the connection failed")
+    if "Connect call failed" in text or "[Errno 111]" in text:  # several addresses tried, all refused
+        return reasons[errno.ECONNREFUSED]
+    return text[0].lower() + text[1:] if text else "the connection failed"
 
 
 class InstanceClient:
@@ -104,14 +134,14 @@ class InstanceClient:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise InstanceError(describe(self.url, exc)) from exc
 
-    async def input_digest(self, name: str) -> str | None:
+    async def input_digest(self, name: str, size: int | None = None) -> str | None:
         """SHA-256 of a file in the instance's input folder (read through GET /view), or None when
-        it has none by that name."""
+        it has none by that name. ``size``: its expected size, which sets the timeout."""
         subfolder, _, filename = name.rpartition("/")
         params = {"filename": filename, "subfolder": subfolder, "type": "input"}
         digest = hashlib.sha256()
         try:
-            async with self.session.get(self.url + "/view", params=params, timeout=TRANSFER) as resp:
+            async with self.session.get(self.url + "/view", params=params, timeout=transfer_timeout(size)) as resp:
                 if resp.status == 404:
                     return None
                 if resp.status != 200:
@@ -130,12 +160,51 @@ class InstanceClient:
         form.add_field("type", "input")
         form.add_field("overwrite", "true")
         try:
-            async with self.session.post(self.url + "/upload/image", data=form, timeout=DISPATCH) as resp:
+            async with self.session.post(self.url + "/upload/image", data=form,
+                                         timeout=transfer_timeout(len(data))) as resp:
                 if resp.status != 200:
                     raise InstanceError(f"{self.url} refused the upload of input {name}: "
                                         f"{resp.status} {_error_text(await resp.text())}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise InstanceError(describe(self.url, exc)) from exc
+
+    async def object_info(self, timeout: aiohttp.ClientTimeout = DISPATCH) -> dict:
+        """Every node class the instance offers, with its inputs and their choices (models among them)."""
+        answer = await self._request("GET", "/object_info", timeout)
+        if not isinstance(answer, dict):
+            raise InstanceError(f"{self.url}/object_info gave no node list")
+        return answer
+
+    async def reach_back(self, master_url: str) -> dict | None:
+        """Ask the instance's extension to call ``master_url``'s result address back (see doctor.py);
+        None when it has no such route (no extension there, or an older one)."""
+        try:
+            async with self.session.post(self.url + "/distributed/reach_back", json={"url": master_url},
+                                         timeout=PROBE) as resp:
+                text = await resp.text()
+                if resp.status == 404:
+                    return None
+                if resp.status >= 400:
+                    raise InstanceError(f"{self.url}/distributed/reach_back answered {resp.status}: "
+                                        f"{_error_text(text)}")
+                answer = json.loads(text)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise InstanceError(describe(self.url, exc)) from exc
+        return answer if isinstance(answer, dict) else {}
+
+    async def knock_result_route(self) -> tuple[int | None, object, str]:
+        """POST an empty body to this (master's) result address: its extension refuses the empty frame
+        with a JSON error, which shows that the address reaches it. (status, JSON body, error)."""
+        try:
+            async with self.session.post(self.url + "/distributed/result", data=b"", timeout=KNOCK) as resp:
+                text = await resp.text()
+                try:
+                    body = json.loads(text)
+                except ValueError:
+                    body = None
+                return resp.status, body, ""
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return None, None, describe(self.url, exc)
 
     async def withdraw(self, prompt_id: str) -> None:
         """Take one of our prompts back: deleted from the queue if pending, interrupted if it is

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import aiohttp
 
 from . import config as config_file
-from . import plan, upscale, workflow
+from . import doctor, plan, upscale, workflow
 from .client import InstanceClient, InstanceError
 from .config import Config, Loaded, Worker
 from .jobs import Job, JobState, JobStore, Share
@@ -95,6 +95,7 @@ class Coordinator:
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, for calls from other threads
         self._session: aiohttp.ClientSession | None = None
         self.upscales = upscale.Upscales(self)  # Distributed Tiled Upscale jobs (see upscale.py)
+        self.object_infos = doctor.ObjectInfoCache()  # each worker's /object_info, for a short while
 
     # --- helpers ---------------------------------------------------------------------------------
     def session(self) -> aiohttp.ClientSession:
@@ -428,11 +429,18 @@ class Coordinator:
                                                "(the launcher does when a worker is remote), or set master.host")
             return False
         try:
-            await self.sync_inputs(client, prompt)
-            prompt_id = await client.post_prompt(prompt, CLIENT_ID)
+            # a worker that lacks a model or node class the prompt needs is left out, as one that is down
+            lacks = doctor.blocking(prompt, await self.object_infos.get(worker.url, client.object_info),
+                                    workflow.input_files(prompt))
+            if not lacks:
+                await self.sync_inputs(client, prompt)
+                prompt_id = await client.post_prompt(prompt, CLIENT_ID)
         except InstanceError as exc:
             self.reach.failed(worker.url, str(exc), exc.refused)
             await self.failover(job_id, share, str(exc))
+            return False
+        if lacks:
+            await self.failover(job_id, share, doctor.lack_reason(lacks))
             return False
         self.reach.ok(worker.url)
         share.prompt_id = prompt_id
@@ -473,7 +481,7 @@ class Coordinator:
                 continue  # not ours to send; the worker's own validation will name what is missing
             data, digest = await asyncio.get_running_loop().run_in_executor(None, _read_hashed, path)
             # the size first, which costs nothing; then the content, read back through /view
-            if await client.input_size(name) == len(data) and await client.input_digest(name) == digest:
+            if await client.input_size(name) == len(data) and await client.input_digest(name, len(data)) == digest:
                 continue
             await client.upload_input(name, data)
             log.info("[Distributed] uploaded input %s to %s", name, client.url)

@@ -12,9 +12,12 @@ from .config import EXTENSION_DIR
 
 TEMPLATE = EXTENSION_DIR / "example_workflows" / "multi_gpu_collector_colors.json"
 
-# The same graph as the template above, in ComfyUI's API format.
+# The same graph as the template above, in ComfyUI's API format. Each participant's colour is its
+# seed read as 0xRRGGBB (EmptyImage keeps the low 24 bits): seed + slot x step, with a step chosen so
+# that the first eight slots differ strongly (teal, red, ochre, green, blue, aqua, pink, lime).
+SEED, STEP = 0x248457, 0xCD7DE3
 PROMPT = {
-    "1": {"class_type": "DistributedSeed", "inputs": {"seed": 4210752}},
+    "1": {"class_type": "DistributedSeed", "inputs": {"seed": SEED, "step": STEP}},
     "2": {"class_type": "EmptyImage", "inputs": {"width": 256, "height": 256, "batch_size": 2,
                                                  "color": ["1", 0]}},
     "3": {"class_type": "MultiGPUCollector", "inputs": {"images": ["2", 0]}},

@@ -100,7 +100,8 @@ class Instance:
         return "CPU" if self.cpu else ("default GPU" if self.device is None else f"GPU {self.device}")
 
 
-def build_command(python: str, listen: str, port: int, extra_args: str = "", cpu: bool = False) -> list[str]:
+def build_command(python: str, listen: str, port: int, extra_args: str = "", cpu: bool = False,
+                  inherited: list[str] | None = None) -> list[str]:
     """The one way an instance's command is built: a list of words for exec, never a shell string.
 
     A bare --enable-cors-header (the original product sheet's default) would open the instance to
@@ -110,7 +111,36 @@ def build_command(python: str, listen: str, port: int, extra_args: str = "", cpu
             if not (a == "--enable-cors-header" and (i + 1 == len(args) or args[i + 1].startswith("-")))]
     if cpu and "--cpu" not in args:
         args.append("--cpu")
-    return [python, "main.py", "--listen", listen, "--port", str(port), *args]
+    return [python, "main.py", "--listen", listen, "--port", str(port), *args, *(inherited or [])]
+
+
+# The master's folders that local workers share unless they name their own: the same models (and
+# model paths), the same input files (nothing to upload) and output folder.
+FOLDER_FLAGS = ("--extra-model-paths-config", "--base-directory", "--input-directory", "--output-directory")
+
+
+def _flag_groups(words: list[str]) -> dict[str, list[str]]:
+    """Each folder flag in ``words`` with its values, as written ("--flag v" or "--flag=v"); a flag
+    given twice keeps both (ComfyUI appends --extra-model-paths-config)."""
+    groups: dict[str, list[str]] = {}
+    i = 0
+    while i < len(words):
+        name = words[i].partition("=")[0]
+        if name in FOLDER_FLAGS:
+            group = [words[i]]
+            if "=" not in words[i]:
+                while i + 1 < len(words) and not words[i + 1].startswith("-"):
+                    i += 1
+                    group.append(words[i])
+            groups.setdefault(name, []).extend(group)
+        i += 1
+    return groups
+
+
+def master_folder_args(master_words: list[str], worker_extra_args: str) -> list[str]:
+    """The master's folder flags (FOLDER_FLAGS) that a local worker's own extra_args do not set."""
+    own = _flag_groups(shlex.split(worker_extra_args))
+    return [word for name, group in _flag_groups(master_words).items() if name not in own for word in group]
 
 
 def instance_env(device: int | None, cpu: bool, config_file: Path | None, threads: int = 0) -> dict[str, str]:
@@ -164,14 +194,19 @@ def master_instance(config: cfg.Config, python: str, cpu: bool = False, config_f
 
 
 def worker_instance(config: cfg.Config, worker: cfg.Worker, python: str, cpu: bool = False,
-                    config_file: Path | None = None, placements: Placements | None = None) -> Instance:
+                    config_file: Path | None = None, placements: Placements | None = None,
+                    master_args: list[str] | None = None) -> Instance:
+    """``master_args``: the running master's own ComfyUI arguments, when it starts the worker; their
+    folder flags count as well as those of master.extra_args (see FOLDER_FLAGS)."""
     if not worker.is_local:
         return Instance(worker.id, worker.label, worker.port, worker.url, worker.device, local=False)
     cpu = cpu or "--cpu" in shlex.split(worker.extra_args)
     listen = "::1" if worker.host == "::1" else "127.0.0.1"
     pinned, threads = (placements or {}).get(worker.id, ([], 0))
+    master_words = shlex.split(config.master.extra_args) + list(master_args or [])
+    inherited = master_folder_args(master_words, worker.extra_args)
     return Instance(worker.id, worker.label, worker.port, _local_url(worker.host, worker.port), worker.device,
-                    cpu, argv=build_command(python, listen, worker.port, worker.extra_args, cpu),
+                    cpu, argv=build_command(python, listen, worker.port, worker.extra_args, cpu, inherited),
                     env=instance_env(worker.device, cpu, config_file, threads), cpus=pinned, threads=threads)
 
 
@@ -278,10 +313,11 @@ class LocalProcesses:
 
     def start_worker(self, config: cfg.Config, worker: cfg.Worker, comfy_root: Path,
                      python: str = sys.executable, cpu: bool = False, config_file: Path | None = None,
-                     placements: Placements | None = None) -> int:
+                     placements: Placements | None = None, master_args: list[str] | None = None) -> int:
         """Start one local worker exactly as the launcher would (on the cores ``cpu_placements``
-        gives it); returns its pid."""
-        return self.start(worker_instance(config, worker, python, cpu, config_file, placements), Path(comfy_root))
+        gives it, with the master's folders); returns its pid."""
+        return self.start(worker_instance(config, worker, python, cpu, config_file, placements, master_args),
+                          Path(comfy_root))
 
     def process(self, instance_id: str) -> subprocess.Popen | None:
         with self._lock:
@@ -504,8 +540,25 @@ def watch(processes: LocalProcesses, stop: _StopRequest) -> int:
     return 0
 
 
-def run_example(master_url: str) -> int:
-    """Hook for the example run: ``distributed_core.example.run(master_url) -> int`` when it exists."""
+def output_folder(comfy_root: Path, master_words: list[str]) -> Path:
+    """Where the master saves images: --output-directory, else <--base-directory>/output, else
+    ComfyUI's own output folder (relative paths start at ComfyUI's folder, where instances run)."""
+    groups = _flag_groups(master_words)
+
+    def value(flag: str) -> str | None:
+        group = groups.get(flag) or []
+        return (group[0].partition("=")[2] or None) if group and "=" in group[0] else (group[1] if len(group) > 1
+                                                                                      else None)
+    folder = value("--output-directory")
+    if folder is None:
+        base = value("--base-directory")
+        folder = str(Path(base) / "output") if base else "output"
+    return (Path(comfy_root) / Path(folder).expanduser()).resolve()
+
+
+def run_example(master_url: str, output_dir: Path | None = None) -> int:
+    """Hook for the example run: ``distributed_core.example.run(master_url[, output_dir]) -> int``
+    when it exists; ``output_dir`` is where the master saves, so the real paths can be printed."""
     name = f"{__package__}.example"
     try:
         example = importlib.import_module(name)
@@ -515,7 +568,7 @@ def run_example(master_url: str) -> int:
         print("The example is not available in this version (distributed_core/example.py is missing).")
         return 1
     try:
-        return int(example.run(master_url) or 0)
+        return int((example.run(master_url, output_dir) if output_dir else example.run(master_url)) or 0)
     except Exception as exc:  # a failed example is a result to report, not a launcher crash
         print(f"ERROR: the example failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -565,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if args.example:
             stop.interrupt = True
-            return run_example(plan.master.url)
+            return run_example(plan.master.url,
+                               output_folder(plan.comfy_root, shlex.split(plan.config.master.extra_args)))
         return watch(processes, stop)
     except LauncherError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)

@@ -75,6 +75,16 @@ class Instance:
         self.history[prompt_id] = {"status": {"status_str": status, "messages": []}, "outputs": {}}
 
 
+class EveryNode(dict):
+    """An /object_info answer that has every node class, each with no inputs to check."""
+
+    def __contains__(self, key) -> bool:
+        return True
+
+    def __getitem__(self, key):
+        return {"input": {}}
+
+
 class FakeClient(InstanceClient):
     def __init__(self, world: dict[str, Instance], url: str):
         super().__init__(None, url)
@@ -109,6 +119,8 @@ class FakeClient(InstanceClient):
             return {"devices": [{"name": "fake"}]}
         if (method, path) == ("GET", "/prompt"):
             return {"exec_info": {"queue_remaining": len(inst.running) + len(inst.pending)}}
+        if (method, path) == ("GET", "/object_info"):
+            return EveryNode()
         raise AssertionError(f"unexpected {method} {path}")
 
 

@@ -380,6 +380,23 @@ def test_example_template_is_the_same_graph_as_the_example_prompt():
     for _link, src, src_slot, dst, dst_slot, _type in template["links"]:
         name = nodes[str(dst)]["inputs"][dst_slot]["name"]
         assert example.PROMPT[str(dst)]["inputs"][name] == [str(src), src_slot]
+    seed, _control, step = nodes["1"]["widgets_values"]
+    assert example.PROMPT["1"]["inputs"] == {"seed": seed, "step": step}
+    width, height, batch, _color = nodes["2"]["widgets_values"]
+    assert {k: example.PROMPT["2"]["inputs"][k] for k in ("width", "height", "batch_size")} == \
+        {"width": width, "height": height, "batch_size": batch}
+    assert example.PROMPT["4"]["inputs"]["filename_prefix"] == nodes["4"]["widgets_values"][0]
+
+
+def test_example_colours_differ_strongly_between_participants():
+    import itertools
+
+    from distributed_core import example, plan
+    inputs = example.PROMPT["1"]["inputs"]
+    colours = [[(plan.seed_for(inputs["seed"], k * inputs["step"]) >> shift) & 0xFF for shift in (16, 8, 0)]
+               for k in range(8)]
+    distance = min(sum((a - b) ** 2 for a, b in zip(x, y)) ** 0.5 for x, y in itertools.combinations(colours, 2))
+    assert distance > 100, colours  # out of 441 between black and white; 1 before, invisible
 
 
 # --- access ---------------------------------------------------------------------------------------

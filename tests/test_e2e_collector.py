@@ -172,6 +172,12 @@ def test_bundled_example_runs_and_says_where_images_are(live, capsys):
     saved = [line.strip() for line in out.splitlines() if line.strip().endswith(".png")]
     assert len(saved) == 6  # batch 2 on each of three participants
     assert all(__import__("os").path.exists(path) for path in saved)
+    # each participant's images have its own, clearly different colour: master, worker1, worker2
+    from PIL import Image
+    from distributed_core import plan
+    seed, step = example.PROMPT["1"]["inputs"]["seed"], example.PROMPT["1"]["inputs"]["step"]
+    expected = [[(plan.seed_for(seed, k * step) >> s) & 0xFF for s in (16, 8, 0)] for k in (0, 0, 1, 1, 2, 2)]
+    assert [list(Image.open(path).convert("RGB").getpixel((5, 5))) for path in saved] == expected
 
 
 @pytest.mark.parametrize("transport", ["float32", "uint8", "png"])

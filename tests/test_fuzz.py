@@ -134,7 +134,7 @@ PATHS = ["/distributed/config", "/distributed/status", "/distributed/clear_vram"
          "/distributed/gpus", "/distributed/workers", "/distributed/workers/{id}",
          "/distributed/workers/{id}/start", "/distributed/workers/{id}/stop", "/distributed/workers/{id}/log",
          "/distributed/result", "/distributed/secret", "/distributed/tiles/image", "/distributed/tiles/lease",
-         "/distributed/tiles/result"]
+         "/distributed/tiles/result", "/distributed/check", "/distributed/reach_back"]
 METHODS = ["GET", "POST", "PATCH", "DELETE", "PUT", "HEAD", "OPTIONS"]
 ROUTES = [("GET", "/distributed/config"), ("POST", "/distributed/config"), ("GET", "/distributed/status"),
           ("GET", "/distributed/secret"), ("POST", "/distributed/clear_vram"), ("POST", "/distributed/interrupt"),
@@ -142,7 +142,8 @@ ROUTES = [("GET", "/distributed/config"), ("POST", "/distributed/config"), ("GET
           ("PATCH", "/distributed/workers/{id}"), ("DELETE", "/distributed/workers/{id}"),
           ("POST", "/distributed/workers/{id}/start"), ("POST", "/distributed/workers/{id}/stop"),
           ("GET", "/distributed/workers/{id}/log"), ("POST", "/distributed/tiles/image"),
-          ("POST", "/distributed/tiles/lease"), ("POST", "/distributed/tiles/result")]
+          ("POST", "/distributed/tiles/lease"), ("POST", "/distributed/tiles/result"), ("POST", "/distributed/check"),
+          ("POST", "/distributed/reach_back")]
 ACCESS = ["none", "secret", "wrong-secret", "same-origin-fetch", "same-origin", "other-origin"]
 
 
@@ -181,7 +182,7 @@ def access_headers(access: str, master) -> dict[str, str]:
             "other-origin": {"Origin": "http://evil.example"}}[access]
 
 
-OUR_ROUTES = re.compile(r"/distributed/(config|status|clear_vram|interrupt|gpus|workers|result|secret"
+OUR_ROUTES = re.compile(r"/distributed/(config|status|clear_vram|interrupt|gpus|workers|result|secret|check|reach_back"
                         r"|tiles/(image|lease|result)"
                         r"|workers/[^/]+|workers/[^/]+/(start|stop|log))")
 

@@ -332,6 +332,16 @@ def test_run_example_calls_the_example_module(monkeypatch):
     assert seen == ["http://127.0.0.1:8188"]
     module.run = lambda url: 1 / 0
     assert launcher.run_example("http://127.0.0.1:8188") == 1  # reported, not raised
+    module.run = lambda url, where: seen.append(where) or 0
+    assert launcher.run_example("http://127.0.0.1:8188", Path("/out")) == 0 and seen[-1] == Path("/out")
+
+
+def test_output_folder_is_where_the_master_saves(tmp_path):
+    root = tmp_path / "ComfyUI"
+    assert launcher.output_folder(root, []) == (root / "output").resolve()
+    assert launcher.output_folder(root, ["--output-directory", "/data/out"]) == Path("/data/out").resolve()
+    assert launcher.output_folder(root, ["--base-directory=/data"]) == Path("/data/output").resolve()
+    assert launcher.output_folder(root, ["--output-directory=rel", "--base-directory", "/x"]) == (root / "rel").resolve()
 
 
 # --- finding ComfyUI ------------------------------------------------------------------------------
@@ -393,6 +403,34 @@ def test_dry_run_cpu_and_only_flags(tmp_path, comfy_stub):
     assert list(dry_run_blocks(run_launcher(*common, "--master-only").stdout)) == ["master"]
     assert list(dry_run_blocks(run_launcher(*common, "--workers-only").stdout)) == ["w1"]
     assert run_launcher(*common, "--master-only", "--workers-only").returncode != 0
+
+
+def test_dry_run_local_workers_get_the_masters_folders_unless_they_set_their_own(tmp_path, comfy_stub):
+    master_args = ("--lowvram --extra-model-paths-config /m/paths.yaml /m/more.yaml --base-directory=/data "
+                   "--input-directory /data/in --output-directory /data/out")
+    path = write_config(tmp_path / "folders.json", {
+        "master": {"port": 9300, "device": 0, "extra_args": master_args},
+        "workers": [{"id": "plain", "port": 9301, "device": 1},
+                    {"id": "own", "port": 9302, "device": 2, "extra_args": "--output-directory /own/out --fp16-vae"},
+                    {"id": "far", "host": "10.0.0.9", "port": 9303}],
+    })
+    result = run_launcher("--dry-run", "--config", str(path), "--comfyui", str(comfy_stub))
+    assert result.returncode == 0, result.stdout + result.stderr
+    blocks = dry_run_blocks(result.stdout)
+    shared = ["--extra-model-paths-config", "/m/paths.yaml", "/m/more.yaml", "--base-directory=/data",
+              "--input-directory", "/data/in"]
+    assert blocks["master"]["argv"][6:] == shlex.split(master_args)
+    assert blocks["plain"]["argv"][6:] == [*shared, "--output-directory", "/data/out"]  # no --lowvram: not a folder
+    assert blocks["own"]["argv"][6:] == ["--output-directory", "/own/out", "--fp16-vae", *shared]
+    assert "far" not in blocks  # remote: not started here, nothing handed on
+
+
+def test_a_worker_started_by_the_master_gets_the_masters_own_folder_flags():
+    conf = config.parse({"master": {"port": 9400}, "workers": [{"id": "w", "port": 9401}]})
+    instance = launcher.worker_instance(conf, conf.workers[0], "py",
+                                        master_args=["--port", "9400", "--extra-model-paths-config", "x.yaml"])
+    assert instance.argv[6:] == ["--extra-model-paths-config", "x.yaml"]
+    assert launcher.master_folder_args([], "") == []
 
 
 def test_broken_config_is_an_error_not_defaults(tmp_path, comfy_stub):

@@ -228,9 +228,10 @@ def test_worker_frozen_mid_job_hands_its_units_on(live):
 
 class _AnswersOnlyTheDispatch:
     """A stand-in worker that takes its prompt, then answers every later request with 500, as a
-    ComfyUI does that crashes or wedges right after accepting a prompt."""
+    ComfyUI does that crashes or wedges right after accepting a prompt. Before that it answers the
+    node list (``object_info``, a real worker's) that the master reads before dispatch."""
 
-    def __init__(self):
+    def __init__(self, object_info: dict):
         import http.server
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -250,7 +251,10 @@ class _AnswersOnlyTheDispatch:
                     self._answer(500, {"error": "wedged"})
 
             def do_GET(self):
-                self._answer(500, {"error": "wedged"})
+                if self.path == "/object_info":
+                    self._answer(200, object_info)
+                else:
+                    self._answer(500, {"error": "wedged"})
 
             def log_message(self, *args):
                 pass
@@ -271,7 +275,7 @@ class _AnswersOnlyTheDispatch:
 def test_worker_that_stops_answering_right_after_dispatch(live):
     """The first poll after the dispatch fails (the worker died or wedged at once): within
     job_timeout its units go to another worker and the job completes."""
-    with _AnswersOnlyTheDispatch() as fake:
+    with _AnswersOnlyTheDispatch(live.workers[1].get("/object_info").json()) as fake:
         config = live.default_config(job_timeout=5)
         config["workers"][0] = {"id": "wedged", "name": "wedged", "port": fake.port, "enabled": True}
         live.reset_config(config)

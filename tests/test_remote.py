@@ -113,6 +113,30 @@ def test_a_worker_that_cannot_reach_the_master_is_reported(remote, test_host):
     assert "check that this worker can reach the master's address" in message
 
 
+def test_the_check_tells_a_remote_worker_that_reaches_back_from_one_that_cannot(remote, test_host):
+    """POST /distributed/check, before any job: the worker on the other host calls the master back
+    at the address it would deliver to, and the answer names that address."""
+    master, worker, workdir, config = remote
+    _name, here, _there = test_host
+    write_config(workdir / "gpu_config.json", config)
+    before = len(worker.get("/history").json())
+    good = {i["id"]: i for i in master.post("/distributed/check", {}).json()["instances"]}["remote"]
+    assert good["reachable"] is True and good["reach_back"] is True, good
+    assert good["reach_back_url"] == f"http://{here}:{master.port}/distributed/result"
+    assert good["message"] == "Ready."
+    unreachable = here.rsplit(".", 1)[0] + ".3"  # nobody there
+    write_config(workdir / "gpu_config.json", {**config, "master": {**config["master"], "host": unreachable}})
+    try:
+        bad = {i["id"]: i for i in master.post("/distributed/check", {}).json()["instances"]}["remote"]
+    finally:
+        write_config(workdir / "gpu_config.json", config)
+    assert bad["reachable"] is True and bad["reach_back"] is False, bad
+    assert bad["reach_back_url"] == f"http://{unreachable}:{master.port}/distributed/result"
+    assert f"http://{unreachable}:{master.port}/distributed/result" in bad["message"]
+    assert "master.host" in bad["message"] and "--listen" in bad["message"]
+    assert len(worker.get("/history").json()) == before  # a check runs no prompt
+
+
 def test_a_master_on_loopback_says_so_instead_of_dispatching(cluster, remote):
     _master, worker, _workdir, _config = remote
     config = cluster.default_config()

@@ -276,6 +276,7 @@ def test_a_failed_worker_is_named_with_its_error(live, comfy, tmp_path):
     notice = job.locator(".cdist-notice").filter(has_text="ghost")
     expect(notice).to_contain_text("left out")
     expect(notice).to_contain_text(str(ghost_port))
+    expect(comfy.card("ghost").locator(".cdist-error")).not_to_contain_text("Errno")
     job.scroll_into_view_if_needed()
     comfy.screenshot(f"failed-worker-{comfy.ui}", tmp_path)
 
@@ -420,3 +421,68 @@ def test_a_tiled_upscale_job_counts_tiles_per_participant(live, comfy, tmp_path)
     assert sum(int(c.split()[0]) for c in counts) == 9, counts
     job.scroll_into_view_if_needed()
     comfy.screenshot(f"upscale-{comfy.ui}-done", tmp_path)
+
+
+# --- the worker doctor and newcomer details ------------------------------------------------------------
+
+def test_the_check_button_checks_every_worker_with_the_current_workflow(live, comfy, tmp_path):
+    config = live.default_config()
+    ghost_port = harness.free_port()  # configured, not running
+    config["workers"].append({"id": "ghost", "name": "ghost", "port": ghost_port, "device": None,
+                              "enabled": True, "extra_args": ""})
+    live.reset_config(config)
+    template = json.loads((harness.REPO / "example_workflows" / "multi_gpu_collector_colors.json").read_text())
+    comfy.page.locator(f"{LEGACY_BUTTON}, {SIDEBAR_BUTTON}").first.wait_for(timeout=60_000)
+    comfy.page.evaluate("""async (graph) => {
+        const { app } = await import("/scripts/app.js");
+        await app.loadGraphData(graph);
+    }""", template)
+    sent = []
+    comfy.page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/distributed/check") else None)
+    panel = comfy.open_panel()
+    panel.locator(".cdist-check-button").click()
+    box = panel.locator(".cdist-check")
+    expect(box.locator(".cdist-check-item")).to_have_count(4, timeout=TIMEOUT)
+    expect(box.locator(".cdist-box-title")).to_contain_text("with the current workflow: 3 of 4 ready")
+    for ready in ("master", "worker1", "worker2"):
+        item = box.locator(f'.cdist-check-item[data-id="{ready}"]')
+        expect(item).to_have_attribute("data-ok", "true")
+        expect(item.locator(".cdist-check-message")).to_have_text(re.compile(r"^Ready"))
+    expect(box.locator('.cdist-check-item[data-id="worker1"] .cdist-check-reaches')).to_contain_text(
+        f"yes (http://127.0.0.1:{live.master.port}/distributed/result)")
+    ghost = box.locator('.cdist-check-item[data-id="ghost"]')
+    expect(ghost).to_have_attribute("data-ok", "false")
+    expect(ghost.locator(".cdist-check-reachable")).to_have_text("no")
+    expect(ghost.locator(".cdist-check-message")).to_contain_text("nothing listens on that port")
+    expect(ghost.locator(".cdist-check-message")).to_contain_text("start it")
+    # the current workflow went with the check, in the API format
+    assert sent and {n["class_type"] for n in sent[-1]["prompt"].values()} == {
+        "DistributedSeed", "EmptyImage", "MultiGPUCollector", "SaveImage"}, sent
+    box.scroll_into_view_if_needed()
+    comfy.screenshot(f"check-{comfy.ui}", tmp_path)
+
+
+def test_worker_forms_show_no_stray_zero_and_fields_fit_a_narrow_sidebar(live, comfy, tmp_path):
+    panel = comfy.open_panel()  # in the current frontend: the sidebar at its default width
+    panel.locator(".cdist-add-worker").click()
+    form = panel.locator(".cdist-worker-form")
+    stray = form.evaluate("f => [...f.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent)")
+    assert stray == [], stray  # "0" was shown when no GPU had been detected
+    form.locator(".cdist-field-host").fill("192.168.100.200")
+    form.locator(".cdist-field-port").fill("18189")
+    print(f"\n[ui] panel width in the {comfy.ui} UI: {panel.evaluate('p => p.clientWidth')} px")
+    visible = """i => { const r = i.getBoundingClientRect(), p = i.closest('.cdist-panel').parentElement
+        .getBoundingClientRect(); return i.scrollWidth <= i.clientWidth && i.clientWidth >= 150 && r.right <= p.right; }"""
+    for field in (".cdist-field-host", ".cdist-field-port"):
+        assert form.locator(field).evaluate(visible), field
+    assert panel.locator(".cdist-mode").evaluate(visible), "the mode field is cut off"
+    comfy.screenshot(f"narrow-form-{comfy.ui}", tmp_path)
+
+
+def test_a_job_that_ended_while_the_panel_was_closed_is_listed(live, comfy):
+    _entry, images = run_job(live, seed=14, batch=1)
+    assert images == 3
+    panel = comfy.open_panel()
+    job = panel.locator(".cdist-job").first
+    expect(job).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    expect(job.locator(".cdist-row .cdist-count").first).to_have_text("3 of 3")

@@ -108,6 +108,8 @@ export const master = {
   stopWorker: (id) => call("POST", `${worker(id)}/stop`),
   workerLog: (id, lines = 200) => call("GET", `${worker(id)}/log?lines=${lines}`),
   secret: () => call("GET", "/distributed/secret"),
+  // The worker doctor: every instance checked at once, for this API-format prompt when given.
+  check: (prompt) => call("POST", "/distributed/check", prompt ? { prompt } : {}),
 
   // Settings without a route of their own: read the whole config, change it, save it back.
   async changeConfig(change) {

@@ -106,6 +106,7 @@ class Panel {
     this.results = h("div.cdist-results", { hidden: true });
     this.gpuList = h("div.cdist-gpus", { hidden: true });
     this.secretBox = h("div.cdist-secret", { hidden: true });
+    this.checkBox = h("div.cdist-check", { hidden: true, "aria-live": "polite" });
     this.instanceList = h("div.cdist-instances");
     this.addSlot = h("div.cdist-add-slot");
     this.jobList = h("div.cdist-jobs", {}, h("div.cdist-empty", { text: "No distributed job yet." }));
@@ -131,7 +132,10 @@ class Panel {
           () => this.detectGpus()),
         action("cdist-show-secret", "API secret", "The secret that scripts and other machines send",
           () => this.showSecret()),
+        action("cdist-check-button", "Check", "Check that every worker can take part, with the current workflow",
+          () => this.runCheck()),
       ]),
+      this.checkBox,
       this.results,
       this.gpuList,
       this.secretBox,
@@ -225,6 +229,13 @@ class Panel {
     const order = instances.map((i) => this.cards.get(i.id).root);
     if (order.some((node, k) => this.instanceList.children[k] !== node)) this.instanceList.append(...order);
 
+    // Once, when the panel opens: the last jobs that ended while it was closed (the master lists
+    // them newest first; shown oldest first, as events would have); later endings arrive as events.
+    if (!this.listedEnded) {
+      const ended = (status.recent || []).slice(0, JOBS_SHOWN).reverse();
+      for (const job of ended) if (!this.jobs.has(job.job_id)) this.showJob(job, false);
+      this.listedEnded = true;
+    }
     for (const job of status.jobs || []) this.showJob(job, false);
     // A job that the master no longer lists has ended; drop it if its last event was missed.
     const listed = new Set((status.jobs || []).map((j) => j.job_id));
@@ -314,6 +325,39 @@ class Panel {
         ? `Kept in ${path}; delete that file and restart to make a new one.`
         : "This browser keeps it and sends it with every call to the master." }));
     this.secretBox.hidden = false;
+  }
+
+  // --- the worker doctor ----------------------------------------------------------------------
+
+  async runCheck() {
+    let prompt = null;
+    try {
+      prompt = (await app.graphToPrompt())?.output || null; // the current workflow, in the API format
+    } catch {
+      prompt = null; // no graph to read: check reachability and versions only
+    }
+    if (prompt && !Object.keys(prompt).length) prompt = null;
+    this.checkBox.replaceChildren(h("div.cdist-muted", { text: "Checking every instance…" }));
+    this.checkBox.hidden = false;
+    try {
+      this.showCheck(await master.check(prompt), Boolean(prompt));
+    } catch (err) {
+      this.checkBox.hidden = true;
+      throw err;
+    }
+  }
+
+  showCheck(answer, withWorkflow) {
+    const instances = answer.instances || [];
+    const ready = instances.filter((i) => checkOk(i, answer.extension_version));
+    this.checkBox.replaceChildren(
+      h("div.cdist-box-title", {}, [
+        h("span", { text: `Check${withWorkflow ? " with the current workflow" : ""}: `
+          + `${ready.length} of ${instances.length} ready` }),
+        dismissButton(this.checkBox),
+      ]),
+      ...instances.map((i) => checkView(i, answer.extension_version)));
+    this.checkBox.hidden = false;
   }
 
   async detectGpus() {
@@ -423,7 +467,8 @@ class Panel {
 
   showJob(summary, render = true) {
     const known = this.jobs.get(summary.job_id);
-    if (summary.state === "failed" && known?.summary.state !== "failed") {
+    // a job that failed before this panel opened is listed, not announced again
+    if (summary.state === "failed" && (render || known) && known?.summary.state !== "failed") {
       this.notify(`The distributed job failed: ${summary.error}`);
     }
     this.jobs.set(summary.job_id, { summary, seenAt: Date.now(), order: known ? known.order : ++this.jobOrder });
@@ -445,6 +490,11 @@ function shareState(share) {
   return complete && share.state !== "failed" ? "done" : share.state;
 }
 
+// A failed share's units went to others (or the job failed): never "1 of 1", which reads as success.
+function shareCount(share) {
+  return share.state === "failed" ? "none rendered here" : `${share.done} of ${share.units.length}`;
+}
+
 function jobView(job) {
   const failures = new Set(job.shares.filter((s) => s.error).map((s) => `${s.name} failed: ${s.error}`));
   return h("div.cdist-job", { "data-job-id": job.job_id, "data-state": job.state }, [
@@ -463,12 +513,57 @@ function jobView(job) {
         h("div.cdist-row", {}, [
           h("span.cdist-share-name", { text: share.name }),
           h("span.cdist-state", { text: shareState(share) }),
-          h("span.cdist-count", { text: job.kind === "tiles" ? `${share.done} tiles` : `${share.done} of ${share.units.length}` }),
+          h("span.cdist-count", { text: job.kind === "tiles" ? `${share.done} tiles` : shareCount(share) }),
         ]),
-        bar(share.done, job.kind === "tiles" ? job.units : share.units.length, ".cdist-bar-thin"),
+        bar(share.state === "failed" ? 0 : share.done, job.kind === "tiles" ? job.units : share.units.length,
+          ".cdist-bar-thin"),
         share.error && h("div.cdist-error", { text: `${share.name} failed: ${share.error}` }),
       ]))),
   ]);
+}
+
+// --- the worker doctor's answer, one instance ------------------------------------------------------
+
+function checkOk(i, masterVersion) {
+  return i.reachable && i.reach_back !== false && !(i.missing || []).length && !i.error
+    && (i.role === "master" || (i.extension && i.extension_version === masterVersion));
+}
+
+function yesNo(value) {
+  return value === true ? "yes" : value === false ? "no" : "—";
+}
+
+function checkView(i, masterVersion) {
+  const ok = checkOk(i, masterVersion);
+  const facts = [
+    ["Reachable", i.role === "master" ? "this is the master" : yesNo(i.reachable), i.reachable === false],
+    ["Reaches the master", i.role === "master" ? "—" : yesNo(i.reach_back)
+      + (i.reach_back_url && i.role !== "master" ? ` (${i.reach_back_url})` : ""), i.reach_back === false],
+    ["ComfyUI", i.comfyui_version || "unknown", false],
+    ["Extension", i.extension_version || (i.reachable ? "not installed" : "—"),
+      i.role !== "master" && i.reachable && i.extension_version !== masterVersion],
+  ];
+  const missing = i.missing || [];
+  return h("div.cdist-check-item", { "data-id": i.id, "data-ok": String(ok) }, [
+    h("div.cdist-row", {}, [
+      h("span.cdist-mark", { text: ok ? "✓" : "✗" }),
+      h("span.cdist-result-name", { text: i.name }),
+    ]),
+    h("dl.cdist-check-facts", {}, facts.flatMap(([label, value, bad]) => [
+      h("dt", { text: label }),
+      h(`dd.cdist-check-${label.split(" ")[0].toLowerCase()}`, { text: value, "data-bad": String(bad) }),
+    ])),
+    missing.length > 0 ? h("ul.cdist-check-missing", {}, missing.map((m) => h("li", {
+      "data-kind": m.kind, text: missingText(m) }))) : null,
+    h("div.cdist-check-message", { text: i.message }),
+  ]);
+}
+
+function missingText(m) {
+  if (m.kind === "node") return `node ${m.name}`;
+  if (m.kind === "input") return `input file ${m.name}`;
+  if (m.kind === "model") return `${m.folder ? `models/${m.folder}/` : "model "}${m.name}`;
+  return `${m.input} ${m.name}`;
 }
 
 // --- one instance ------------------------------------------------------------------------------
@@ -701,7 +796,7 @@ function workerForm({ values, submitText, gpus, onSubmit, onCancel }) {
     }
   } }, [
     ...rows,
-    gpus.length && h("datalist", { id: listId }, gpus.map((gpu) => h("option", { value: gpu.index, text: gpu.name }))),
+    gpus.length > 0 ? h("datalist", { id: listId }, gpus.map((gpu) => h("option", { value: gpu.index, text: gpu.name }))) : null,
     formError,
     h("div.cdist-form-buttons", {}, [
       submit,

@@ -76,3 +76,24 @@ class DistributedTestDecode:
 
 
 NODE_CLASS_MAPPINGS["DistributedTestDecode"] = DistributedTestDecode
+
+
+class DistributedTestNeedsCheckpoint:
+    """Passes images through, but names a checkpoint from the instance's own list (as a loader's
+    ckpt_name does), so tests can give the master a model that a worker lacks without loading it."""
+
+    CATEGORY = "distributed/testing"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+        return {"required": {"images": ("IMAGE",),
+                             "ckpt_name": (folder_paths.get_filename_list("checkpoints"),)}}
+
+    def run(self, images, ckpt_name):
+        return (images,)
+
+
+NODE_CLASS_MAPPINGS["DistributedTestNeedsCheckpoint"] = DistributedTestNeedsCheckpoint
