@@ -5,7 +5,9 @@ cheap questions, GET /system_stats and GET /prompt. An instance that does not an
 often (backing off to ``MAX_BACKOFF``), and one that is disabled only every ``DISABLED_INTERVAL``.
 What the checks learn is the only knowledge of reachability there is: planning leaves out
 instances known to be down, supervision fails a share over when its worker is gone, and
-GET /distributed/status reports it. Reading it changes nothing.
+GET /distributed/status reports it. Reading it changes nothing. A connection refused (nothing
+listens) costs nothing, so such an instance keeps being asked every ``INTERVAL``; only one that does
+not answer at all is backed off.
 
 Other requests to an instance (dispatch, history reads) report their outcome here too, so a
 worker that refuses a prompt is known to be down at once, without waiting for the next check.
@@ -22,7 +24,7 @@ log = logging.getLogger("comfyui-distributed")
 
 INTERVAL = 2.0           # seconds between checks of an enabled instance that answers
 DISABLED_INTERVAL = 10.0  # a disabled worker is only shown in the panel
-MAX_BACKOFF = 10.0       # an instance that keeps failing is checked at least this often
+MAX_BACKOFF = 10.0       # an instance that keeps timing out is checked at least this often
 TICK = 0.5               # how often the monitor looks for checks that are due
 
 
@@ -171,8 +173,9 @@ class Reachability:
             stats, queue = await asyncio.gather(client.system_stats(), client.queue_remaining())
         except InstanceError as exc:
             self.failed(url, str(exc), refused=exc.refused)
-            # the first few failures at the usual pace, then less and less often
-            wait = min(INTERVAL * 2 ** max(0, seen.failures - 3), MAX_BACKOFF)
+            # A refused connection costs nothing: keep the usual pace, so a worker that starts is
+            # seen at once. One that does not answer (a timeout) is asked less and less often.
+            wait = INTERVAL if exc.refused else min(INTERVAL * 2 ** max(0, seen.failures - 3), MAX_BACKOFF)
         else:
             self.ok(url, stats if isinstance(stats, dict) else {}, queue)
             wait = INTERVAL

@@ -61,6 +61,7 @@ class Instance:
     def __init__(self, url: str):
         self.url = url
         self.up = True
+        self.refuses = True  # when down: the connection is refused (else it times out)
         self.running: list[str] = []
         self.pending: list[str] = []
         self.history: dict[str, dict] = {}
@@ -93,6 +94,8 @@ class FakeClient(InstanceClient):
     async def _request(self, method, path, timeout, body=None):
         inst = self.world.get(self.url)
         if inst is None or not inst.up:
+            if inst is not None and not inst.refuses:
+                raise InstanceError(f"{self.url} did not answer in time")
             raise InstanceError(f"cannot connect to {self.url}; is that ComfyUI instance running?", refused=True)
         inst.calls.append((method, path, body))
         if (method, path) == ("POST", "/prompt"):
@@ -422,9 +425,12 @@ def test_status_reads_the_checks_and_changes_nothing(tmp_path):
 
 
 def test_checks_back_off_for_an_instance_that_stays_down(tmp_path):
+    """One that does not answer at all is asked less and less often (one that refuses at once
+    costs nothing and keeps the usual pace)."""
     async def main():
         h = Harness(tmp_path, config_with(("w1", 18189, True)))
         h.world[W1].up = False
+        h.world[W1].refuses = False  # it times out
         checks = 0
         began = h.clock.now()
         while h.clock.now() - began < 120:

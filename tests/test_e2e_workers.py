@@ -68,8 +68,10 @@ def test_start_view_log_and_stop_a_local_worker(live):
             return False
     try:
         wait_until(answers, 240, what="the started worker to answer")
-        status = {r["id"]: r for r in live.master.get("/distributed/status").json()["instances"]}
-        assert status[worker["id"]]["state"] == "online"
+        def seen_online():  # the master's next check (every 2 s) sees it
+            rows = {r["id"]: r for r in live.master.get("/distributed/status").json()["instances"]}
+            return rows if rows[worker["id"]]["state"] == "online" else None
+        status = wait_until(seen_online, 20, interval=0.3, what="the master to see the worker online")
         assert status[worker["id"]]["managed"] is True and status["worker1"]["managed"] is False
         log = live.master.get(f"/distributed/workers/{worker['id']}/log?lines=50").json()
         assert log["running"] is True and str(port) in log["log"]

@@ -306,7 +306,7 @@ def test_worker_that_comes_back_is_used_again(live):
         assert blue_values(live.master.saved_images(entry, "5")) == [70, 71, 72]
         assert worker.port not in probe_ports(live, "away")
         worker.start().wait_ready()
-        # the master's checks find it again within their back-off (at most 10 s)
+        # the master's next check (every 2 s) finds it again
         wait_until(lambda: {r["id"]: r for r in live.master.get("/distributed/status").json()["instances"]}
                    [worker.name]["state"] == "online", 30, interval=0.3, what="the master to see the worker back")
         _pid, entry = run(live, image_workflow(seed=80, batch=1, label="back"))
