@@ -42,7 +42,7 @@ HEADER = "X-Distributed-Secret"
 SECRET_FILE = EXTENSION_DIR / "secret.key"   # ignored by git
 ENV_VAR = "COMFYUI_DISTRIBUTED_SECRET_FILE"
 PREFIX = "/distributed/"
-OPEN_PATHS = {"/distributed/result"}  # guarded by the per-job token
+OPEN_PATHS = {"/distributed/result", "/distributed/spread/result"}  # guarded by per-job and per-prompt tokens
 SECRET_PATH = "/distributed/secret"   # for a local browser only
 
 

@@ -68,6 +68,8 @@ class Coordinator:
         self._throughput: plan.Throughput | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, for calls from other threads
         self._session: aiohttp.ClientSession | None = None
+        # Prompts that hold no Collector go here (the spread queue, distributed_core/spread.py).
+        self.plain_prompt_hook: Callable[[dict], dict] | None = None
 
     # --- helpers ---------------------------------------------------------------------------------
     def session(self) -> aiohttp.ClientSession:
@@ -140,7 +142,7 @@ class Coordinator:
         if collectors and self.partial_execution and isinstance(targets, list):
             collectors = workflow.reached(prompt, collectors, targets)  # plan only what will run
         if not collectors:
-            return json_data
+            return self.plain_prompt_hook(json_data) if self.plain_prompt_hook else json_data
         loaded = self.load_config()
         if loaded.error:
             log.warning("[Distributed] %s; running with defaults", loaded.error)
