@@ -453,9 +453,11 @@ def setup_spread(server, coord: Coordinator) -> spread.Dispatcher | None:
     def active() -> bool:
         return dispatcher.enabled() or any(c.participant != spread.MASTER_ID for c in state.claims.values())
 
-    tap = spread.QueueTap(queue, state, planner, active, lambda: dispatcher.master_renders())
+    tap = spread.QueueTap(queue, state, planner, active, lambda: dispatcher.master_renders(),
+                          refresh=lambda: dispatcher.refresh())
     dispatcher = spread.Dispatcher(state, tap, coord, config_file.load,
-                                   emit=lambda summary: server.send_sync("distributed_spread", summary))
+                                   emit=lambda summary: server.send_sync("distributed_spread", summary),
+                                   config_path=config_file.config_path)
     tap.install()
     original_put = queue.put
 
@@ -475,7 +477,6 @@ def _add_spread_routes(routes: web.RouteTableDef) -> None:
     @routes.post("/distributed/spread/result")
     async def post_spread_result(request: web.Request) -> web.Response:
         from .distributed_core.jobs import ResultRejected
-        from .nodes import decode_values
 
         if _dispatcher is None:
             return error(409, f"this master does not spread its queue: {_spread_unsupported}")
@@ -491,7 +492,7 @@ def _add_spread_routes(routes: web.RouteTableDef) -> None:
                 raise ResultRejected(409, str(exc)) from None
         try:
             header, arrays = await spread.receive_values(request.content, request.content_length, check)
-            values = await asyncio.get_running_loop().run_in_executor(None, decode_values, header.tree, arrays)
+            values = await asyncio.get_running_loop().run_in_executor(None, spread.decode_values, header.tree, arrays)
             _spread_state.arrive(header.prompt, header.token, values)
         except ResultRejected as exc:
             return error(exc.status, exc.message)

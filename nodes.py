@@ -245,40 +245,6 @@ def encode_saves_in_parallel() -> bool:
 
 # --- the spread queue (distributed_core/spread.py) ---------------------------------------------------
 
-def _to_array(value):
-    """A tensor as (numpy array, dtype name) for the wire; None for anything else."""
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, torch.Tensor):
-        return None
-    value = value.detach().to("cpu").contiguous()
-    if value.dtype == torch.bfloat16:
-        return value.view(torch.int16).numpy().view(np.uint16), "bfloat16"
-    name = str(value.dtype).removeprefix("torch.")
-    if name not in wire.VALUE_DTYPES:
-        raise TypeError(f"a tensor of {value.dtype} cannot travel from a worker to the master")
-    return value.numpy(), name
-
-
-def _from_array(array: np.ndarray, dtype: str):
-    if dtype == "bfloat16":
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
-
-
-def decode_values(tree, arrays: list) -> dict:
-    """The values of a worker's frame as the receivers hand them over: source node -> {output
-    index: the list of values ComfyUI keeps for that output}. Raises wire.FrameError."""
-    slots = spread.unflatten(tree, arrays, _from_array)
-    if not isinstance(slots, list) or not all(isinstance(s, dict) and isinstance(s.get("values"), list)
-                                              for s in slots):
-        raise wire.FrameError("the value tree must be a list of {node, index, values}")
-    values: dict = {}
-    for slot in slots:
-        values.setdefault(str(slot.get("node")), {})[int(slot.get("index", 0))] = slot["values"]
-    return values
-
-
 class DistributedSpreadSender:
     """On a worker: posts the values that a spread prompt's output nodes take back to the master."""
 
@@ -308,10 +274,7 @@ class DistributedSpreadSender:
         if not token:
             raise RuntimeError("Spread sender: this worker holds no token for this prompt. A prompt the master "
                                "sent runs once; one queued again (from the history, say) cannot deliver.")
-        arrays: list = []
-        tree = spread.flatten([{"node": str(node), "index": int(index), "values": list(values.get(f"v{k}") or [])}
-                               for k, (node, index, _kind) in enumerate(field["slots"])], arrays, _to_array)
-        parts = wire.value_frame(field["spread"], token, tree, arrays)
+        parts = spread.encode_values(field["spread"], token, field["slots"], values)
         deadline = time.monotonic() + float(field.get("timeout", 120))
         url = field["master_url"].rstrip("/") + "/distributed/spread/result"
         try:

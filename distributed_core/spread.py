@@ -183,6 +183,57 @@ def unflatten(tree: Any, arrays: list, from_array: Callable[[Any, str], Any]) ->
     raise wire.FrameError(f"malformed value tree (tag {tag!r})")
 
 
+def to_array(value) -> tuple[Any, str] | None:
+    """A torch tensor (or numpy array) as (numpy array, dtype name) for the wire; None for
+    anything else. bfloat16 travels as its raw 16 bits."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        return None
+    value = value.detach().to("cpu").contiguous()
+    if value.dtype == torch.bfloat16:
+        return value.view(torch.int16).numpy().view(np.uint16), "bfloat16"
+    name = str(value.dtype).removeprefix("torch.")
+    if name not in wire.VALUE_DTYPES:
+        raise TypeError(f"a tensor of {value.dtype} cannot travel from a worker to the master")
+    return value.numpy(), name
+
+
+def from_array(array, dtype: str):
+    """The torch tensor (on the CPU) for an array that arrived."""
+    import numpy as np
+    import torch
+
+    if dtype == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def decode_values(tree: Any, arrays: list) -> dict:
+    """A worker's values as the receivers hand them over: source node -> {output index: the list
+    of values ComfyUI keeps for that output}. Raises wire.FrameError."""
+    slots = unflatten(tree, arrays, from_array)
+    if not isinstance(slots, list) or not all(isinstance(s, dict) and isinstance(s.get("values"), list)
+                                              and isinstance(s.get("index"), int) for s in slots):
+        raise wire.FrameError("the value tree must be a list of {node, index, values}")
+    values: dict = {}
+    for slot in slots:
+        values.setdefault(str(slot.get("node")), {})[slot["index"]] = slot["values"]
+    return values
+
+
+def encode_values(prompt_id: str, token: str, slots: list, values: dict) -> list:
+    """The value frame a worker's sender posts: ``slots`` as in its field, ``values`` its inputs
+    (v0, v1, ...: each the list of values ComfyUI keeps for that output)."""
+    arrays: list = []
+    tree = flatten([{"node": str(node), "index": int(index), "values": list(values.get(f"v{k}") or [])}
+                    for k, (node, index, _kind) in enumerate(slots)], arrays, to_array)
+    return wire.value_frame(prompt_id, token, tree, arrays)
+
+
 # --- who renders what ------------------------------------------------------------------------------
 
 @dataclass
@@ -388,34 +439,36 @@ class QueueTap:
     item it may run now (see the module's docstring), with ComfyUI's own bookkeeping."""
 
     def __init__(self, queue, state: SpreadState, planner: Callable[[Any], Split | str],
-                 active: Callable[[], bool], master_renders: Callable[[], bool]):
+                 active: Callable[[], bool], master_renders: Callable[[], bool],
+                 refresh: Callable[[], None] = lambda: None):
         self.queue = queue
+        self.refresh = refresh
         self.state = state
         self.planner = planner
         self.active = active
         self.master_renders = master_renders
-        self.original_get = queue.get
 
     def install(self) -> None:
         self.queue.get = self.get
 
     def get(self, timeout=None):
-        if not self.active():
-            return self.original_get(timeout=timeout)
+        """ComfyUI's get, with the choice of item made by ``SpreadState.pick_for_master`` (or, with
+        the spread queue off, ComfyUI's own: the lowest item). Always this one, so that turning
+        the setting on reaches a thread that is already waiting."""
         q = self.queue
+        deadline = None if timeout is None else time.monotonic() + timeout
         with q.not_empty:
-            while True:
-                picked = self.state.pick_for_master(list(q.queue), self.master_renders, self.planner) \
-                    if self.active() else ((min(q.queue),) * 2 if q.queue else None)
-                if picked is not None:
-                    break
-                q.not_empty.wait(timeout=timeout)
-                if timeout is not None:  # as ComfyUI's get: one wait, so queued flags are seen
-                    picked = self.state.pick_for_master(list(q.queue), self.master_renders, self.planner) \
-                        if self.active() else ((min(q.queue),) * 2 if q.queue else None)
-                    if picked is None:
-                        return None
-                    break
+            picked = self._pick()
+            while picked is None:
+                # Waits in slices: what a pick depends on (a worker lost, the config) changes
+                # without notifying the queue.
+                left = TICK_SECONDS if deadline is None else min(TICK_SECONDS, deadline - time.monotonic())
+                if left <= 0:
+                    return None
+                q.not_empty.wait(timeout=left)
+                picked = self._pick()
+                if picked is None and getattr(q, "flags", None):  # /free was asked: let ComfyUI see it
+                    return None
             run, queued = picked
             index = next(i for i, x in enumerate(q.queue) if x is queued)
             q.queue.pop(index)
@@ -425,6 +478,16 @@ class QueueTap:
             q.task_counter += 1
             q.server.queue_updated()
             return run, number
+
+    def _pick(self):
+        q = self.queue
+        if not q.queue:
+            return None
+        self.refresh()
+        if not self.active():
+            lowest = min(q.queue)
+            return lowest, lowest
+        return self.state.pick_for_master(list(q.queue), self.master_renders, self.planner)
 
     def present(self) -> tuple[list, set[str]]:
         """(queued items, ids of every prompt queued or running)."""
@@ -443,14 +506,18 @@ class Dispatcher:
     master's address for a worker, input sync, task spawning and Collector jobs)."""
 
     def __init__(self, state: SpreadState, tap: QueueTap, coord, load_config: Callable,
-                 emit: Callable[[dict], None] = lambda summary: None):
+                 emit: Callable[[dict], None] = lambda summary: None,
+                 config_path: Callable[[], Any] | None = None):
         self.state = state
         self.tap = tap
         self.coord = coord
         self.load_config = load_config
+        self.config_path = config_path or (lambda: None)
+        self._config_key = None
         self.emit = emit
         self.config = load_config().config
         self.failed_until: dict[str, float] = {}
+        self.probe_after: dict[str, float] = {}  # workers kept out until they answer again
         self.wake_event: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -502,14 +569,26 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - keep dispatching
                 log.exception("[Distributed] spread queue")
 
+    def refresh(self) -> None:
+        """Read the config again if its file changed (cheap enough for every pick)."""
+        try:
+            path = self.config_path()
+            stat = path.stat()
+            key = (str(path), stat.st_mtime_ns, stat.st_size)
+        except (OSError, AttributeError):
+            key = None
+        if key is None or key != self._config_key:
+            self.config = self.load_config().config
+            self._config_key = key
+
     async def tick(self) -> None:
-        loaded = self.load_config()
-        self.config = loaded.config
+        self.refresh()
         items, present = self.tap.present()
         for claim in self.state.prune(present):
             self.spawn(self.withdraw(claim, "the prompt was deleted from the master's queue"))
         if not self.enabled() or not items:
             return
+        self.recheck()
         busy = self.state.busy() | self.collector_busy()
         for worker in self.usable_workers():
             if worker.id in busy:
@@ -523,6 +602,28 @@ class Dispatcher:
         if summary != self.last_emitted:
             self.last_emitted = summary
             self.emit({"prompts": summary})
+
+    def recheck(self) -> None:
+        """A worker kept out because it died or froze is asked again every few seconds; once it
+        answers (restarted, thawed) it takes prompts again."""
+        now = time.monotonic()
+        for worker_id in [w for w, until in self.failed_until.items() if until > now and w in self.probe_after]:
+            if self.probe_after[worker_id] > now:
+                continue
+            self.probe_after[worker_id] = now + 2.0
+            worker = self.config.worker(worker_id)
+            if worker is not None:
+                self.spawn(self._probe(worker))
+
+    async def _probe(self, worker) -> None:
+        from .client import InstanceError
+        try:
+            await self.coord.client(worker.url).queue_remaining()
+        except InstanceError:
+            return
+        self.failed_until.pop(worker.id, None)
+        self.probe_after.pop(worker.id, None)
+        self.wake()
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -606,14 +707,27 @@ class Dispatcher:
             finished_at = finished_at or time.monotonic()
             if time.monotonic() - finished_at > 5:
                 self.move(claim, worker.id, "its prompt finished but no values reached the master; check that "
-                                            "the worker can reach the master's address")
+                                            "the worker can reach the master's address", recheck=False)
                 return
 
-    def move(self, claim: Claim, worker_id: str, reason: str) -> None:
-        if self.state.requeue(claim.prompt_id, worker_id, reason):
+    def move(self, claim: Claim, worker_id: str, reason: str, recheck: bool = True) -> None:
+        """Put the prompt back for whoever is free next, and keep this worker out for a while
+        (``recheck``: until it answers again; else for OFFLINE_SECONDS)."""
+        kept_out = self.failed_until.get(worker_id)
+        self.failed_until[worker_id] = time.monotonic() + OFFLINE_SECONDS  # before the master looks again
+        if not self.state.requeue(claim.prompt_id, worker_id, reason):
+            if kept_out is None:
+                self.failed_until.pop(worker_id, None)
+            else:
+                self.failed_until[worker_id] = kept_out
+            return
+        if True:
             log.warning("[Distributed] %s failed prompt %s: %s; it goes to whoever is free next",
                         claim.label, claim.prompt_id[:8], reason)
-            self.failed_until[worker_id] = time.monotonic() + OFFLINE_SECONDS
+            if recheck:
+                self.probe_after[worker_id] = time.monotonic() + 1.0
+            else:
+                self.probe_after.pop(worker_id, None)
             self.wake()
 
     async def withdraw(self, claim: Claim, reason: str) -> None:

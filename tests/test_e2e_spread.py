@@ -79,3 +79,96 @@ def test_spread_off_renders_everything_on_the_master(live):
     for entry in finished(live.master, ids):
         assert entry["status"]["status_str"] == "success"
     assert set(renderers(live).values()) == {"master"}
+
+
+def master_off(cluster, **settings) -> None:
+    """Spread on with the master only gathering, so that the workers render the prompts."""
+    data = cluster.default_config(spread_queue=True, **settings)
+    data["master"]["enabled"] = False
+    cluster.reset_config(data)
+
+
+def claims(master) -> list[dict]:
+    return master.get("/distributed/spread").json()["prompts"]
+
+
+def wait_rendering(master, count: int = 1, timeout: float = 30) -> list[dict]:
+    """Until ``count`` prompts run on workers; returns their claims."""
+    return wait_until(lambda: (lambda c: c if len(c) >= count else None)(
+        [c for c in claims(master) if c["participant"] != "master" and c["state"] == "running"]),
+        timeout, what=f"{count} prompt(s) running on workers")
+
+
+def test_worker_killed_mid_prompt_renders_elsewhere(live):
+    master_off(live)
+    ids = queue_all(live.master, [plain_workflow(k, seconds=3.0) for k in range(2)])
+    running = wait_rendering(live.master, 2)
+    victim = next(c for c in running if c["participant"] == "worker1")
+    live.workers[0].signal(signal.SIGKILL)
+    entries = finished(live.master, ids, timeout=90)
+    assert all(e["status"]["status_str"] == "success" for e in entries), [error_of(e) for e in entries]
+    k = ids.index(victim["prompt_id"])
+    who = [p for p in live.probes() if p["label"] == f"spread{k}"]
+    assert [live.workers[1].port] == [p["port"] for p in who if p["port"] != live.workers[0].port]
+    assert saved(live.master, entries[k])
+    recent = live.master.get("/distributed/spread").json()["recent"]
+    assert any(r["prompt_id"] == victim["prompt_id"] and r["state"] == "moved" for r in recent), recent
+
+
+def test_last_worker_lost_renders_on_the_master(live):
+    data = live.default_config(spread_queue=True)
+    data["master"]["enabled"] = False
+    data["workers"][0]["enabled"] = False
+    live.reset_config(data)
+    [pid] = queue_all(live.master, [plain_workflow(0, seconds=3.0)])
+    wait_rendering(live.master, 1)
+    live.workers[1].signal(signal.SIGKILL)
+    entry = live.master.wait_prompt(pid, 90)
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    assert renderers(live)["spread0"] == "master"
+
+
+def test_frozen_worker_prompt_moves_after_job_timeout(live):
+    data = live.default_config(spread_queue=True, job_timeout=3)
+    data["master"]["enabled"] = False
+    live.reset_config(data)
+    ids = queue_all(live.master, [plain_workflow(k, seconds=2.0) for k in range(2)])
+    running = wait_rendering(live.master, 2)
+    frozen = next(c for c in running if c["participant"] == "worker2")
+    live.workers[1].signal(signal.SIGSTOP)
+    try:
+        entries = finished(live.master, ids, timeout=90)
+    finally:
+        live.workers[1].signal(signal.SIGCONT)
+    assert all(e["status"]["status_str"] == "success" for e in entries), [error_of(e) for e in entries]
+    k = ids.index(frozen["prompt_id"])
+    assert renderers(live)[f"spread{k}"] == "worker1"
+
+
+def test_deleting_a_prompt_on_the_master_withdraws_it_from_the_worker(live):
+    master_off(live)
+    [pid] = queue_all(live.master, [plain_workflow(0, seconds=30.0)])
+    [claim] = wait_rendering(live.master, 1)
+    worker = next(w for w in live.workers if w.name == claim["participant"])
+    assert not worker.idle()
+    assert live.master.post("/queue", {"delete": [pid]}).status_code == 200
+    wait_until(worker.idle, 15, what="the worker to drop the withdrawn prompt")
+    assert pid not in live.master.get(f"/history/{pid}").json()
+    assert not claims(live.master)
+    # the queue goes on as before
+    [after] = queue_all(live.master, [plain_workflow(1, seconds=0.1)])
+    assert live.master.wait_prompt(after)["status"]["status_str"] == "success"
+
+
+def test_error_on_a_worker_fails_the_prompt_with_its_message(live):
+    master_off(live)
+    prompt = plain_workflow(0, seconds=0.1)
+    prompt["2"] = {"class_type": "DistributedTestFail", "inputs": {"images": ["1", 0],
+                                                                  "message": "the sampler ran out of ink"}}
+    prompt["3"]["inputs"]["filename_prefix"] = "inkfail"
+    [pid] = queue_all(live.master, [prompt])
+    entry = live.master.wait_prompt(pid, 60)
+    assert entry["status"]["status_str"] == "error"
+    assert "the sampler ran out of ink" in error_of(entry)
+    assert "worker" in error_of(entry)
+    assert not list(live.master.dirs["output"].glob("inkfail*.png"))
