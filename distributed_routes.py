@@ -114,6 +114,7 @@ def setup(server) -> Coordinator:
     _add_worker_routes(server.routes, coord, processes)
     setup_spread(server, coord)
     _add_spread_routes(server.routes)
+    server.app.middlewares.append(_spread_interrupt_middleware())
     loaded = config_file.load()
     if loaded.error:
         log.warning("[Distributed] gpu_config problem: %s. Running with defaults; the file was left "
@@ -511,3 +512,25 @@ def _add_spread_routes(routes: web.RouteTableDef) -> None:
                                       "prompts": [], "recent": []})
         return web.json_response({"supported": True, "reason": "", "enabled": _dispatcher.enabled(),
                                   "prompts": _spread_state.summary(), "recent": list(_spread_state.recent)})
+
+
+INTERRUPT_PATHS = ("/interrupt", "/api/interrupt")
+
+
+def _spread_interrupt_middleware():
+    """ComfyUI's POST /interrupt naming a prompt (the current frontend's cancel) that a worker
+    renders: withdraw it there, and the master's run of it ends as interrupted."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if request.method == "POST" and request.path in INTERRUPT_PATHS and _dispatcher is not None:
+            try:
+                body = json.loads(await request.read() or b"{}")  # aiohttp keeps the body for the handler
+            except (ValueError, UnicodeDecodeError):
+                body = None
+            prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
+            if isinstance(prompt_id, str) and prompt_id:
+                await _dispatcher.interrupt(prompt_id)
+        return await handler(request)
+
+    return middleware

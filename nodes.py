@@ -313,7 +313,12 @@ class DistributedSpreadReceiver:
             raise RuntimeError("Spread receiver: this node only runs in a prompt the spread queue made.")
         from .distributed_routes import spread_state
 
-        values = spread_state().take_values(str(field["spread"]), str(field["node"]))
+        try:
+            values = spread_state().take_values(str(field["spread"]), str(field["node"]))
+        except spread.Interrupted:  # ends as ComfyUI's own interrupt does
+            comfy.model_management.interrupt_current_processing(True)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            raise
         width = max([int(i) for i in field.get("outputs") or [0]] + list(values)) + 1
         return tuple(values.get(i, []) for i in range(width))
 

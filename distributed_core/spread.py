@@ -236,6 +236,10 @@ def encode_values(prompt_id: str, token: str, slots: list, values: dict) -> list
 
 # --- who renders what ------------------------------------------------------------------------------
 
+class Interrupted(RuntimeError):
+    """The prompt was interrupted on the master while a worker rendered it."""
+
+
 @dataclass
 class Claim:
     prompt_id: str
@@ -248,6 +252,7 @@ class Claim:
     values: dict | None = None    # source node -> {output index: list of values}
     error: str = ""
     number: float = 0.0
+    interrupted: bool = False
 
     def summary(self) -> dict:
         return {"prompt_id": self.prompt_id, "participant": self.participant, "name": self.label,
@@ -354,6 +359,17 @@ class SpreadState:
                 claim.state, claim.error = "failed", message
                 self._notify()
 
+    def interrupt(self, prompt_id: str) -> Claim | None:
+        """Interrupted on the master (ComfyUI's POST /interrupt naming it): the master's run of it
+        ends as interrupted; returns the claim, for its worker prompt to be withdrawn."""
+        with self.lock:
+            claim = self.claims.get(prompt_id)
+            if claim is None or claim.participant == MASTER_ID or claim.state not in ("sent", "queued", "running"):
+                return None
+            claim.state, claim.error, claim.interrupted = "failed", "interrupted on the master", True
+            self._notify()
+            return claim
+
     def requeue(self, prompt_id: str, worker_id: str, reason: str) -> bool:
         """The worker died or froze: the prompt waits again for whoever is free next."""
         with self.lock:
@@ -380,7 +396,7 @@ class SpreadState:
             if claim is None:
                 raise RuntimeError(f"the values of spread prompt {prompt_id} are gone (was it withdrawn?)")
             if claim.state == "failed":
-                raise RuntimeError(claim.error)
+                raise (Interrupted if claim.interrupted else RuntimeError)(claim.error)
             if claim.values is None or node not in claim.values:
                 raise RuntimeError(f"no values for node {node} of spread prompt {prompt_id}")
             return claim.values.pop(node)
@@ -736,6 +752,12 @@ class Dispatcher:
             return
         log.info("[Distributed] prompt %s withdrawn from %s: %s", claim.prompt_id[:8], claim.label, reason)
         await self._quietly(self.coord.client(worker.url).withdraw(claim.worker_prompt_id))
+
+    async def interrupt(self, prompt_id: str) -> bool:
+        claim = self.state.interrupt(prompt_id)
+        if claim is not None:
+            await self.withdraw(claim, "interrupted on the master")
+        return claim is not None
 
     async def withdraw_all(self, reason: str) -> None:
         """Take back every prompt the workers render (the panel's interrupt)."""

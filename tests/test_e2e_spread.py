@@ -92,6 +92,13 @@ def claims(master) -> list[dict]:
     return master.get("/distributed/spread").json()["prompts"]
 
 
+def rendered_by(master, pid: str) -> str:
+    """Who rendered a finished spread prompt, from the panel's list of recent prompts."""
+    recent = wait_until(lambda: [r for r in master.get("/distributed/spread").json()["recent"]
+                                 if r["prompt_id"] == pid and r["state"] == "done"], 10, what="the prompt's record")
+    return recent[0]["participant"]
+
+
 def wait_rendering(master, count: int = 1, timeout: float = 30) -> list[dict]:
     """Until ``count`` prompts run on workers; returns their claims."""
     return wait_until(lambda: (lambda c: c if len(c) >= count else None)(
@@ -172,3 +179,74 @@ def test_error_on_a_worker_fails_the_prompt_with_its_message(live):
     assert "the sampler ran out of ink" in error_of(entry)
     assert "worker" in error_of(entry)
     assert not list(live.master.dirs["output"].glob("inkfail*.png"))
+
+
+def test_latent_audio_and_mask_values_arrive_exactly(live):
+    """LATENT (SaveLatent, in both versions), AUDIO and MASK, rendered on a worker and saved on the
+    master by a test output node that keeps them bit for bit; SaveAudio where this ComfyUI has it."""
+    import torch
+
+    master_off(live)
+    has_save_audio = "SaveAudio" in live.master.get("/object_info").json()
+    prompt = {
+        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 48, "batch_size": 2}},
+        "2": {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["1", 0], "upscale_method": "nearest-exact",
+                                                          "scale_by": 1.5}},
+        "3": {"class_type": "DistributedTestAudio", "inputs": {"seed": 7, "samples": 4800}},
+        "4": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0x123456}},
+        "5": {"class_type": "ImageToMask", "inputs": {"image": ["4", 0], "channel": "green"}},
+        "6": {"class_type": "DistributedTestSaveValue", "inputs": {"filename": "spread-values", "audio": ["3", 0],
+                                                                   "latent": ["2", 0], "mask": ["5", 0]}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "latents/spread"}},
+    }
+    if has_save_audio:
+        prompt["8"] = {"class_type": "SaveAudio", "inputs": {"audio": ["3", 0], "filename_prefix": "audio/spread"}}
+    [pid] = queue_all(live.master, [prompt])
+    entry = live.master.wait_prompt(pid, 60)
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    [item] = entry["outputs"]["6"]["values"]
+    assert item["port"] == live.master.port  # the output node ran on the master
+    got = torch.load(live.master.dirs["output"] / "spread-values.pt")
+    generator = torch.Generator().manual_seed(7)
+    assert torch.equal(got["audio"]["waveform"], torch.rand([1, 2, 4800], generator=generator) * 2 - 1)
+    assert got["audio"]["sample_rate"] == 24000
+    assert got["latent"]["samples"].shape == (2, 4, 9, 12)
+    assert torch.allclose(got["mask"], torch.full([1, 16, 16], 0x34 / 255.0))
+    [latent_file] = entry["outputs"]["7"]["latents"]
+    assert (live.master.dirs["output"] / latent_file["subfolder"] / latent_file["filename"]).exists()
+    if has_save_audio:
+        [audio_file] = entry["outputs"]["8"]["audio"]
+        assert (live.master.dirs["output"] / audio_file["subfolder"] / audio_file["filename"]).stat().st_size > 0
+    assert rendered_by(live.master, pid).startswith("worker")
+
+
+def test_spread_prompts_and_collector_jobs_share_the_gpus(live):
+    spread_on(live)
+    submitted = []
+    for k in range(6):
+        if k % 2:
+            submitted.append(("collector", live.master.queue_prompt(
+                image_workflow(seed=10 * k, batch=2, seconds_per_image=0.2, label=f"job{k}"))))
+        else:
+            submitted.append(("spread", live.master.queue_prompt(plain_workflow(k, seconds=0.5))))
+    for kind, pid in submitted:
+        entry = live.master.wait_prompt(pid, 120)
+        assert entry["status"]["status_str"] == "success", error_of(entry)
+        images = entry["outputs"][{"collector": "5", "spread": "3"}[kind]]["images"]
+        assert len(images) == (6 if kind == "collector" else 1)  # a Collector job still uses every GPU
+    who = renderers(live)
+    for k in (1, 3, 5):
+        assert {p["port"] for p in live.probes() if p["label"] == f"job{k}"} == {i.port for i in live.instances}
+    assert set(who[f"spread{k}"] for k in (0, 2, 4)) <= {"master", "worker1", "worker2"}
+
+
+def test_interrupting_a_prompt_on_the_master_withdraws_it_from_the_worker(live):
+    master_off(live)
+    [pid] = queue_all(live.master, [plain_workflow(0, seconds=30.0)])
+    [claim] = wait_rendering(live.master, 1)
+    worker = next(w for w in live.workers if w.name == claim["participant"])
+    assert live.master.post("/interrupt", {"prompt_id": pid}).status_code == 200
+    entry = live.master.wait_prompt(pid, 30)
+    assert entry["status"]["status_str"] == "error"
+    assert "execution_interrupted" in [event for event, _data in entry["status"]["messages"]]
+    wait_until(worker.idle, 15, what="the worker to drop the interrupted prompt")
