@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 from aiohttp import web
 
 from .distributed_core import access, launcher, spread, wire
@@ -15,6 +16,7 @@ from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, refused, submitted
 from .distributed_core.jobs import JobStore, ResultRejected, receive
+from .distributed_core.upscale import Refused
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -115,6 +117,8 @@ def setup(server) -> Coordinator:
     setup_spread(server, coord)
     _add_spread_routes(server.routes)
     server.app.middlewares.append(_spread_interrupt_middleware())
+    coord.upscales.board.on_change = emit
+    _add_tile_routes(server.routes, coord)
     loaded = config_file.load()
     if loaded.error:
         log.warning("[Distributed] gpu_config problem: %s. Running with defaults; the file was left "
@@ -235,7 +239,8 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
             instance["managed"] = processes.is_running(instance["id"])
         return web.json_response({"instances": instances, "config_error": loaded.error,
                                   "mode": loaded.config.settings.mode,
-                                  "jobs": [job.summary() for job in coord.store.active()]})
+                                  "jobs": [job.summary() for job in coord.store.active()]
+                                  + [job.summary() for job in coord.upscales.board.active()]})
 
     @routes.get("/distributed/secret")
     async def get_secret(request: web.Request) -> web.Response:
@@ -534,3 +539,84 @@ def _spread_interrupt_middleware():
         return await handler(request)
 
     return middleware
+TILE_HEADER = "X-Distributed-Tiles"  # the tile grid and sampler settings beside the enlarged image
+
+
+def _add_tile_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
+    """What a worker's Distributed Tiled Upscale asks of the master: the enlarged image once, then
+    tile leases, then each rendered tile. Each request carries the job's tile token for that worker."""
+    board = coord.upscales.board
+
+    async def identify(request: web.Request) -> tuple[str, str, str]:
+        body = await read_json(request)
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in ("job", "node", "token")):
+            raise Refused(400, "send a JSON object with the strings job, node and token")
+        return body["job"], body["node"], body["token"]
+
+    @routes.post("/distributed/tiles/image")
+    async def tile_image(request: web.Request) -> web.StreamResponse:
+        try:
+            job_id, node, token = await identify(request)
+            found = board.image(job_id, node, token)
+        except Refused as exc:
+            return error(exc.status, exc.message)
+        if found is None:
+            return web.json_response({"wait": 0.25}, status=202)
+        image, grid, params = found
+        header = wire.Header(job_id, node, 0, "image", "float32", tuple(image.shape))
+        parts = wire.encode(header, image)
+        response = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE, TILE_HEADER: json.dumps(
+            {"grid": grid.to_dict(), "params": params}, separators=(",", ":"))})
+        response.content_length = sum(len(p) for p in parts)
+        await response.prepare(request)
+        await response.write(parts[0])
+        payload = parts[1]
+        for start in range(0, len(payload), 1 << 20):
+            await response.write(payload[start:start + (1 << 20)])
+        await response.write_eof()
+        return response
+
+    @routes.post("/distributed/tiles/lease")
+    async def tile_lease(request: web.Request) -> web.Response:
+        try:
+            job_id, node, token = await identify(request)
+            job = board.get(job_id)
+            seconds = float(job.config.settings.job_timeout) if job else 60.0
+            lease = board.lease(job_id, node, "", seconds, token=token)
+        except Refused as exc:
+            return error(exc.status, exc.message)
+        if lease.kind == "tile":
+            return web.json_response({"tile": lease.index})
+        return web.json_response({"tile": None, "done": lease.kind == "done", "wait": 0.25})
+
+    @routes.post("/distributed/tiles/result")
+    async def tile_result(request: web.Request) -> web.Response:
+        reader = request.content
+        try:
+            try:
+                size = wire.header_length(await reader.readexactly(wire.PREFIX_SIZE))
+                header = wire.parse_header(await reader.readexactly(size))
+            except asyncio.IncompleteReadError:
+                raise Refused(400, "truncated tile frame") from None
+            except wire.FrameError as exc:
+                raise Refused(400, f"bad tile frame: {exc}") from None
+            participant, shape = board.expected_shape(header.job, header.collector, header.token, header.unit)
+            if header.encoding != "raw" or header.dtype != "float32" or header.shape != shape:
+                raise Refused(400, f"tile {header.unit} must be raw float32 of shape {list(shape)}, not "
+                                   f"{header.encoding} {header.dtype} {list(header.shape)}")
+            if request.content_length is not None and \
+                    request.content_length != wire.PREFIX_SIZE + size + header.payload_size:
+                raise Refused(400, "the body's length does not match its header")
+            try:
+                payload = await reader.readexactly(header.payload_size)
+            except asyncio.IncompleteReadError:
+                raise Refused(400, "truncated tile frame: the payload is short") from None
+            if await reader.read(1):
+                raise Refused(400, "the body is longer than its header promises")
+            pixels = np.frombuffer(payload, dtype=np.float32).reshape(shape[1:]).copy()
+            if not np.isfinite(pixels).all():
+                raise Refused(400, f"tile {header.unit} holds values that are not finite numbers")
+            first = board.complete(header.job, header.collector, header.unit, participant, pixels)
+        except Refused as exc:
+            return error(exc.status, exc.message)
+        return web.json_response({"ok": True, "tile": header.unit, "first": first})

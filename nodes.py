@@ -14,9 +14,10 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from .distributed_core import encode, plan, spread, wire, workflow
+from .distributed_core import encode, plan, spread, tiles, wire, workflow
 from .distributed_core.client import InstanceError, Interrupted, deliver
 from .distributed_core.jobs import JobFailed, JobState
+from .distributed_core.upscale import Lease, Refused, UpscaleState
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -361,6 +362,254 @@ def restore_submitted_prompts() -> bool:
     get_input_data.restores_spread_prompts = True
     execution.get_input_data = get_input_data
     return True
+# --- Distributed Tiled Upscale ------------------------------------------------------------------------
+
+TILE_WAIT = 0.25  # how often a waiting participant asks for a tile again
+
+
+def _common_ksampler():
+    sampler = getattr(sys.modules.get("nodes"), "common_ksampler", None)
+    if sampler is None:
+        import nodes as comfy_nodes  # ComfyUI's own module, not this file
+        sampler = comfy_nodes.common_ksampler
+    return sampler
+
+
+def _with_upscale_model(upscale_model, image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's own "Upscale Image (using Model)", found at run time: its module needs a package
+    that some installs lack, and a connected upscale model means that module loaded."""
+    node = getattr(sys.modules.get("nodes"), "NODE_CLASS_MAPPINGS", {}).get("ImageUpscaleWithModel")
+    if node is None:
+        raise RuntimeError("Distributed Tiled Upscale: an upscale model is connected but this ComfyUI has no "
+                           "ImageUpscaleWithModel node (its optional package is missing); disconnect "
+                           "upscale_model to resize by upscale_by alone, or install that package.")
+    if callable(getattr(node, "upscale", None)):  # the classic node API
+        result = node().upscale(upscale_model, image)
+    else:  # the newer schema API: a classmethod execute returning NodeOutput
+        result = node.execute(upscale_model, image)
+        result = getattr(result, "result", None) or getattr(result, "args", None) or result
+    return result[0]
+
+
+def _enlarge(image: torch.Tensor, upscale_by: float, upscale_model) -> torch.Tensor:
+    height, width = int(image.shape[1]), int(image.shape[2])
+    new_width, new_height = tiles.enlarged_size(width, height, upscale_by)
+    if upscale_model is not None:
+        image = _with_upscale_model(upscale_model, image)
+    if tuple(image.shape[1:3]) != (new_height, new_width):
+        image = comfy.utils.common_upscale(image.movedim(-1, 1), new_width, new_height, "bicubic",
+                                           "disabled").movedim(1, -1)
+    return image.clamp(0, 1)
+
+
+def _render_tile(pixels: np.ndarray, seed: int, model, positive, negative, vae, params: dict) -> np.ndarray:
+    """One tile as img2img: VAE-encode its padded region (edge-extended to a multiple of 8),
+    sample with the tile's own seed, decode, and cut back to the region. Depends only on its inputs."""
+    height, width = pixels.shape[:2]
+    below, right = tiles.latent_padding(height, width)
+    tensor = _as_tensor(pixels[None, ..., :3])
+    if below or right:
+        tensor = torch.nn.functional.pad(tensor.movedim(-1, 1), (0, right, 0, below), mode="replicate").movedim(1, -1)
+    with torch.random.fork_rng(devices=[]):
+        # ComfyUI of early 2024 samples the VAE's latent distribution from torch's global CPU
+        # generator: seed it from the tile, so that the encoding does not depend on what ran before.
+        torch.default_generator.manual_seed(seed)
+        latent = vae.encode(tensor)
+    samples = _common_ksampler()(model, seed, params["steps"], params["cfg"], params["sampler_name"],
+                                 params["scheduler"], positive, negative, {"samples": latent},
+                                 denoise=params["denoise"])[0]["samples"]
+    decoded = vae.decode(samples)
+    if decoded.dim() == 5:  # video VAEs give (batch, frames, h, w, c)
+        decoded = decoded.reshape(-1, *decoded.shape[-3:])
+    return _as_array(decoded[0, :height, :width, :3].clamp(0, 1))
+
+
+class DistributedTiledUpscale:
+    """Enlarges an image and re-renders it tile by tile on every enabled GPU."""
+
+    DESCRIPTION = ("Enlarges the image (with the upscale model when one is connected, then to upscale_by) "
+                   "and refines it tile by tile as img2img. Every enabled GPU takes tiles while any are "
+                   "left; the master blends them with feathered seams. Each tile's noise comes from the "
+                   "seed and the tile's number, so the result does not depend on how many GPUs helped. "
+                   "A batch (video frames) is tiled frame by frame.")
+    CATEGORY = "distributed"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "upscale"
+    OUTPUT_NODE = True  # so that a worker's prompt, which holds nothing after it, is a valid prompt
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import comfy.samplers
+
+        return {"required": {
+            "image": ("IMAGE",), "model": ("MODEL",), "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",), "vae": ("VAE",),
+            "upscale_by": ("FLOAT", {"default": 2.0, "min": 0.05, "max": 8.0, "step": 0.05}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
+            "denoise": ("FLOAT", {"default": 0.35, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "tile_width": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
+            "tile_height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
+            "tile_padding": ("INT", {"default": 32, "min": 0, "max": 1024, "step": 8,
+                                     "tooltip": "Pixels of context around each tile, rendered and blended."}),
+            "mask_blur": ("INT", {"default": 16, "min": 0, "max": 256,
+                                  "tooltip": "Width of the feathered seam between tiles (at most the padding)."}),
+        }, "optional": {"upscale_model": ("UPSCALE_MODEL",)}, "hidden": HIDDEN}
+
+    @classmethod
+    def IS_CHANGED(cls, **_kwargs):
+        return float("nan")  # every run is a new job with its own workers
+
+    def upscale(self, image, model, positive, negative, vae, upscale_by, seed, steps, cfg, sampler_name,
+                scheduler, denoise, tile_width, tile_height, tile_padding, mask_blur, upscale_model=None,
+                prompt=None, unique_id=None):
+        job = workflow.read_field(prompt, unique_id) or {}
+        role = job.get("role")
+        if role == "error":
+            raise RuntimeError(f"Distributed Tiled Upscale: {job.get('error')}")
+        if role == "worker":
+            self._work(job, model, positive, negative, vae)
+            return (image,)
+        params = {"seed": int(seed), "steps": int(steps), "cfg": float(cfg), "sampler_name": sampler_name,
+                  "scheduler": scheduler, "denoise": float(denoise)}
+        enlarged = np.ascontiguousarray(_as_array(_enlarge(image, upscale_by, upscale_model))[..., :3])
+        try:
+            grid = tiles.Grid(int(enlarged.shape[0]), int(enlarged.shape[1]), int(enlarged.shape[2]),
+                              int(tile_width), int(tile_height), int(tile_padding), int(mask_blur))
+        except tiles.TileError as exc:
+            raise RuntimeError(f"Distributed Tiled Upscale: {exc}") from None
+
+        def render(index: int) -> np.ndarray:
+            return _render_tile(grid.crop(enlarged, index), tiles.tile_seed(seed, index), model, positive,
+                                negative, vae, params)
+        rendered = None
+        if role == "master":
+            rendered = self._share(job, enlarged, grid, params, render)
+        if rendered is None:  # alone: every tile here, in order
+            progress = comfy.utils.ProgressBar(len(grid))
+            rendered = {}
+            for index in range(len(grid)):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                rendered[index] = render(index)
+                progress.update_absolute(index + 1, len(grid))
+        return (_as_tensor(grid.blend(rendered, 3)),)
+
+    @staticmethod
+    def _share(job: dict, enlarged: np.ndarray, grid, params: dict, render) -> dict | None:
+        """Render tiles from the job's pool beside the workers until all are in; None when the job
+        is not open on this master (then the node renders alone)."""
+        from .distributed_routes import coordinator
+
+        board = coordinator().upscales.board
+        job_id, node = job["job"], job["node"]
+        if not board.publish(job_id, node, enlarged, grid, params):
+            log.warning("[Distributed] upscale job %s is not open here; rendering every tile locally", job_id[:8])
+            return None
+        lease_seconds = float(job.get("lease", 120))
+        renders = bool(job.get("master_renders", True))
+        progress = comfy.utils.ProgressBar(len(grid))
+        try:
+            while True:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                lease = Lease("wait")
+                if renders or not board.workers_left(job_id):
+                    lease = board.lease(job_id, node, plan.MASTER_ID, lease_seconds)
+                if lease.kind == "tile":
+                    board.complete(job_id, node, lease.index, plan.MASTER_ID, render(lease.index))
+                if lease.kind == "done":
+                    break
+                done, total, still_open = board.wait(job_id, node, 0 if lease.kind == "tile" else TILE_WAIT)
+                if not still_open:
+                    raise RuntimeError("Distributed Tiled Upscale: the job ended before its tiles were in "
+                                       "(was the prompt interrupted or removed?)")
+                progress.update_absolute(done, total)
+            rendered = board.results(job_id, node)
+        except Refused as exc:
+            board.end(job_id, UpscaleState.CANCELLED, exc.message)
+            raise RuntimeError(f"Distributed Tiled Upscale: {exc.message}") from None
+        except BaseException:
+            board.end(job_id, UpscaleState.CANCELLED, "the master's upscale stopped")
+            raise
+        progress.update_absolute(len(grid), len(grid))
+        board.node_done(job_id, node)
+        return rendered
+
+    @staticmethod
+    def _work(job: dict, model, positive, negative, vae) -> None:
+        """Worker role: fetch the enlarged image once, then render leased tiles until none are left."""
+        import requests
+
+        token = job.get("token") or _unseal(job.get("sealed"))
+        if not token:
+            raise RuntimeError("Distributed Tiled Upscale: this worker holds no tile token for this prompt; a "
+                               "worker-role prompt runs once, as the master sent it. Queue the workflow on the master.")
+        base = job["master_url"].rstrip("/") + "/distributed/tiles/"
+        ident = {"job": job["job"], "node": job["node"], "token": token}
+        patience = float(job.get("timeout", 120))
+        session = requests.Session()
+        interrupted = comfy.model_management.processing_interrupted
+
+        def ask(path: str, **kw):
+            """POST to the master, retrying while it cannot be reached (up to ``patience`` seconds);
+            None when the job is over."""
+            last_contact = time.monotonic()
+            while True:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                try:
+                    resp = session.post(base + path, timeout=(5, max(30.0, patience)), **kw)
+                except requests.RequestException as exc:
+                    if time.monotonic() - last_contact > patience:
+                        raise RuntimeError(f"Distributed Tiled Upscale: cannot reach the master at {base} "
+                                           f"({type(exc).__name__}) for {patience:g} s") from None
+                    _pause(1.0, interrupted)
+                    continue
+                if resp.status_code == 410:
+                    return None
+                if resp.status_code >= 400:
+                    raise RuntimeError(f"Distributed Tiled Upscale: the master answered {resp.status_code}: "
+                                       f"{resp.text[:300]}")
+                return resp
+
+        while True:  # the enlarged image, once the master has it
+            resp = ask("image", json=ident)
+            if resp is None:
+                return
+            if resp.status_code == 200:
+                break
+            _pause(TILE_WAIT, interrupted)
+        _header, enlarged = wire.decode(resp.content)
+        info = json.loads(resp.headers["X-Distributed-Tiles"])
+        grid, params = tiles.Grid.from_dict(info["grid"]), info["params"]
+        rendered = 0
+        while True:
+            resp = ask("lease", json=ident)
+            if resp is None:
+                break
+            answer = resp.json()
+            index = answer.get("tile")
+            if index is None:
+                if answer.get("done"):
+                    break
+                _pause(float(answer.get("wait", TILE_WAIT)), interrupted)
+                continue
+            pixels = _render_tile(grid.crop(enlarged, index), tiles.tile_seed(params["seed"], index), model,
+                                  positive, negative, vae, params)
+            parts = wire.frame(job["job"], job["node"], index, 1, token, pixels[None], "float32")
+            if ask("result", data=b"".join(bytes(p) for p in parts),
+                   headers={"Content-Type": wire.CONTENT_TYPE}) is None:
+                break
+            rendered += 1
+        log.info("[Distributed] rendered %d tiles of upscale job %s", rendered, job["job"][:8])
+
+
+def _pause(seconds: float, interrupted) -> None:
+    end = time.monotonic() + seconds
+    while not interrupted() and time.monotonic() < end:
+        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
 
 
 NODE_CLASS_MAPPINGS = {
@@ -369,6 +618,7 @@ NODE_CLASS_MAPPINGS = {
     "DistributedEmptyLatent": DistributedEmptyLatent,
     spread.SENDER: DistributedSpreadSender,
     spread.RECEIVER: DistributedSpreadReceiver,
+    "DistributedTiledUpscale": DistributedTiledUpscale,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MultiGPUCollector": "Multi-GPU Collector",
@@ -376,4 +626,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DistributedEmptyLatent": "Distributed Empty Latent",
     spread.SENDER: "Spread Sender (internal)",
     spread.RECEIVER: "Spread Receiver (internal)",
+    "DistributedTiledUpscale": "Distributed Tiled Upscale",
 }

@@ -42,7 +42,9 @@ HEADER = "X-Distributed-Secret"
 SECRET_FILE = EXTENSION_DIR / "secret.key"   # ignored by git
 ENV_VAR = "COMFYUI_DISTRIBUTED_SECRET_FILE"
 PREFIX = "/distributed/"
-OPEN_PATHS = {"/distributed/result", "/distributed/spread/result"}  # guarded by per-job and per-prompt tokens
+OPEN_PATHS = {"/distributed/result",  # guarded by the per-job token
+              "/distributed/tiles/image", "/distributed/tiles/lease", "/distributed/tiles/result",  # tile tokens
+              "/distributed/spread/result"}  # per-prompt tokens (spread.py)
 SECRET_PATH = "/distributed/secret"   # for a local browser only
 
 

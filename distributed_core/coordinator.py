@@ -20,7 +20,7 @@ from typing import Any, Callable
 import aiohttp
 
 from . import config as config_file
-from . import plan, workflow
+from . import plan, upscale, workflow
 from .client import InstanceClient, InstanceError
 from .config import Config, Loaded, Worker
 from .jobs import Job, JobState, JobStore, Share
@@ -70,6 +70,7 @@ class Coordinator:
         self._session: aiohttp.ClientSession | None = None
         # Prompts that hold no Collector go here (the spread queue, distributed_core/spread.py).
         self.plain_prompt_hook: Callable[[dict], dict] | None = None
+        self.upscales = upscale.Upscales(self)  # Distributed Tiled Upscale jobs (see upscale.py)
 
     # --- helpers ---------------------------------------------------------------------------------
     def session(self) -> aiohttp.ClientSession:
@@ -137,6 +138,9 @@ class Coordinator:
             log.warning("[Distributed] a submitted prompt carried %s inputs, which only the master's own "
                         "rewrite sets; they were dropped", workflow.FIELD)
             json_data["prompt"] = prompt
+        if workflow.fresh_upscales(prompt):  # tiled upscales: planned apart (distributed_core/upscale.py)
+            loaded = self.load_config()
+            prompt = json_data["prompt"] = self.upscales.plan(json_data, prompt, loaded.config, submitted.get())
         collectors = workflow.fresh_collectors(prompt)
         targets = json_data.get("partial_execution_targets")
         if collectors and self.partial_execution and isinstance(targets, list):
@@ -227,6 +231,7 @@ class Coordinator:
             job_plan.master_done = time.time()
 
     def drop(self, job_id: str, reason: str) -> None:
+        self.upscales.drop(job_id, reason)
         self.plans.pop(job_id, None)
         self.wakeups.pop(job_id, None)
         self.store.end(job_id, JobState.CANCELLED, reason)
@@ -234,6 +239,8 @@ class Coordinator:
     # --- running a job -----------------------------------------------------------------------
     async def start(self, job_id: str, prompt_id: str) -> None:
         self.loop = asyncio.get_running_loop()
+        if self.upscales.start(job_id, prompt_id):
+            return
         job = self.store.update(job_id, lambda j: _set_running(j, prompt_id))
         if job is not None and plan.MASTER_ID in job.shares:  # its own prompt waits in its queue
             self.store.update(job_id, lambda j: setattr(j.shares[plan.MASTER_ID], "state", "queued"))

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from . import wire
 from .plan import MASTER_ID
-from .workflow import COLLECTOR, FIELD, WorkflowError, describe, is_link, read_field, upstream
+from .workflow import COLLECTOR, FIELD, UPSCALE, WorkflowError, describe, is_link, read_field, upstream
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -117,6 +117,8 @@ def split(prompt: Any, outputs: Any, return_type: Callable[[str, int], str | Non
         kind = prompt[nid].get("class_type")
         if kind == COLLECTOR:
             return "it holds a Multi-GPU Collector"
+        if kind == UPSCALE:
+            return "it holds a Distributed Tiled Upscale, which uses every GPU already"
         if kind in (SENDER, RECEIVER):
             return "it is a spread prompt's own part"
     outs = set(wanted)

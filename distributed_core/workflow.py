@@ -18,6 +18,7 @@ from typing import Any
 COLLECTOR = "MultiGPUCollector"
 SEED = "DistributedSeed"
 LATENT = "DistributedEmptyLatent"
+UPSCALE = "DistributedTiledUpscale"
 DISTRIBUTED = (SEED, LATENT)
 FIELD = "_distributed"
 MAX_SPLIT_BATCH = 4096  # the node's own maximum
@@ -270,7 +271,8 @@ def input_files(prompt: Prompt) -> list[str]:
 # are, with their result tokens moved out of the prompt (ComfyUI shows queued prompts to anyone
 # who asks); any other field is dropped and the prompt is planned as if it were new.
 
-OURS = (COLLECTOR, SEED, LATENT)
+OURS = (COLLECTOR, SEED, LATENT, UPSCALE)
+ROLED = (COLLECTOR, UPSCALE)  # nodes whose field gives them a role in a job
 
 
 def screen(prompt: Any) -> tuple[str, Any]:
@@ -285,11 +287,11 @@ def screen(prompt: Any) -> tuple[str, Any]:
     if not carried:
         return "new", prompt
     roles = {nid: (field or {}).get("role") for nid, field in carried.items()
-             if prompt[nid].get("class_type") == COLLECTOR}
+             if prompt[nid].get("class_type") in ROLED}
     if "worker" in roles.values():
         others = sorted(nid for nid, role in roles.items() if role != "worker")
         if others:
-            return "refused", ("this prompt gives a Multi-GPU Collector the worker role and "
+            return "refused", ("this prompt gives a distributed node the worker role and "
                                f"{', '.join(f'{describe(prompt, n)} the role {roles[n]!r}' for n in others)}; "
                                "only the master's own rewrite sets these roles. Queue the workflow on the "
                                "master without any _distributed input.")
@@ -317,7 +319,7 @@ class Vault:
 
     def seal(self, prompt: Prompt) -> Prompt:
         result = dict(prompt)
-        for nid in nodes_of(prompt, COLLECTOR):
+        for nid in nodes_of(prompt, COLLECTOR) + nodes_of(prompt, UPSCALE):
             field = read_field(prompt, nid)
             if not field or field.get("role") != "worker" or not isinstance(field.get("token"), str):
                 continue
@@ -354,3 +356,55 @@ def read_field(prompt: Any, node_id: Any) -> dict | None:
     except (TypeError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+# --- Distributed Tiled Upscale ------------------------------------------------------------------------
+# Workers get what the node's model, conditioning and VAE need, never the image's upstream (the master
+# renders that and sends the enlarged image) nor the upscale model (the master enlarges).
+
+UPSCALE_LOCAL_INPUTS = ("image", "upscale_model")  # what a worker's copy of the node does without
+
+
+def fresh_upscales(prompt: Any) -> list[str]:
+    """Upscale nodes of a submitted prompt that no rewrite has given a role yet."""
+    if not isinstance(prompt, dict):
+        return []
+    return [nid for nid in nodes_of(prompt, UPSCALE) if FIELD not in (prompt[nid].get("inputs") or {})]
+
+
+def check_upscales(prompt: Prompt, nodes: list[str]) -> None:
+    """Refuse an upscale node whose output a Multi-GPU Collector gathers: every GPU would run the
+    upscale for its own share there, while the tiles of one upscale are shared by every GPU."""
+    collectors = nodes_of(prompt, COLLECTOR)
+    for nid in nodes:
+        after = [c for c in collectors if nid in upstream(prompt, [c])]
+        if after:
+            raise WorkflowError(
+                f"{describe(prompt, nid)} comes before the Multi-GPU Collector "
+                f"{', '.join(describe(prompt, c) for c in after)}. The tiled upscale already spreads its "
+                "tiles over every GPU: put it after the Collector, or leave the Collector out.")
+
+
+def with_fields(prompt: Prompt, nodes: list[str], data: dict) -> Prompt:
+    result = dict(prompt)
+    for nid in nodes:
+        result[nid] = _with_field(prompt[nid], data)
+    return result
+
+
+def upscale_worker_prompt(prompt: Prompt, nodes: list[str], job: dict) -> Prompt:
+    """A worker's prompt for an upscale job: each node in worker role with what it needs to render
+    tiles, its image input a 1x1 placeholder and its upscale model left out."""
+    roots = [str(value[0]) for nid in nodes for name, value in (prompt[nid].get("inputs") or {}).items()
+             if name not in UPSCALE_LOCAL_INPUTS and is_link(value)]
+    result: Prompt = {nid: prompt[nid] for nid in upstream(prompt, roots)} if roots else {}
+    placeholder = _unused_id(prompt, "upscale-image")
+    result[placeholder] = {"class_type": "EmptyImage", "inputs": {"width": 1, "height": 1, "batch_size": 1,
+                                                                 "color": 0}}
+    for nid in nodes:
+        node = _with_field(prompt[nid], {**job, "role": "worker", "node": nid})
+        for name in UPSCALE_LOCAL_INPUTS:
+            node["inputs"].pop(name, None)
+        node["inputs"]["image"] = [placeholder, 0]
+        result[nid] = node
+    return result

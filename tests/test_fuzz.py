@@ -133,15 +133,17 @@ def json_bodies():
 PATHS = ["/distributed/config", "/distributed/status", "/distributed/clear_vram", "/distributed/interrupt",
          "/distributed/gpus", "/distributed/workers", "/distributed/workers/{id}",
          "/distributed/workers/{id}/start", "/distributed/workers/{id}/stop", "/distributed/workers/{id}/log",
-         "/distributed/result", "/distributed/secret", "/distributed/spread", "/distributed/spread/result"]
+         "/distributed/result", "/distributed/secret", "/distributed/tiles/image", "/distributed/tiles/lease",
+         "/distributed/tiles/result", "/distributed/spread", "/distributed/spread/result"]
 METHODS = ["GET", "POST", "PATCH", "DELETE", "PUT", "HEAD", "OPTIONS"]
 ROUTES = [("GET", "/distributed/config"), ("POST", "/distributed/config"), ("GET", "/distributed/status"),
           ("GET", "/distributed/secret"), ("POST", "/distributed/clear_vram"), ("POST", "/distributed/interrupt"),
           ("POST", "/distributed/result"), ("GET", "/distributed/gpus"), ("POST", "/distributed/workers"),
           ("PATCH", "/distributed/workers/{id}"), ("DELETE", "/distributed/workers/{id}"),
           ("POST", "/distributed/workers/{id}/start"), ("POST", "/distributed/workers/{id}/stop"),
-          ("GET", "/distributed/workers/{id}/log"), ("GET", "/distributed/spread"),
-          ("POST", "/distributed/spread/result")]
+          ("GET", "/distributed/workers/{id}/log"), ("POST", "/distributed/tiles/image"),
+          ("POST", "/distributed/tiles/lease"), ("POST", "/distributed/tiles/result"),
+          ("GET", "/distributed/spread"), ("POST", "/distributed/spread/result")]
 ACCESS = ["none", "secret", "wrong-secret", "same-origin-fetch", "same-origin", "other-origin"]
 
 
@@ -180,8 +182,8 @@ def access_headers(access: str, master) -> dict[str, str]:
             "other-origin": {"Origin": "http://evil.example"}}[access]
 
 
-OUR_ROUTES = re.compile(r"/distributed/(config|status|clear_vram|interrupt|gpus|workers|result|secret|spread"
-                        r"|spread/result"
+OUR_ROUTES = re.compile(r"/distributed/(config|status|clear_vram|interrupt|gpus|workers|result|secret"
+                        r"|tiles/(image|lease|result)|spread|spread/result"
                         r"|workers/[^/]+|workers/[^/]+/(start|stop|log))")
 
 

@@ -65,6 +65,8 @@ def test_worker_prompt_holds_the_upstream_and_a_sender():
       "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}, ["2"], "Collector"),
     ({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {}},
       "2": {"class_type": "SaveModel", "inputs": {"model": ["1", 0]}}}, ["2"], "MODEL"),
+    ({"1": {"class_type": "DistributedTiledUpscale", "inputs": {}},
+      "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}, ["2"], "Tiled Upscale"),
     ({"2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x"}}}, ["2"], "nothing"),
     ({"2": {"class_type": "SaveImage", "inputs": {}}}, [], "no output"),
     ({"1": {"class_type": "EmptyImage", "inputs": {}},

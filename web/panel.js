@@ -467,6 +467,7 @@ function jobView(job) {
     h("div.cdist-row", {}, [
       h("span.cdist-job-title", { text: `Job ${job.job_id.slice(0, 8)}`, title: job.job_id }),
       job.split && h("span.cdist-role", { text: "split", title: "One batch divided among the GPUs" }),
+      job.kind === "tiles" && h("span.cdist-role", { text: "tiles", title: "One upscale whose tiles every GPU renders" }),
       h("span.cdist-state", { text: job.state }),
       h("span.cdist-count", { text: `${job.done} of ${job.units}` }),
     ]),
@@ -478,9 +479,9 @@ function jobView(job) {
         h("div.cdist-row", {}, [
           h("span.cdist-share-name", { text: share.name }),
           h("span.cdist-state", { text: shareState(share) }),
-          h("span.cdist-count", { text: `${share.done} of ${share.units.length}` }),
+          h("span.cdist-count", { text: job.kind === "tiles" ? `${share.done} tiles` : `${share.done} of ${share.units.length}` }),
         ]),
-        bar(share.done, share.units.length, ".cdist-bar-thin"),
+        bar(share.done, job.kind === "tiles" ? job.units : share.units.length, ".cdist-bar-thin"),
         share.error && h("div.cdist-error", { text: `${share.name} failed: ${share.error}` }),
       ]))),
   ]);

@@ -1,0 +1,562 @@
+"""The master's side of a Distributed Tiled Upscale: the tile pool every participant pulls from, and
+the workers' prompts that feed it.
+
+When a prompt holding the node reaches the master, ``Upscales.plan`` (called from the prompt hook)
+gives each enabled worker a prompt of what the node's model, conditioning and VAE need, with the node
+in worker role, so that workers load their models while the master renders the image. The master's
+node enlarges the image, cuts it into tiles and ``publish``es it; workers fetch the enlarged image
+once and then ``lease`` tile indices and deliver each rendered tile. The master renders tiles from the
+same pool. A lease that outlives its deadline, or whose worker's prompt fails, goes back to the pool;
+once the pool is empty, an idle participant also renders a tile that another still holds, so a
+frozen worker delays nothing. The first delivery of a tile wins; every tile depends only on its
+inputs, so which participant rendered it changes the result by float tolerance at most.
+
+The Board is shared by the server's event loop (routes, supervision) and ComfyUI's execution thread
+(the master's node); a Condition guards it. ``Upscales`` runs on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import workflow
+from .client import InstanceError
+from .plan import MASTER_ID
+from .tiles import Grid
+
+log = logging.getLogger("comfyui-distributed")
+
+POLL_SECONDS = 1.0
+REFUSALS_MEAN_GONE = 3
+MAX_HOLDERS = 2          # at most this many participants render one tile at once
+OVERDUE = 2.0            # a tile held this many median tile times may be rendered by an idle participant too
+FINISHED_MEMORY = 256
+CLIENT_ID = "comfyui-distributed"
+
+
+class UpscaleState(enum.Enum):
+    PLANNED = "planned"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Refused(Exception):
+    """A request about tiles that cannot be served; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Lease:
+    kind: str                # "tile" (render ``index``), "wait" (ask again soon), "done" (nothing left)
+    index: int = -1
+
+
+@dataclass
+class Pool:
+    """The tiles of one node of a job."""
+    node: str
+    grid: Grid | None = None
+    params: dict = field(default_factory=dict)
+    image: np.ndarray | None = None          # the enlarged batch, float32 (frames, h, w, c)
+    pending: list[int] = field(default_factory=list)
+    leases: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)  # index -> {who: (since, deadline)}
+    durations: list[float] = field(default_factory=list)   # seconds from lease to delivery of finished tiles
+    results: dict[int, np.ndarray] = field(default_factory=dict)
+    rendered_by: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.grid) if self.grid is not None else 0
+
+    def complete(self) -> bool:
+        return self.grid is not None and len(self.results) == self.total
+
+
+@dataclass
+class WorkerShare:
+    participant: str
+    label: str
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    prompt_id: str = ""
+    state: str = "waiting"   # waiting | queued | running | done | failed | cancelled
+    error: str = ""
+
+
+@dataclass
+class UpscaleJob:
+    id: str
+    prompt: dict                       # the prompt as submitted, for the workers' prompts
+    nodes: list[str]
+    config: Any
+    master_renders: bool = True
+    prompt_id: str = ""
+    state: UpscaleState = UpscaleState.PLANNED
+    error: str = ""
+    notices: list[str] = field(default_factory=list)
+    workers: dict[str, WorkerShare] = field(default_factory=dict)
+    pools: dict[str, Pool] = field(default_factory=dict)
+    finished_nodes: set[str] = field(default_factory=set)
+
+    def summary(self) -> dict:
+        """The panel's view, in the Collector jobs' shape: a unit is a tile. Read from any thread
+        while the job runs: each dict is copied whole first (one step under the GIL)."""
+        pools = list(self.pools.values())
+        delivered = [list(p.rendered_by.values()) for p in pools]
+        total = sum(p.total for p in pools)
+        done = sum(len(d) for d in delivered)
+        count: collections.Counter = collections.Counter(who for d in delivered for who in d)
+        shares = [{"participant": MASTER_ID, "name": "master", "units": [], "done": count[MASTER_ID],
+                   "state": "running" if self.state is UpscaleState.RUNNING else self.state.value,
+                   "error": ""}]
+        shares += [{"participant": w.participant, "name": w.label, "units": [], "done": count[w.participant],
+                    "state": w.state, "error": w.error} for w in list(self.workers.values())]
+        return {"job_id": self.id, "prompt_id": self.prompt_id, "state": self.state.value, "error": self.error,
+                "notices": list(self.notices), "units": total, "done": done, "split": False, "kind": "tiles",
+                "shares": shares}
+
+
+class Board:
+    def __init__(self, on_change: Callable[[UpscaleJob], None] | None = None):
+        self.on_change = on_change or (lambda job: None)
+        self.on_end: Callable[[UpscaleJob], None] = lambda job: None
+        self._cond = threading.Condition()
+        self._jobs: dict[str, UpscaleJob] = {}
+        self._finished: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def _notify(self, job: UpscaleJob) -> None:
+        try:
+            self.on_change(job)
+        except Exception:  # noqa: BLE001 - a progress message never breaks the job
+            log.debug("[Distributed] progress message failed", exc_info=True)
+
+    # --- bookkeeping -------------------------------------------------------------------------
+    def add(self, job: UpscaleJob) -> None:
+        with self._cond:
+            self._jobs[job.id] = job
+            for node in job.nodes:
+                job.pools.setdefault(node, Pool(node))
+
+    def get(self, job_id: str) -> UpscaleJob | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def active(self) -> list[UpscaleJob]:
+        with self._cond:
+            return list(self._jobs.values())
+
+    def is_open(self, job_id: str) -> bool:
+        return self.get(job_id) is not None
+
+    def update(self, job_id: str, change: Callable[[UpscaleJob], None]) -> UpscaleJob | None:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            change(job)
+            self._cond.notify_all()
+        self._notify(job)
+        return job
+
+    def end(self, job_id: str, state: UpscaleState, reason: str = "") -> UpscaleJob | None:
+        with self._cond:
+            job = self._jobs.pop(job_id, None)
+            if job is None:
+                return None
+            if job.state is not UpscaleState.FAILED:
+                job.state = state
+            job.error = job.error or reason
+            for share in job.workers.values():  # one that never took part is withdrawn (see _ended)
+                if share.state not in ("done", "failed"):
+                    share.state = "done" if state is UpscaleState.DONE and share.state == "running" else "cancelled"
+            for pool in job.pools.values():
+                pool.image = None
+                pool.results = {}
+            self._finished[job_id] = state.value
+            while len(self._finished) > FINISHED_MEMORY:
+                self._finished.popitem(last=False)
+            self._cond.notify_all()
+        self._notify(job)
+        if state is UpscaleState.DONE:
+            tally = collections.Counter(who for p in job.pools.values() for who in p.rendered_by.values())
+            labels = {w.participant: w.label for w in job.workers.values()} | {MASTER_ID: "master"}
+            log.info("[Distributed] upscale job %s done: tiles rendered by %s", job_id[:8],
+                     ", ".join(f"{labels.get(who, who)} {n}" for who, n in sorted(tally.items())))
+        try:
+            self.on_end(job)
+        except Exception:  # noqa: BLE001
+            log.error("[Distributed] ending upscale job %s", job_id[:8], exc_info=True)
+        return job
+
+    # --- what a worker's request may touch ----------------------------------------------------
+    def _pool_for(self, job_id: str, node: str, token: str) -> tuple[UpscaleJob, Pool, str]:
+        """Under the lock: the job, the node's pool and the participant the token was given to."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            if job_id in self._finished:
+                raise Refused(410, f"upscale job {job_id[:8]} has ended ({self._finished[job_id]})")
+            raise Refused(404, f"no upscale job {job_id[:8]} on this master")
+        holder = None
+        for share in job.workers.values():
+            if isinstance(token, str) and secrets.compare_digest(token.encode(), share.token.encode()):
+                holder = share
+        if holder is None:
+            raise Refused(403, "the tile token does not belong to this job")
+        if holder.state == "failed":
+            raise Refused(410, f"{holder.label} was dropped from this job: {holder.error}")
+        pool = job.pools.get(node)
+        if pool is None:
+            raise Refused(404, f"upscale job {job_id[:8]} has no node {node!r}")
+        return job, pool, holder.participant
+
+    def holder(self, job_id: str, node: str, token: str) -> str:
+        with self._cond:
+            return self._pool_for(job_id, node, token)[2]
+
+    # --- the master's node -------------------------------------------------------------------
+    def publish(self, job_id: str, node: str, image: np.ndarray, grid: Grid, params: dict) -> bool:
+        """Make a node's enlarged image and tiles available; False when the job is not open here."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            pool = job.pools.get(node) if job else None
+            if pool is None:
+                return False
+            pool.image, pool.grid, pool.params = image, grid, dict(params)
+            pool.pending = list(range(len(grid)))
+            pool.leases, pool.results, pool.rendered_by, pool.durations = {}, {}, {}, []
+            job.state = UpscaleState.RUNNING
+            self._cond.notify_all()
+        self._notify(job)
+        return True
+
+    def image(self, job_id: str, node: str, token: str) -> tuple[np.ndarray, Grid, dict] | None:
+        """The enlarged image for a worker, or None while the master has not published it."""
+        with self._cond:
+            job, pool, participant = self._pool_for(job_id, node, token)
+            if pool.image is None or pool.grid is None:
+                return None
+            share = job.workers.get(participant)
+            if share is not None and share.state in ("waiting", "queued"):
+                share.state = "running"
+            return pool.image, pool.grid, pool.params
+
+    def lease(self, job_id: str, node: str, participant: str, seconds: float,
+              token: str | None = None) -> Lease:
+        """The next tile for ``participant`` to render. While tiles are pending, the lowest one;
+        then a tile that others hold (at most MAX_HOLDERS at once) for longer than OVERDUE times
+        the median tile so far, the longest-held first: a frozen or slow holder then delays the
+        job by about that much, while a holder about to deliver is left to it."""
+        now = time.monotonic()
+        with self._cond:
+            if token is not None:
+                job, pool, participant = self._pool_for(job_id, node, token)
+            else:
+                job = self._jobs.get(job_id)
+                pool = job.pools.get(node) if job else None
+                if pool is None:
+                    raise Refused(410, f"upscale job {job_id[:8]} has ended")
+            if pool.grid is None:
+                return Lease("wait")
+            if pool.complete():
+                return Lease("done")
+            self._expire(pool, now)
+            if pool.pending:
+                index = pool.pending.pop(0)
+            else:
+                overdue = OVERDUE * float(np.median(pool.durations)) if pool.durations else float("inf")
+                held = [(since, i) for i, holders in pool.leases.items()
+                        for since in [min(s for s, _d in holders.values())]
+                        if i not in pool.results and participant not in holders and len(holders) < MAX_HOLDERS
+                        and now - since > overdue]
+                if not held:
+                    return Lease("wait")
+                index = min(held)[1]
+            pool.leases.setdefault(index, {})[participant] = (now, now + seconds)
+            return Lease("tile", index)
+
+    @staticmethod
+    def _expire(pool: Pool, now: float) -> None:
+        for index in list(pool.leases):
+            holders = pool.leases[index]
+            for who in [w for w, (_since, deadline) in holders.items() if deadline < now]:
+                del holders[who]
+            if not holders:
+                del pool.leases[index]
+                if index not in pool.results and index not in pool.pending:
+                    pool.pending.append(index)
+        pool.pending.sort()
+
+    def complete(self, job_id: str, node: str, index: int, participant: str, pixels: np.ndarray) -> bool:
+        """Record a rendered tile; False when it had arrived already (the first delivery wins)."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            pool = job.pools.get(node) if job else None
+            if pool is None:
+                raise Refused(410, f"upscale job {job_id[:8]} has ended")
+            if pool.grid is None or not 0 <= index < len(pool.grid):
+                raise Refused(400, f"tile {index} is not a tile of this job")
+            held = pool.leases.pop(index, {})
+            if participant in held and index not in pool.results:
+                pool.durations.append(time.monotonic() - held[participant][0])
+            if index in pool.pending:
+                pool.pending.remove(index)
+            if index in pool.results:
+                return False
+            pool.results[index] = pixels
+            pool.rendered_by[index] = participant
+            self._cond.notify_all()
+        self._notify(job)
+        return True
+
+    def expected_shape(self, job_id: str, node: str, token: str, index: int) -> tuple[str, tuple]:
+        """(participant, (1, h, w, c)) that a worker's tile ``index`` must have."""
+        with self._cond:
+            _job, pool, participant = self._pool_for(job_id, node, token)
+            if pool.grid is None or not 0 <= index < len(pool.grid):
+                raise Refused(400, f"tile {index} is not a tile of this job")
+            height, width = pool.grid.tile(index).padded_shape
+            return participant, (1, height, width, int(pool.image.shape[-1]) if pool.image is not None else 3)
+
+    def release(self, job_id: str, participant: str, reason: str) -> None:
+        """A worker is gone: its leases go back to the pool, and it gets no more tiles."""
+        def change(job: UpscaleJob) -> None:
+            share = job.workers.get(participant)
+            if share is not None and share.state not in ("done", "failed"):
+                share.state, share.error = "failed", reason
+                job.notices.append(f"{share.label} failed: {reason}")
+                log.warning("[Distributed] %s failed in upscale job %s: %s; its tiles go back to the pool",
+                            share.label, job_id[:8], reason)
+            for pool in job.pools.values():
+                for index in list(pool.leases):
+                    pool.leases[index].pop(participant, None)
+                    if not pool.leases[index]:
+                        del pool.leases[index]
+                        if index not in pool.results and index not in pool.pending:
+                            pool.pending.append(index)
+                pool.pending.sort()
+        self.update(job_id, change)
+
+    def wait(self, job_id: str, node: str, timeout: float) -> tuple[int, int, bool]:
+        """Wait up to ``timeout`` for a change; (tiles done, tiles in all, job still open)."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            pool = job.pools.get(node) if job else None
+            if pool is not None and not pool.complete():
+                self._cond.wait(timeout)
+                job = self._jobs.get(job_id)
+                pool = job.pools.get(node) if job else None
+            if pool is None:
+                return 0, 0, False
+            return len(pool.results), pool.total, True
+
+    def workers_left(self, job_id: str) -> bool:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            return job is not None and any(s.state not in ("failed", "done", "cancelled")
+                                           for s in job.workers.values())
+
+    def results(self, job_id: str, node: str) -> dict[int, np.ndarray]:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            pool = job.pools.get(node) if job else None
+            if pool is None or not pool.complete():
+                raise Refused(410, f"upscale job {job_id[:8]} ended before all its tiles arrived")
+            return dict(pool.results)
+
+    def node_done(self, job_id: str, node: str) -> None:
+        """The master has blended a node; the job ends with its last node."""
+        job = self.update(job_id, lambda j: j.finished_nodes.add(node))
+        if job is not None and set(job.nodes) <= job.finished_nodes:
+            self.end(job_id, UpscaleState.DONE)
+
+
+class Upscales:
+    """Plans upscale jobs at submission and runs the workers' side of them on the event loop.
+
+    ``coord`` is the Coordinator: its ``client``, ``master_url_for``, ``sync_inputs``, ``spawn``,
+    ``is_offline``, ``is_worker_instance``, ``own_url`` and ``partial_execution`` are used as they are."""
+
+    def __init__(self, coord):
+        self.coord = coord
+        self.board = Board()
+        self.board.on_end = self._ended
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # --- planning (synchronous, inside POST /prompt) ------------------------------------------
+    def plan(self, json_data: dict, prompt: Any, config, pending: list | None) -> Any:
+        """The prompt with every fresh upscale node in master role, when there is a worker to share
+        with; the prompt as it is otherwise (the node then renders every tile itself)."""
+        if not isinstance(prompt, dict):
+            return prompt
+        nodes = workflow.fresh_upscales(prompt)
+        targets = json_data.get("partial_execution_targets")
+        if nodes and self.coord.partial_execution and isinstance(targets, list):
+            nodes = workflow.reached(prompt, nodes, targets)
+        if not nodes or self.coord.is_worker_instance(config):
+            return prompt
+        workers = [w for w in config.workers if w.enabled and not self.coord.is_offline(w.id)]
+        if not workers:
+            return prompt
+        try:
+            workflow.check_upscales(prompt, nodes)
+        except workflow.WorkflowError as exc:
+            return workflow.with_fields(prompt, nodes, {"role": "error", "error": str(exc)})
+        job = UpscaleJob(id=uuid.uuid4().hex, prompt=prompt, nodes=nodes, config=config,
+                         master_renders=config.master.enabled)
+        for w in workers:
+            job.workers[w.id] = WorkerShare(w.id, w.label)
+        rewritten = dict(prompt)
+        for nid in nodes:
+            rewritten[nid] = workflow._with_field(prompt[nid], {"role": "master", "job": job.id, "node": nid,
+                                                                "lease": config.settings.job_timeout,
+                                                                "master_renders": job.master_renders})
+        self.board.add(job)
+        if pending is not None:
+            pending.append(job.id)
+        else:
+            asyncio.get_running_loop().call_soon(lambda: self.coord.spawn(self._start(job.id, "")))
+        return rewritten
+
+    # --- hooks for the Coordinator ------------------------------------------------------------
+    def start(self, job_id: str, prompt_id: str) -> bool:
+        """The master accepted the prompt of ``job_id``; False when the job is not an upscale."""
+        if not self.board.is_open(job_id):
+            return False
+        self.coord.spawn(self._start(job_id, prompt_id))
+        return True
+
+    def drop(self, job_id: str, reason: str) -> bool:
+        return self.board.end(job_id, UpscaleState.CANCELLED, reason) is not None
+
+    # --- running a job -----------------------------------------------------------------------
+    async def _start(self, job_id: str, prompt_id: str) -> None:
+        self.loop = asyncio.get_running_loop()
+        job = self.board.update(job_id, lambda j: setattr(j, "prompt_id", prompt_id))
+        if job is None:
+            return
+        for share in list(job.workers.values()):
+            self.coord.spawn(self._run_worker(job_id, share))
+        if prompt_id:
+            self.coord.spawn(self._watch_master(job_id, prompt_id))
+
+    async def _run_worker(self, job_id: str, share: WorkerShare) -> None:
+        job = self.board.get(job_id)
+        if job is None:
+            return
+        worker = job.config.worker(share.participant)
+        fields = {"job": job_id, "token": share.token, "timeout": job.config.settings.job_timeout,
+                  "master_url": self.coord.master_url_for(job.config, worker)}
+        prompt = workflow.upscale_worker_prompt(job.prompt, job.nodes, fields)
+        client = self.coord.client(worker.url)
+        try:
+            await self.coord.sync_inputs(client, prompt)
+            share.prompt_id = await client.post_prompt(prompt, CLIENT_ID)
+        except InstanceError as exc:
+            self.board.release(job_id, share.participant, str(exc))
+            return
+        self.board.update(job_id, lambda j: setattr(share, "state", "queued")
+                          if share.state == "waiting" else None)
+        if not self.board.is_open(job_id):  # ended while we were dispatching
+            await _quietly(client.withdraw(share.prompt_id))
+            return
+        await self._supervise(job_id, share, client, job.config.settings.job_timeout)
+
+    async def _supervise(self, job_id: str, share: WorkerShare, client, timeout: float) -> None:
+        """Watch a worker's prompt while the job is open: an error, a lost prompt, a dead process or
+        silence for ``timeout`` seconds puts its tiles back in the pool."""
+        last_sign = time.monotonic()
+        refusals = 0
+        while self.board.is_open(job_id):
+            await asyncio.sleep(POLL_SECONDS)
+            try:
+                entry = await client.history(share.prompt_id)
+                if entry is None:
+                    running, pending = await client.queue()
+                    if share.prompt_id not in running + pending:
+                        entry = await client.history(share.prompt_id)
+                        if entry is None:
+                            self.board.release(job_id, share.participant,
+                                               "the worker no longer has its prompt (was it restarted?)")
+                            return
+                last_sign, refusals = time.monotonic(), 0
+            except InstanceError as exc:
+                refusals = refusals + 1 if exc.refused else 0
+                if refusals >= REFUSALS_MEAN_GONE:
+                    self.board.release(job_id, share.participant, f"its ComfyUI is gone: {exc}")
+                    return
+                if time.monotonic() - last_sign > timeout:
+                    self.board.release(job_id, share.participant, f"no sign of life for {timeout:g} s: {exc}")
+                    return
+                continue
+            if entry is not None:
+                status = entry.get("status") or {}
+                if status.get("status_str") == "error":
+                    self.board.release(job_id, share.participant, _history_error(status))
+                else:
+                    self.board.update(job_id, lambda j: setattr(share, "state", "done"))
+                    self.board.release(job_id, share.participant, "its prompt ended")  # no-op once done
+                return
+
+    async def _watch_master(self, job_id: str, prompt_id: str) -> None:
+        """End the job when the master's own prompt ends without the node finishing it (an error
+        upstream, an interrupt, the prompt deleted from the queue)."""
+        me = self.coord.client(self.coord.own_url())
+        while self.board.is_open(job_id):
+            await asyncio.sleep(POLL_SECONDS)
+            try:
+                entry = await me.history(prompt_id)
+                if entry is None:
+                    running, pending = await me.queue()
+                    if prompt_id in running + pending:
+                        continue
+                    entry = await me.history(prompt_id)
+            except InstanceError:
+                continue
+            self.board.end(job_id, UpscaleState.CANCELLED,
+                           "the master's prompt ended before the upscale finished" if entry
+                           else "the prompt was removed from the master's queue")
+            return
+
+    def _ended(self, job: UpscaleJob) -> None:
+        """Called from any thread when a job ends: the prompts of workers that were still at work
+        for it (all of them if it did not finish; those that never fetched the image if it did)
+        are taken back, out of their queue or interrupted."""
+        if self.loop is None:
+            return
+        for share in job.workers.values():
+            if share.prompt_id and share.state == "cancelled":
+                url = job.config.worker(share.participant).url
+                self.loop.call_soon_threadsafe(
+                    lambda u=url, p=share.prompt_id: self.coord.spawn(_quietly(self.coord.client(u).withdraw(p))))
+
+
+async def _quietly(coro) -> None:
+    try:
+        await coro
+    except InstanceError:
+        pass
+
+
+def _history_error(status: dict) -> str:
+    for event, data in status.get("messages") or []:
+        if event == "execution_error" and isinstance(data, dict):
+            return (f"ComfyUI reported an error in node {data.get('node_id')} "
+                    f"({data.get('node_type')}): {data.get('exception_message', '').strip()}")
+        if event == "execution_interrupted":
+            return "its prompt was interrupted on the worker"
+    return "its prompt ended with an error"
