@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from .distributed_core import access, doctor, launcher, wire
+from .distributed_core import access, doctor, launcher, spread, wire
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, refused, submitted
@@ -119,6 +119,9 @@ def setup(server) -> Coordinator:
     processes = launcher.LocalProcesses()  # local workers this master started from the panel
     _add_routes(server.routes, coord, processes)
     _add_worker_routes(server.routes, coord, processes)
+    setup_spread(server, coord)
+    _add_spread_routes(server.routes)
+    server.app.middlewares.append(_spread_interrupt_middleware())
     coord.upscales.board.on_change = emit
     _add_tile_routes(server.routes, coord)
     _add_doctor_routes(server.routes, coord)
@@ -266,6 +269,8 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
     async def interrupt(request: web.Request) -> web.Response:
         for job in coord.store.active():
             coord.end(job.id, JobState.CANCELLED, "interrupted from the Distributed panel")
+        if _dispatcher is not None:
+            await _dispatcher.withdraw_all("interrupted from the Distributed panel")
         results = await coord.broadcast(config_file.load().config, "interrupt")
         return web.json_response({"results": results})
 
@@ -442,6 +447,140 @@ def _add_doctor_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
         if doctor.reach_back_target(url) is None:
             return error(400, 'body must be {"url": "http://host:port"}: the master\'s address, nothing after it')
         return web.json_response(await doctor.reach_back(coord.client, url))
+
+
+
+# --- the spread queue (distributed_core/spread.py) -------------------------------------------------
+
+_spread_state: spread.SpreadState | None = None
+_dispatcher: spread.Dispatcher | None = None
+_spread_unsupported = ""  # why this ComfyUI cannot spread its queue, if it cannot
+
+
+def spread_state() -> spread.SpreadState:
+    if _spread_state is None:
+        raise RuntimeError("ComfyUI-Distributed's spread queue did not start: see the log at ComfyUI's start")
+    return _spread_state
+
+
+def _return_type(class_type: str, index: int) -> str | None:
+    """A node class's declared output type, read from ComfyUI's node mappings."""
+    import nodes
+
+    try:
+        types = getattr(nodes.NODE_CLASS_MAPPINGS.get(class_type), "RETURN_TYPES", None)
+        kind = types[index] if isinstance(types, (list, tuple)) and 0 <= index < len(types) else None
+    except Exception:  # noqa: BLE001 - a node we cannot read does not spread
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def setup_spread(server, coord: Coordinator) -> spread.Dispatcher | None:
+    """Install the spread queue on the master's ComfyUI queue (guarded: a queue shaped otherwise
+    leaves ComfyUI's own queue alone, and the panel says why)."""
+    global _spread_state, _dispatcher, _spread_unsupported
+
+    def on_plain_prompt(json_data: dict) -> dict:  # on a worker: keep sender tokens out of its queue
+        prompt = json_data.get("prompt")
+        sealed = spread.seal(prompt, coord.vault.keep)
+        if sealed is not prompt:
+            json_data["prompt"] = sealed
+        return json_data
+    coord.plain_prompt_hook = on_plain_prompt
+
+    queue = getattr(server, "prompt_queue", None)
+    _spread_unsupported = spread.supports(queue)
+    if _spread_unsupported:
+        log.warning("[Distributed] the spread queue is off: %s", _spread_unsupported)
+        return None
+    state = spread.SpreadState(lock=queue.not_empty)
+
+    def planner(item):
+        return spread.split(item[2], item[4], _return_type)
+
+    def active() -> bool:
+        return dispatcher.enabled() or any(c.participant != spread.MASTER_ID for c in state.claims.values())
+
+    tap = spread.QueueTap(queue, state, planner, active, lambda: dispatcher.master_renders(),
+                          refresh=lambda: dispatcher.refresh())
+    dispatcher = spread.Dispatcher(state, tap, coord, config_file.load,
+                                   emit=lambda summary: server.send_sync("distributed_spread", summary),
+                                   config_path=config_file.config_path)
+    tap.install()
+    original_put = queue.put
+
+    def put(item):
+        original_put(item)
+        dispatcher.wake()
+    queue.put = put
+    _spread_state, _dispatcher = state, dispatcher
+
+    async def start(_app) -> None:
+        coord.spawn(dispatcher.run())
+    server.app.on_startup.append(start)
+    return dispatcher
+
+
+def _add_spread_routes(routes: web.RouteTableDef) -> None:
+    @routes.post("/distributed/spread/result")
+    async def post_spread_result(request: web.Request) -> web.Response:
+        from .distributed_core.jobs import ResultRejected
+
+        if _dispatcher is None:
+            return error(409, f"this master does not spread its queue: {_spread_unsupported}")
+
+        def check(header: wire.ValueHeader) -> None:
+            try:
+                _spread_state.check(header.prompt, header.token)
+            except LookupError as exc:
+                raise ResultRejected(410, str(exc)) from None
+            except PermissionError as exc:
+                raise ResultRejected(403, str(exc)) from None
+            except ValueError as exc:
+                raise ResultRejected(409, str(exc)) from None
+        try:
+            header, arrays = await spread.receive_values(request.content, request.content_length, check)
+            values = await asyncio.get_running_loop().run_in_executor(None, spread.decode_values, header.tree, arrays)
+            _spread_state.arrive(header.prompt, header.token, values)
+        except ResultRejected as exc:
+            return error(exc.status, exc.message)
+        except wire.FrameError as exc:
+            return error(400, f"bad value frame: {exc}")
+        except (LookupError, PermissionError, ValueError) as exc:
+            return error(410, str(exc))
+        _dispatcher.wake()
+        return web.json_response({"ok": True, "prompt_id": header.prompt})
+
+    @routes.get("/distributed/spread")
+    async def get_spread(request: web.Request) -> web.Response:
+        """Who renders which queued prompt, and the last ones finished."""
+        if _dispatcher is None:
+            return web.json_response({"supported": False, "reason": _spread_unsupported, "enabled": False,
+                                      "prompts": [], "recent": []})
+        return web.json_response({"supported": True, "reason": "", "enabled": _dispatcher.enabled(),
+                                  "prompts": _spread_state.summary(), "recent": list(_spread_state.recent)})
+
+
+INTERRUPT_PATHS = ("/interrupt", "/api/interrupt")
+
+
+def _spread_interrupt_middleware():
+    """ComfyUI's POST /interrupt naming a prompt (the current frontend's cancel) that a worker
+    renders: withdraw it there, and the master's run of it ends as interrupted."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if request.method == "POST" and request.path in INTERRUPT_PATHS and _dispatcher is not None:
+            try:
+                body = json.loads(await request.read() or b"{}")  # aiohttp keeps the body for the handler
+            except (ValueError, UnicodeDecodeError):
+                body = None
+            prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
+            if isinstance(prompt_id, str) and prompt_id:
+                await _dispatcher.interrupt(prompt_id)
+        return await handler(request)
+
+    return middleware
 
 
 TILE_HEADER = "X-Distributed-Tiles"  # the tile grid and sampler settings beside the enlarged image

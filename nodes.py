@@ -2,6 +2,7 @@
 work to distributed_core; the logic lives there."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -13,7 +14,7 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from .distributed_core import encode, plan, tiles, wire, workflow
+from .distributed_core import encode, plan, spread, tiles, wire, workflow
 from .distributed_core.client import InstanceError, Interrupted, deliver
 from .distributed_core.jobs import JobFailed, JobState
 from .distributed_core.upscale import Lease, Refused, UpscaleState
@@ -246,6 +247,124 @@ def encode_saves_in_parallel() -> bool:
     return True
 
 
+# --- the spread queue (distributed_core/spread.py) ---------------------------------------------------
+
+class DistributedSpreadSender:
+    """On a worker: posts the values that a spread prompt's output nodes take back to the master."""
+
+    DESCRIPTION = "Placed by the spread queue in the prompts it sends to workers; not for use by hand."
+    CATEGORY = "distributed/internal"
+    RETURN_TYPES = ()
+    FUNCTION = "send"
+    OUTPUT_NODE = True
+    INPUT_IS_LIST = True  # every value of each output, as ComfyUI keeps it
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        # The values arrive on inputs v0, v1, ... that the master wrote into the prompt: the master
+        # validated the whole prompt when it was submitted.
+        return {"required": {}, "hidden": HIDDEN}
+
+    @classmethod
+    def IS_CHANGED(cls, **_kwargs):
+        return float("nan")
+
+    def send(self, prompt=None, unique_id=None, **values):
+        field = spread.sender_field(_first(prompt), _first(unique_id))
+        if field is None:
+            raise RuntimeError("Spread sender: this node only runs in a prompt the master sent; queue the "
+                               "workflow on the master.")
+        token = field.get("token") or _unseal(field.get("sealed"))
+        if not token:
+            raise RuntimeError("Spread sender: this worker holds no token for this prompt. A prompt the master "
+                               "sent runs once; one queued again (from the history, say) cannot deliver.")
+        parts = spread.encode_values(field["spread"], token, field["slots"], values)
+        deadline = time.monotonic() + float(field.get("timeout", 120))
+        url = field["master_url"].rstrip("/") + "/distributed/spread/result"
+        try:
+            deliver(url, parts, deadline, comfy.model_management.processing_interrupted)
+        except Interrupted:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            raise RuntimeError("Spread sender: interrupted while delivering values") from None
+        except InstanceError as exc:
+            raise RuntimeError(f"Spread sender: {exc}") from None
+        return ()
+
+
+class DistributedSpreadReceiver:
+    """On the master: stands in for a node whose values a worker rendered, under that node's id."""
+
+    DESCRIPTION = "Placed by the spread queue in the master's run of a prompt; not for use by hand."
+    CATEGORY = "distributed/internal"
+    RETURN_TYPES = ("*",) * spread.MAX_SLOTS
+    OUTPUT_IS_LIST = (True,) * spread.MAX_SLOTS  # hands over each output's list as the worker had it
+    FUNCTION = "receive"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}, "optional": {workflow.FIELD: ("STRING", {"default": ""})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **_kwargs):
+        return float("nan")
+
+    def receive(self, **kwargs):
+        try:
+            field = json.loads(kwargs.get(workflow.FIELD) or "")
+        except ValueError:
+            field = None
+        if not isinstance(field, dict) or "spread" not in field:
+            raise RuntimeError("Spread receiver: this node only runs in a prompt the spread queue made.")
+        from .distributed_routes import spread_state
+
+        try:
+            values = spread_state().take_values(str(field["spread"]), str(field["node"]))
+        except spread.Interrupted:  # ends as ComfyUI's own interrupt does
+            comfy.model_management.interrupt_current_processing(True)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            raise
+        width = max([int(i) for i in field.get("outputs") or [0]] + list(values)) + 1
+        return tuple(values.get(i, []) for i in range(width))
+
+
+def restore_submitted_prompts() -> bool:
+    """Give output nodes the prompt as submitted (what they embed in PNGs and other files) when
+    the master runs a spread prompt with receivers. Wraps ComfyUI's execution.get_input_data,
+    whose hidden PROMPT value is the prompt being run; guarded: without it, files embed the
+    prompt the master ran."""
+    import execution
+
+    original = getattr(execution, "get_input_data", None)
+    if not callable(original) or getattr(original, "restores_spread_prompts", False):
+        return False
+    from .distributed_routes import spread_state
+
+    def swap(value):
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+            found = spread_state().original_prompt(value[0])
+            return value if found is value[0] else [found]
+        if isinstance(value, dict):
+            return spread_state().original_prompt(value)
+        return value
+
+    @functools.wraps(original)
+    def get_input_data(*args, **kwargs):
+        result = original(*args, **kwargs)
+        try:
+            data = result[0] if isinstance(result, tuple) else result
+            if isinstance(data, dict):
+                for key in list(data):
+                    data[key] = swap(data[key])
+            if isinstance(result, tuple) and len(result) > 2 and isinstance(result[2], dict):
+                for key in list(result[2]):
+                    result[2][key] = swap(result[2][key])
+        except RuntimeError:  # the extension did not start: nothing to restore
+            pass
+        return result
+
+    get_input_data.restores_spread_prompts = True
+    execution.get_input_data = get_input_data
+    return True
 # --- Distributed Tiled Upscale ------------------------------------------------------------------------
 
 TILE_WAIT = 0.25  # how often a waiting participant asks for a tile again
@@ -500,11 +619,15 @@ NODE_CLASS_MAPPINGS = {
     "MultiGPUCollector": MultiGPUCollector,
     "DistributedSeed": DistributedSeed,
     "DistributedEmptyLatent": DistributedEmptyLatent,
+    spread.SENDER: DistributedSpreadSender,
+    spread.RECEIVER: DistributedSpreadReceiver,
     "DistributedTiledUpscale": DistributedTiledUpscale,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MultiGPUCollector": "Multi-GPU Collector",
     "DistributedSeed": "Distributed Seed",
     "DistributedEmptyLatent": "Distributed Empty Latent",
+    spread.SENDER: "Spread Sender (internal)",
+    spread.RECEIVER: "Spread Receiver (internal)",
     "DistributedTiledUpscale": "Distributed Tiled Upscale",
 }

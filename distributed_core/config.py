@@ -32,7 +32,8 @@ MAX_WORKERS = 256
 DEFAULT_CONFIG: dict[str, Any] = {
     "master": {"port": 8188, "device": 0, "enabled": True},
     "workers": [],
-    "settings": {"stagger_delay": 2.0, "job_timeout": 120, "mode": "parallel", "transport": "auto"},
+    "settings": {"stagger_delay": 2.0, "job_timeout": 120, "mode": "parallel", "transport": "auto",
+                 "spread_queue": False},
 }
 
 
@@ -90,6 +91,8 @@ class Settings:
     # How workers send images: float32 (lossless), uint8 (what a PNG keeps, a quarter of the bytes),
     # png (compact, for slow links); auto is float32 on this machine and uint8 across a network.
     transport: str = "auto"
+    # Prompts without a Collector are rendered whole, each by one participant (distributed_core/spread.py).
+    spread_queue: bool = False
 
     def transport_for(self, worker: "Worker") -> str:
         if self.transport != "auto":
@@ -122,7 +125,8 @@ class Config:
             ],
             "settings": {"stagger_delay": self.settings.stagger_delay,
                          "job_timeout": self.settings.job_timeout, "mode": self.settings.mode,
-                         "transport": self.settings.transport},
+                         "transport": self.settings.transport,
+                         "spread_queue": self.settings.spread_queue},
         }
 
 
@@ -267,7 +271,7 @@ def parse(data: Any) -> Config:
     if not isinstance(s, dict):
         errors.append("settings: must be an object")
         s = {}
-    _check_keys(s, {"stagger_delay", "job_timeout", "mode", "transport"}, "settings", errors)
+    _check_keys(s, {"stagger_delay", "job_timeout", "mode", "transport", "spread_queue"}, "settings", errors)
     mode = s.get("mode", "parallel")
     if mode not in MODES:
         errors.append(f"settings.mode: must be one of {', '.join(MODES)}, got {json.dumps(mode)}")
@@ -278,7 +282,8 @@ def parse(data: Any) -> Config:
         transport = "auto"
     settings = Settings(stagger_delay=_number(s, "stagger_delay", "settings", errors, 2.0, 0, 600),
                         job_timeout=_number(s, "job_timeout", "settings", errors, 120, 1, 86400),
-                        mode=mode, transport=transport)
+                        mode=mode, transport=transport,
+                        spread_queue=_bool(s, "spread_queue", "settings", errors, False))
 
     seen_ids: set[str] = set()
     seen_addresses = {("127.0.0.1", master.port)}

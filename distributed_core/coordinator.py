@@ -94,6 +94,8 @@ class Coordinator:
         self._throughput: plan.Throughput | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, for calls from other threads
         self._session: aiohttp.ClientSession | None = None
+        # Prompts that hold no Collector go here (the spread queue, distributed_core/spread.py).
+        self.plain_prompt_hook: Callable[[dict], dict] | None = None
         self.upscales = upscale.Upscales(self)  # Distributed Tiled Upscale jobs (see upscale.py)
         self.object_infos = doctor.ObjectInfoCache()  # each worker's /object_info, for a short while
 
@@ -206,7 +208,9 @@ class Coordinator:
         targets = json_data.get("partial_execution_targets")
         if collectors and self.partial_execution and isinstance(targets, list):
             collectors = workflow.reached(prompt, collectors, targets)  # plan only what will run
-        if not collectors or _malformed(prompt):
+        if not collectors:
+            return self.plain_prompt_hook(json_data) if self.plain_prompt_hook else json_data
+        if _malformed(prompt):
             return json_data
         loaded = self.load_config()
         if loaded.error:

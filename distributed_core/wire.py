@@ -232,3 +232,103 @@ def to_pixels(images) -> np.ndarray:
     if hasattr(images, "detach"):
         return images.detach().clamp(0, 1).mul(255).round_().byte().cpu().contiguous().numpy()
     return quantize(images)
+
+
+# --- value frames: what a worker sends back for a spread prompt ------------------------------------
+#
+#     VALUE_MAGIC (4 bytes) | header length (4 bytes, big-endian) | header (UTF-8 JSON) | payload
+#
+# The header names the spread prompt and its token, holds the values as a JSON tree whose tensors
+# are references {"a": i} into ``arrays`` ([dtype, shape] each), and the payload is those arrays'
+# raw bytes, one after another in C order. IMAGE and MASK are one tensor, LATENT a dict of tensors
+# and lists, AUDIO a dict of a waveform tensor and its sample rate; each value of an output slot
+# travels exactly, whatever its dtype (bfloat16 as its 16 raw bits).
+
+VALUE_MAGIC = b"CDV1"
+MAX_VALUE_HEADER = 1 << 20
+MAX_RANK = 8
+VALUE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "float64": np.float64,
+                "uint8": np.uint8, "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+                "bool": np.bool_}
+
+
+@dataclass(frozen=True)
+class ValueHeader:
+    prompt: str
+    token: str
+    tree: object
+    arrays: tuple  # ((dtype, shape), ...)
+
+    @property
+    def payload_size(self) -> int:
+        return sum(math.prod(shape) * np.dtype(VALUE_DTYPES[dtype]).itemsize for dtype, shape in self.arrays)
+
+    def to_bytes(self) -> bytes:
+        body = json.dumps({"prompt": self.prompt, "token": self.token, "tree": self.tree,
+                           "arrays": [[d, list(s)] for d, s in self.arrays]}, separators=(",", ":")).encode()
+        if len(body) > MAX_VALUE_HEADER:
+            raise FrameError(f"the values' description takes {len(body)} bytes; at most {MAX_VALUE_HEADER}")
+        return VALUE_MAGIC + len(body).to_bytes(4, "big") + body
+
+
+def value_header_length(prefix: bytes) -> int:
+    if len(prefix) != PREFIX_SIZE or prefix[:4] != VALUE_MAGIC:
+        raise FrameError("not a value frame (bad magic); is the worker running the same extension version?")
+    size = int.from_bytes(prefix[4:], "big")
+    if not 2 <= size <= MAX_VALUE_HEADER:
+        raise FrameError(f"header length {size} is outside 2..{MAX_VALUE_HEADER}")
+    return size
+
+
+def parse_value_header(raw: bytes) -> ValueHeader:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FrameError(f"header is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise FrameError("header must be a JSON object")
+    for key in ("prompt", "token"):
+        if not isinstance(data.get(key), str) or not 0 < len(data[key]) <= 128:
+            raise FrameError(f"header.{key} must be a non-empty string")
+    arrays = data.get("arrays")
+    if not isinstance(arrays, list):
+        raise FrameError("header.arrays must be a list of [dtype, shape]")
+    checked = []
+    for i, entry in enumerate(arrays):
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in VALUE_DTYPES
+                and isinstance(entry[1], list) and len(entry[1]) <= MAX_RANK
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in entry[1])):
+            raise FrameError(f"header.arrays[{i}] must be [dtype, shape] with a dtype of "
+                             f"{', '.join(VALUE_DTYPES)} and at most {MAX_RANK} sides")
+        checked.append((entry[0], tuple(entry[1])))
+    if "tree" not in data:
+        raise FrameError("header.tree is missing")
+    return ValueHeader(data["prompt"], data["token"], data["tree"], tuple(checked))
+
+
+def value_frame(prompt: str, token: str, tree, arrays: list) -> list:
+    """The frame as a list of buffers: the header, then each array's memory, uncopied.
+    ``arrays`` holds (numpy array, dtype name) pairs."""
+    contiguous = [(np.ascontiguousarray(a), dtype) for a, dtype in arrays]
+    for a, dtype in contiguous:
+        if dtype not in VALUE_DTYPES or a.dtype != np.dtype(VALUE_DTYPES[dtype]):
+            raise FrameError(f"array of {a.dtype} does not match its dtype name {dtype!r}")
+    header = ValueHeader(prompt, token, tree, tuple((dtype, tuple(a.shape)) for a, dtype in contiguous))
+    return [header.to_bytes(), *(memoryview(a.reshape(-1).view(np.uint8)) for a, _dtype in contiguous if a.size)]
+
+
+def decode_values(frame: bytes) -> tuple[ValueHeader, list]:
+    """Decode a whole value frame held in memory (the server streams instead; for tests and tools)."""
+    size = value_header_length(frame[:PREFIX_SIZE])
+    header = parse_value_header(frame[PREFIX_SIZE:PREFIX_SIZE + size])
+    payload = memoryview(frame)[PREFIX_SIZE + size:]
+    if len(payload) != header.payload_size:
+        raise FrameError(f"payload has {len(payload)} bytes, the header promises {header.payload_size}")
+    arrays, position = [], 0
+    for dtype, shape in header.arrays:
+        kind = np.dtype(VALUE_DTYPES[dtype])
+        count = math.prod(shape)
+        arrays.append((np.frombuffer(payload[position:position + count * kind.itemsize], dtype=kind)
+                       .reshape(shape).copy(), dtype))
+        position += count * kind.itemsize
+    return header, arrays

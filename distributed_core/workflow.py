@@ -331,6 +331,15 @@ class Vault:
             result[nid] = _with_field(prompt[nid], {**field, "sealed": key})
         return result
 
+    def keep(self, token: str) -> str:
+        """Hold one token; returns the key that takes it back."""
+        key = secrets.token_urlsafe(12)
+        with self._lock:
+            self._tokens[key] = token
+            while len(self._tokens) > self.limit:
+                self._tokens.pop(next(iter(self._tokens)))
+        return key
+
     def take(self, key: Any) -> str | None:
         with self._lock:
             return self._tokens.pop(key, None) if isinstance(key, str) else None

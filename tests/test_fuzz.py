@@ -134,7 +134,8 @@ PATHS = ["/distributed/config", "/distributed/status", "/distributed/clear_vram"
          "/distributed/gpus", "/distributed/workers", "/distributed/workers/{id}",
          "/distributed/workers/{id}/start", "/distributed/workers/{id}/stop", "/distributed/workers/{id}/log",
          "/distributed/result", "/distributed/secret", "/distributed/tiles/image", "/distributed/tiles/lease",
-         "/distributed/tiles/result", "/distributed/check", "/distributed/reach_back"]
+         "/distributed/tiles/result", "/distributed/check", "/distributed/reach_back", "/distributed/spread",
+         "/distributed/spread/result"]
 METHODS = ["GET", "POST", "PATCH", "DELETE", "PUT", "HEAD", "OPTIONS"]
 ROUTES = [("GET", "/distributed/config"), ("POST", "/distributed/config"), ("GET", "/distributed/status"),
           ("GET", "/distributed/secret"), ("POST", "/distributed/clear_vram"), ("POST", "/distributed/interrupt"),
@@ -143,7 +144,7 @@ ROUTES = [("GET", "/distributed/config"), ("POST", "/distributed/config"), ("GET
           ("POST", "/distributed/workers/{id}/start"), ("POST", "/distributed/workers/{id}/stop"),
           ("GET", "/distributed/workers/{id}/log"), ("POST", "/distributed/tiles/image"),
           ("POST", "/distributed/tiles/lease"), ("POST", "/distributed/tiles/result"), ("POST", "/distributed/check"),
-          ("POST", "/distributed/reach_back")]
+          ("POST", "/distributed/reach_back"), ("GET", "/distributed/spread"), ("POST", "/distributed/spread/result")]
 ACCESS = ["none", "secret", "wrong-secret", "same-origin-fetch", "same-origin", "other-origin"]
 
 
@@ -183,7 +184,7 @@ def access_headers(access: str, master) -> dict[str, str]:
 
 
 OUR_ROUTES = re.compile(r"/distributed/(config|status|clear_vram|interrupt|gpus|workers|result|secret|check|reach_back"
-                        r"|tiles/(image|lease|result)"
+                        r"|tiles/(image|lease|result)|spread|spread/result"
                         r"|workers/[^/]+|workers/[^/]+/(start|stop|log))")
 
 

@@ -97,6 +97,7 @@ const worker = (id) => `/distributed/workers/${encodeURIComponent(id)}`;
 export const master = {
   status: () => call("GET", "/distributed/status"),
   config: () => call("GET", "/distributed/config"),
+  spread: () => call("GET", "/distributed/spread"),
   saveConfig: (config) => call("POST", "/distributed/config", config),
   clearVram: () => call("POST", "/distributed/clear_vram"),
   interrupt: () => call("POST", "/distributed/interrupt"),

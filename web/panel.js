@@ -146,6 +146,7 @@ class Panel {
           onclick: () => this.toggleAddForm() }),
       ]),
       section("Settings", [this.buildSettings()]),
+      section("Spread queue", [this.buildSpread()]),
       section("Jobs", [this.jobList]),
     ]);
   }
@@ -183,11 +184,12 @@ class Panel {
   async poll() {
     const startedAt = Date.now();
     try {
-      const [status, config] = await Promise.all([master.status(), master.config()]);
+      const [status, config, spread] = await Promise.all([master.status(), master.config(), master.spread()]);
       if (this.closed) return;
       this.reachable = true;
       this.showStatus(status, startedAt);
       this.showSettings(config);
+      this.showSpread(spread);
       await Promise.all([...this.cards.values()].map((card) => card.refreshLog()));
     } catch (err) {
       if (this.closed) return;
@@ -413,12 +415,15 @@ class Panel {
     ]);
     this.stagger = h("input.cdist-input.cdist-stagger", { type: "number", min: 0, max: 600, step: 0.5, onchange: save });
     this.timeout = h("input.cdist-input.cdist-timeout", { type: "number", min: 1, max: 86400, step: 1, onchange: save });
+    this.spreadQueue = h("input.cdist-spread-queue", { type: "checkbox", onchange: save,
+      title: "Render each prompt without a Multi-GPU Collector whole on the next free GPU" });
     this.settingsError = h("div.cdist-form-error", { hidden: true });
     this.configPath = h("div.cdist-muted.cdist-config-path");
     this.settings = h("div.cdist-settings", {}, [
       h("label.cdist-field", {}, [h("span.cdist-label", { text: "Mode" }), this.mode]),
       h("label.cdist-field", {}, [h("span.cdist-label", { text: "Stagger delay (s)" }), this.stagger]),
       h("label.cdist-field", {}, [h("span.cdist-label", { text: "Job timeout (s)" }), this.timeout]),
+      h("label.cdist-field", {}, [h("span.cdist-label", { text: "Spread the queue" }), this.spreadQueue]),
       this.settingsError,
       this.configPath,
     ]);
@@ -433,12 +438,13 @@ class Panel {
     this.stagger.value = settings.stagger_delay;
     this.stagger.disabled = settings.mode !== "staggered";
     this.timeout.value = settings.job_timeout;
+    this.spreadQueue.checked = Boolean(settings.spread_queue);
     this.configPath.textContent = path ? `Saved in ${path}` : "";
   }
 
   async saveSettings() {
     const values = { mode: this.mode.value, stagger_delay: Number(this.stagger.value),
-      job_timeout: Number(this.timeout.value) };
+      job_timeout: Number(this.timeout.value), spread_queue: this.spreadQueue.checked };
     this.stagger.disabled = values.mode !== "staggered";
     const problems = [];
     if (this.stagger.value === "" || !(values.stagger_delay >= 0 && values.stagger_delay <= 600)) {
@@ -461,6 +467,33 @@ class Panel {
       this.savingSettings = false;
     }
     this.refresh();
+  }
+
+  // --- the spread queue -------------------------------------------------------------------------
+
+  buildSpread() {
+    this.spreadList = h("div.cdist-spread", {}, h("div.cdist-empty", { text: "Off." }));
+    return this.spreadList;
+  }
+
+  // Which participant renders which waiting prompt, then the last few finished (GET /distributed/spread).
+  showSpread(info) {
+    const names = new Map([...this.cards.values()].map((card) => [card.id, card.name.textContent]));
+    const row = (p) => h("div.cdist-spread-prompt", { "data-prompt": p.prompt_id, "data-state": p.state,
+      "data-participant": p.participant }, [
+      h("span.cdist-spread-id", { text: p.prompt_id.slice(0, 8), title: p.prompt_id }),
+      h("span.cdist-spread-who", { text: names.get(p.participant) || p.name || p.participant }),
+      h("span.cdist-spread-state.cdist-muted", { text: p.error ? `${p.state}: ${p.error}` : p.state }),
+    ]);
+    const rows = [];
+    if (!info.supported) rows.push(h("div.cdist-warning", { text: `Not available: ${info.reason}` }));
+    else if (!info.enabled && !info.prompts.length) rows.push(h("div.cdist-empty", { text: "Off." }));
+    else if (!info.prompts.length) rows.push(h("div.cdist-empty", { text: "No prompt is waiting." }));
+    rows.push(...info.prompts.map(row));
+    if (info.recent?.length) {
+      rows.push(h("div.cdist-muted", { text: "Recently" }), ...info.recent.slice(0, 5).map(row));
+    }
+    this.spreadList.replaceChildren(...rows);
   }
 
   // --- jobs ------------------------------------------------------------------------------------

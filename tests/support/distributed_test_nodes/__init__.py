@@ -97,3 +97,65 @@ class DistributedTestNeedsCheckpoint:
 
 
 NODE_CLASS_MAPPINGS["DistributedTestNeedsCheckpoint"] = DistributedTestNeedsCheckpoint
+
+
+class DistributedTestFail:
+    """Raises at run time (validation passes), with the message given: a prompt that fails where it runs."""
+
+    CATEGORY = "distributed/testing"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "fail"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "message": ("STRING", {"default": "test failure"})}}
+
+    def fail(self, images, message):
+        raise RuntimeError(message)
+
+
+class DistributedTestAudio:
+    """A model-free AUDIO value (ComfyUI's shape: waveform [batch, channels, samples], sample_rate)
+    whose samples depend on the seed, so tests can check what arrived bit for bit."""
+
+    CATEGORY = "distributed/testing"
+    RETURN_TYPES = ("AUDIO",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 1 << 31}),
+                             "samples": ("INT", {"default": 4800, "min": 1, "max": 1 << 22})}}
+
+    def make(self, seed, samples):
+        import torch
+        generator = torch.Generator().manual_seed(seed)
+        waveform = torch.rand([1, 2, samples], generator=generator) * 2 - 1
+        return ({"waveform": waveform, "sample_rate": 24000},)
+
+
+class DistributedTestSaveValue:
+    """An output node that writes what it is given (a tensor, or a dict of them) to the output
+    folder with torch.save, for tests to compare exactly."""
+
+    CATEGORY = "distributed/testing"
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"filename": ("STRING", {"default": "value"})},
+                "optional": {"audio": ("AUDIO",), "latent": ("LATENT",), "mask": ("MASK",)}}
+
+    def save(self, filename, **values):
+        import torch
+
+        import folder_paths
+        path = os.path.join(folder_paths.get_output_directory(), f"{filename}.pt")
+        torch.save(values, path)
+        return {"ui": {"values": [{"filename": f"{filename}.pt", "port": args.port}]}}
+
+
+NODE_CLASS_MAPPINGS.update({"DistributedTestFail": DistributedTestFail, "DistributedTestAudio": DistributedTestAudio,
+                            "DistributedTestSaveValue": DistributedTestSaveValue})
