@@ -350,7 +350,10 @@ async def check(coord, config, prompt: dict | None, master_has_input: Callable[[
         if isinstance(stats, BaseException):
             entry["error"] = str(stats) if isinstance(stats, InstanceError) else type(stats).__name__
             entry["message"] = message(entry, own_version)
+            if isinstance(stats, InstanceError):  # what the check saw, planning knows too
+                coord.reach.failed(w.url, str(stats), stats.refused)
             return entry
+        coord.reach.ok(w.url, stats if isinstance(stats, dict) else None)
         entry["reachable"] = True
         entry["comfyui_version"] = comfyui_version(stats)
         if isinstance(answer, dict):

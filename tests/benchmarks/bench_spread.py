@@ -1,7 +1,7 @@
 """The spread queue on N GPUs: throughput of a queue of independent prompts, and each GPU's idle time.
 
     COMFYUI_ROOT=<ComfyUI folder> python tests/benchmarks/bench_spread.py [--gpus N] [--prompts 40]
-        [--size 512] [--steps 20] [--mixed 10,40] [--checkpoint PATH] [--out FILE]
+        [--size 512] [--steps 20] [--mixed 10,40] [--runs 3] [--checkpoint PATH] [--out FILE]
     (on a machine without GPUs: --cpu --size 64 --steps 2 --prompts 8, to check the script itself)
 
 One ComfyUI per GPU (CUDA_VISIBLE_DEVICES per instance, each on its own share of the cores, as the
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -131,6 +131,22 @@ def run_queue(master: Instance, prompts: list[dict]) -> float:
     return time.perf_counter() - started
 
 
+def busy(instances: list[Instance], since: float, until: float) -> dict:
+    """Per instance, from its history's execution timestamps (ComfyUI from mid-2024): how many
+    prompts it ran between two wall-clock times, and for how many seconds."""
+    found = {}
+    for inst in instances:
+        count, seconds = 0, 0.0
+        for entry in inst.get("/history?max_items=10000", timeout=30).json().values():
+            stamps = {m[0]: m[1].get("timestamp", 0) / 1000.0 for m in (entry.get("status") or {}).get("messages", [])
+                      if isinstance(m, list) and len(m) == 2 and isinstance(m[1], dict)}
+            start, end = stamps.get("execution_start"), stamps.get("execution_success")
+            if start and end and since <= start and end <= until:
+                count, seconds = count + 1, seconds + (end - start)
+        found[inst.name] = {"prompts": count, "busy_s": round(seconds, 3), "idle_s": round(until - since - seconds, 3)}
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, default=2)
@@ -138,6 +154,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--mixed", default="10,40", help="steps of the mixed-cost prompts, alternating")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs of each (alternating; the median counts)")
     parser.add_argument("--cpu", action="store_true", help="CPU instances (to check the script)")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--out", type=Path)
@@ -159,15 +176,23 @@ def main() -> int:
         try:
             for inst in instances:  # load the model everywhere before timing
                 inst.timed(prompt(args.size, args.steps))
-            write_config(config_path, config_for(instances, 1))
-            one = run_queue(master, [prompt(args.size, args.steps) for _ in range(args.prompts)])
-            write_config(config_path, config_for(instances, args.gpus))
-            many = run_queue(master, [prompt(args.size, args.steps) for _ in range(args.prompts)])
+            ones, manys, spans = [], [], []
+            for run in range(args.runs):  # alternating, so drift on the machine touches both alike
+                write_config(config_path, config_for(instances, 1))
+                ones.append(run_queue(master, [prompt(args.size, args.steps) for _ in range(args.prompts)]))
+                write_config(config_path, config_for(instances, args.gpus))
+                since = time.time()
+                manys.append(run_queue(master, [prompt(args.size, args.steps) for _ in range(args.prompts)]))
+                spans.append(busy(instances, since, time.time()))
+                print(f"run {run + 1}: 1 GPU {ones[-1]:.2f} s, {args.gpus} GPUs {manys[-1]:.2f} s; "
+                      f"who ran what on {args.gpus}: {spans[-1]}", flush=True)
+            one, many = statistics.median(ones), statistics.median(manys)
             figures.update({"one_gpu_s": one, "n_gpu_s": many, "one_gpu_prompts_per_s": args.prompts / one,
-                            "n_gpu_prompts_per_s": args.prompts / many, "ratio": one / many})
-            print(f"{args.prompts} prompts at {args.size}x{args.size}, {args.steps} steps: 1 GPU {one:.1f} s "
-                  f"({args.prompts / one:.2f}/s), {args.gpus} GPUs {many:.1f} s ({args.prompts / many:.2f}/s): "
-                  f"ratio {one / many:.2f}", flush=True)
+                            "n_gpu_prompts_per_s": args.prompts / many, "ratio": one / many,
+                            "one_gpu_runs": ones, "n_gpu_runs": manys, "n_gpu_busy": spans})
+            print(f"{args.prompts} prompts at {args.size}x{args.size}, {args.steps} steps (median of {args.runs}): "
+                  f"1 GPU {one:.1f} s ({args.prompts / one:.2f}/s), {args.gpus} GPUs {many:.1f} s "
+                  f"({args.prompts / many:.2f}/s): ratio {one / many:.2f}", flush=True)
             with IdleMeter(instances) as meter:
                 mixed_s = run_queue(master, [prompt(args.size, mixed[k % len(mixed)]) for k in range(args.prompts)])
             figures.update({"mixed_steps": mixed, "mixed_s": mixed_s, "waiting_s": meter.waiting_time,
