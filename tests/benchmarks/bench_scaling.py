@@ -218,7 +218,8 @@ def main() -> int:
                      "extension": str(args.extension), "rows": [], "profile": None}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the extension's routes (GET /distributed/status among them) answer only with the secret
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COMFYUI_DISTRIBUTED_SECRET_FILE": str(workdir / "secret.key")}
         tree = prepare_tree(workdir / "comfyui")
         link = tree / "custom_nodes" / EXTENSION_NAME
         link.unlink()
