@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import Instance, blue_values, error_of, free_port, image_workflow, write_config
+from harness import Instance, blue_values, error_of, free_port, image_workflow, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -67,6 +67,10 @@ def remote(cluster, test_host, tmp_path_factory):
             instance.start()
         for instance in (master, worker):
             instance.wait_ready()
+        # jobs plan with what the master's background checks last saw: let them see the worker up
+        wait_until(lambda: all(r["state"] in ("online", "busy") for r in
+                               master.get("/distributed/status").json()["instances"] if r["enabled"]),
+                   60, interval=0.3, what="the master to see the remote worker online")
         yield master, worker, workdir, config
     finally:
         for instance in (master, worker):
