@@ -308,3 +308,14 @@ class _Body:
                 if self.interrupted():
                     raise Interrupted("interrupted while delivering results to the master")
                 yield piece
+
+
+def history_error(status: dict) -> str:
+    """Why a prompt ended in error, from the status of its ComfyUI history entry."""
+    for event, data in status.get("messages") or []:
+        if event == "execution_error" and isinstance(data, dict):
+            return (f"ComfyUI reported an error in node {data.get('node_id')} "
+                    f"({data.get('node_type')}): {str(data.get('exception_message', '')).strip()}")
+        if event == "execution_interrupted":
+            return "its prompt was interrupted on the worker"
+    return "its prompt ended with an error"

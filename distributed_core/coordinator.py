@@ -29,7 +29,7 @@ import aiohttp
 
 from . import config as config_file
 from . import doctor, plan, upscale, workflow
-from .client import InstanceClient, InstanceError
+from .client import InstanceClient, InstanceError, history_error
 from .config import Config, Loaded, Worker
 from .jobs import Job, JobState, JobStore, Share
 from .reach import Clock, Reachability
@@ -578,7 +578,7 @@ class Coordinator:
             if entry is not None and job is not None and job.missing_units(share.units):
                 status = entry.get("status") or {}
                 if status.get("status_str") == "error":
-                    await self.failover(job_id, share, _history_error(status))
+                    await self.failover(job_id, share, history_error(status))
                     return False
                 # Finished: results are posted before the prompt ends, so allow only a moment more.
                 finished_at = finished_at or self.clock.now()
@@ -803,16 +803,6 @@ def execution_seconds(entry: dict) -> float | None:
     stamps = _timestamps(entry)
     start, end = stamps.get("execution_start"), stamps.get("execution_success")
     return end - start if start is not None and end is not None and end > start else None
-
-
-def _history_error(status: dict) -> str:
-    for event, data in status.get("messages") or []:
-        if event == "execution_error" and isinstance(data, dict):
-            return (f"ComfyUI reported an error in node {data.get('node_id')} "
-                    f"({data.get('node_type')}): {data.get('exception_message', '').strip()}")
-        if event == "execution_interrupted":
-            return "its prompt was interrupted on the worker"
-    return "its prompt ended with an error"
 
 
 def _route_address(remote_host: str) -> str:

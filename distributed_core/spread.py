@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import wire
+from .client import history_error
 from .plan import MASTER_ID
 from .workflow import COLLECTOR, FIELD, UPSCALE, WorkflowError, describe, is_link, read_field, upstream
 
@@ -716,7 +717,7 @@ class Dispatcher:
                 continue
             status = entry.get("status") or {}
             if status.get("status_str") == "error":
-                message = worker_error(status)
+                message = history_error(status)
                 if "interrupted" in message:  # someone stopped it there: render it elsewhere
                     self.move(claim, worker.id, message)
                 else:
@@ -776,16 +777,6 @@ class Dispatcher:
             await coro
         except InstanceError:
             pass
-
-
-def worker_error(status: dict) -> str:
-    for event, data in status.get("messages") or []:
-        if event == "execution_error" and isinstance(data, dict):
-            return (f"error in node {data.get('node_id')} ({data.get('node_type')}): "
-                    f"{str(data.get('exception_message', '')).strip()}")
-        if event == "execution_interrupted":
-            return "its prompt was interrupted on the worker"
-    return "its prompt ended with an error"
 
 
 def seal(prompt: Any, keep: Callable[[str], str]) -> Any:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import workflow
-from .client import InstanceError
+from .client import InstanceError, history_error
 from .plan import MASTER_ID
 from .tiles import Grid
 
@@ -506,7 +506,7 @@ class Upscales:
             if entry is not None:
                 status = entry.get("status") or {}
                 if status.get("status_str") == "error":
-                    self.board.release(job_id, share.participant, _history_error(status))
+                    self.board.release(job_id, share.participant, history_error(status))
                 else:
                     self.board.update(job_id, lambda j: setattr(share, "state", "done"))
                     self.board.release(job_id, share.participant, "its prompt ended")  # no-op once done
@@ -552,11 +552,3 @@ async def _quietly(coro) -> None:
         pass
 
 
-def _history_error(status: dict) -> str:
-    for event, data in status.get("messages") or []:
-        if event == "execution_error" and isinstance(data, dict):
-            return (f"ComfyUI reported an error in node {data.get('node_id')} "
-                    f"({data.get('node_type')}): {data.get('exception_message', '').strip()}")
-        if event == "execution_interrupted":
-            return "its prompt was interrupted on the worker"
-    return "its prompt ended with an error"
