@@ -434,8 +434,11 @@ class Coordinator:
             return False
         try:
             # a worker that lacks a model or node class the prompt needs is left out, as one that is down
-            lacks = doctor.blocking(prompt, await self.object_infos.get(worker.url, client.object_info),
-                                    workflow.input_files(prompt))
+            files = workflow.input_files(prompt)
+            lacks = doctor.blocking(prompt, await self.object_infos.get(worker.url, client.object_info), files)
+            if lacks:  # a list from before a model was copied there must not keep the worker out
+                self.object_infos.forget(worker.url)
+                lacks = doctor.blocking(prompt, await self.object_infos.get(worker.url, client.object_info), files)
             if not lacks:
                 await self.sync_inputs(client, prompt)
                 prompt_id = await client.post_prompt(prompt, CLIENT_ID)
