@@ -358,3 +358,17 @@ def emit(figures: dict, out: Path | None = None) -> None:
     print(line)
     if out:
         out.write_text(line + "\n")
+
+
+def log_size(instance) -> int:
+    """How far an instance's log has been written: pass it to log_since to read what follows."""
+    try:
+        return instance.log_path.stat().st_size
+    except OSError:
+        return 0
+
+
+def log_since(instance, offset: int) -> str:
+    with open(instance.log_path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read().decode("utf-8", errors="replace")

@@ -7,22 +7,11 @@ import signal
 
 import pytest
 
-from harness import blue_values, error_of, free_port, image_workflow, wait_until
+from harness import blue_values, error_of, log_since, log_size, free_port, image_workflow, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def log_size(instance) -> int:
-    try:
-        return instance.log_path.stat().st_size
-    except OSError:
-        return 0
-
-
-def log_since(instance, offset: int) -> str:
-    with open(instance.log_path, "rb") as handle:
-        handle.seek(offset)
-        return handle.read().decode("utf-8", errors="replace")
 
 
 def states(live) -> dict[str, str]:

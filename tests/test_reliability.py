@@ -15,24 +15,13 @@ import time
 import pytest
 import requests
 
-from harness import blue_values, error_of, image_workflow, wait_until
+from harness import blue_values, error_of, log_since, log_size, image_workflow, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def log_size(instance) -> int:
-    try:
-        return instance.log_path.stat().st_size
-    except OSError:
-        return 0
-
-
-def log_since(instance, offset: int) -> str:
-    with open(instance.log_path, "rb") as handle:
-        handle.seek(offset)
-        return handle.read().decode("utf-8", errors="replace")
 
 
 def queue_items(instance) -> list[tuple[str, str, dict]]:
