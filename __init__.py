@@ -17,7 +17,7 @@ if PromptServer is not None and getattr(PromptServer, "instance", None) is not N
     from . import distributed_routes
 
     try:
-        encode_saves_in_parallel()
+        encode_saves_in_parallel(getattr(PromptServer.instance, "prompt_queue", None))
     except Exception:  # a speed-up only: ComfyUI's own saving goes on as it was
         logging.getLogger("comfyui-distributed").exception("[Distributed] PNG saves stay one at a time")
 

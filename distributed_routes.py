@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from .distributed_core import access, doctor, launcher, spread, wire
+from .distributed_core import access, doctor, encode, launcher, spread, wire
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, refused, submitted
@@ -121,7 +121,8 @@ def setup(server) -> Coordinator:
     _add_worker_routes(server.routes, coord, processes)
     setup_spread(server, coord)
     _add_spread_routes(server.routes)
-    server.app.middlewares.append(_spread_interrupt_middleware())
+    server.app.middlewares.append(_interrupt_middleware())
+    server.app.middlewares.append(_view_middleware())
     coord.upscales.board.on_change = emit
     _add_tile_routes(server.routes, coord)
     _add_doctor_routes(server.routes, coord)
@@ -564,20 +565,45 @@ def _add_spread_routes(routes: web.RouteTableDef) -> None:
 INTERRUPT_PATHS = ("/interrupt", "/api/interrupt")
 
 
-def _spread_interrupt_middleware():
-    """ComfyUI's POST /interrupt naming a prompt (the current frontend's cancel) that a worker
-    renders: withdraw it there, and the master's run of it ends as interrupted."""
+def _interrupt_middleware():
+    """ComfyUI's POST /interrupt naming a prompt (the current frontend's cancel):
+    - one that a worker renders is withdrawn there, and the master's run of it ends as interrupted;
+    - one that has run and only waits for its files to be written (encode.py's write-behind) still
+      shows as running, but has nothing left to interrupt: ComfyUI's own handler would stop
+      whatever prompt runs now instead, so it is not asked."""
 
     @web.middleware
     async def middleware(request: web.Request, handler):
-        if request.method == "POST" and request.path in INTERRUPT_PATHS and _dispatcher is not None:
+        if request.method == "POST" and request.path in INTERRUPT_PATHS:
             try:
                 body = json.loads(await request.read() or b"{}")  # aiohttp keeps the body for the handler
             except (ValueError, UnicodeDecodeError):
                 body = None
             prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
             if isinstance(prompt_id, str) and prompt_id:
-                await _dispatcher.interrupt(prompt_id)
+                if encode.finishing(prompt_id):
+                    return web.Response(status=200)
+                if _dispatcher is not None:
+                    await _dispatcher.interrupt(prompt_id)
+        return await handler(request)
+
+    return middleware
+
+
+VIEW_PATHS = ("/view", "/api/view")
+VIEW_WAIT_SECONDS = 60.0
+
+
+def _view_middleware():
+    """GET /view of an image still being written behind (encode.py) waits until it is whole:
+    the browser asks for it as soon as the node reports it."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if request.method == "GET" and request.path in VIEW_PATHS:
+            futures = encode.saving(request.query.get("filename", ""))
+            if futures:
+                await asyncio.wait([asyncio.wrap_future(f) for f in futures], timeout=VIEW_WAIT_SECONDS)
         return await handler(request)
 
     return middleware

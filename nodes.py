@@ -235,15 +235,19 @@ class DistributedEmptyLatent:
                   "batch_index": list(range(first, first + count))} for first, count in chunks],)
 
 
-def encode_saves_in_parallel() -> bool:
+def encode_saves_in_parallel(queue=None) -> bool:
     """Have ComfyUI's SaveImage, and PreviewImage which inherits it, encode a batch's PNGs on every
     core this instance has (see distributed_core/encode.py): on the master after a Collector, the
-    batch holds every GPU's images. Guarded: a ComfyUI without that node method is left as it is."""
+    batch holds every GPU's images. With ComfyUI's prompt ``queue`` the files are also written
+    behind: the next prompt starts while they are encoded, and a prompt's history entry waits for
+    them. Guarded: a ComfyUI without that node method, or a queue shaped otherwise, is left as it is."""
     save_image = getattr(sys.modules.get("nodes"), "SaveImage", None)
     if not callable(getattr(save_image, "save_images", None)) or not encode.install():
         return False
     save_image.save_images = encode.deferred_saves(save_image.save_images)
-    log.info("[Distributed] PNG saves use %d threads", encode.workers())
+    behind = queue is not None and encode.install_finisher(queue)
+    log.info("[Distributed] PNG saves use %d threads%s", encode.workers(),
+             ", written behind the next prompt" if behind else "")
     return True
 
 

@@ -36,8 +36,8 @@ def live(cluster):
             instance.start().wait_ready()
     cluster.reset_config()
     cluster.set_speeds()
-    for leftover in cluster.workdir.glob("throughput.json*"):
-        leftover.unlink()
+    for leftover in [*cluster.workdir.glob("throughput.json*"), cluster.workdir / "png.json"]:
+        leftover.unlink(missing_ok=True)
     harness.wait_until(lambda: all(i.idle() for i in cluster.instances), 60, what="idle instances")
     # and the master's reachability checks have seen every worker answer (a worker seen down,
     # at the cluster's start or after a test killed it, is planned out until it answers again)

@@ -153,13 +153,14 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--mixed", default="10,40", help="steps of the mixed-cost prompts, alternating")
+    parser.add_argument("--mixed", default="10,40",
+                        help="steps of the mixed-cost prompts, alternating ('none' skips that part)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each (alternating; the median counts)")
     parser.add_argument("--cpu", action="store_true", help="CPU instances (to check the script)")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    mixed = [int(s) for s in args.mixed.split(",")]
+    mixed = [] if args.mixed == "none" else [int(s) for s in args.mixed.split(",")]
     figures: dict = {"bench": "spread", "date": time.strftime("%Y-%m-%d"), "gpus": args.gpus, "size": args.size,
                      "steps": args.steps, "prompts": args.prompts, "cpu": args.cpu}
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,13 +194,15 @@ def main() -> int:
             print(f"{args.prompts} prompts at {args.size}x{args.size}, {args.steps} steps (median of {args.runs}): "
                   f"1 GPU {one:.1f} s ({args.prompts / one:.2f}/s), {args.gpus} GPUs {many:.1f} s "
                   f"({args.prompts / many:.2f}/s): ratio {one / many:.2f}", flush=True)
-            with IdleMeter(instances) as meter:
-                mixed_s = run_queue(master, [prompt(args.size, mixed[k % len(mixed)]) for k in range(args.prompts)])
-            figures.update({"mixed_steps": mixed, "mixed_s": mixed_s, "waiting_s": meter.waiting_time,
-                            "idle_while_waiting_s": meter.idle})
-            print(f"mixed cost ({'/'.join(map(str, mixed))} steps): {mixed_s:.1f} s; prompts waited unstarted "
-                  f"for {meter.waiting_time:.1f} s; idle meanwhile: "
-                  + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in meter.idle.items()), flush=True)
+            if mixed:
+                with IdleMeter(instances) as meter:
+                    mixed_s = run_queue(master, [prompt(args.size, mixed[k % len(mixed)])
+                                                 for k in range(args.prompts)])
+                figures.update({"mixed_steps": mixed, "mixed_s": mixed_s, "waiting_s": meter.waiting_time,
+                                "idle_while_waiting_s": meter.idle})
+                print(f"mixed cost ({'/'.join(map(str, mixed))} steps): {mixed_s:.1f} s; prompts waited "
+                      f"unstarted for {meter.waiting_time:.1f} s; idle meanwhile: "
+                      + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in meter.idle.items()), flush=True)
         finally:
             for inst in instances:
                 inst.stop()

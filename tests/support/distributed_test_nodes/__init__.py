@@ -159,3 +159,31 @@ class DistributedTestSaveValue:
 
 NODE_CLASS_MAPPINGS.update({"DistributedTestFail": DistributedTestFail, "DistributedTestAudio": DistributedTestAudio,
                             "DistributedTestSaveValue": DistributedTestSaveValue})
+
+
+def _slow_png_saves() -> None:
+    """Pillow's PNG writer, made slow (or failing) on the instances named in the JSON file
+    DISTRIBUTED_TEST_PNG_FILE ({"<port>": seconds}; a negative number fails the write as a full
+    disk would), read at every save: tests can watch a file being written behind."""
+    path = os.environ.get("DISTRIBUTED_TEST_PNG_FILE")
+    if not path:
+        return
+    from PIL import Image
+
+    Image.init()
+    original = Image.SAVE["PNG"]
+
+    def save(image, fp, filename, *rest, **kwargs):
+        seconds = 0.0
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                seconds = float(json.load(handle).get(str(args.port), 0.0))
+        if seconds < 0:
+            raise OSError(28, "No space left on device (a test's stand-in)")
+        time.sleep(seconds)
+        return original(image, fp, filename, *rest, **kwargs)
+
+    Image.SAVE["PNG"] = save
+
+
+_slow_png_saves()
