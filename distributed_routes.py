@@ -120,8 +120,8 @@ def setup(server) -> Coordinator:
     _add_routes(server.routes, coord, processes)
     _add_worker_routes(server.routes, coord, processes)
     setup_spread(server, coord)
-    _add_spread_routes(server.routes)
-    server.app.middlewares.append(_interrupt_middleware())
+    _add_spread_routes(server.routes, coord)
+    server.app.middlewares.append(_interrupt_middleware(coord))
     server.app.middlewares.append(_view_middleware())
     coord.upscales.board.on_change = emit
     _add_tile_routes(server.routes, coord)
@@ -270,8 +270,8 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
     async def interrupt(request: web.Request) -> web.Response:
         for job in coord.store.active():
             coord.end(job.id, JobState.CANCELLED, "interrupted from the Distributed panel")
-        if _dispatcher is not None:
-            await _dispatcher.withdraw_all("interrupted from the Distributed panel")
+        if coord.spread is not None:
+            await coord.spread.withdraw_all("interrupted from the Distributed panel")
         results = await coord.broadcast(config_file.load().config, "interrupt")
         return web.json_response({"results": results})
 
@@ -453,15 +453,12 @@ def _add_doctor_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
 
 # --- the spread queue (distributed_core/spread.py) -------------------------------------------------
 
-_spread_state: spread.SpreadState | None = None
-_dispatcher: spread.Dispatcher | None = None
-_spread_unsupported = ""  # why this ComfyUI cannot spread its queue, if it cannot
-
-
 def spread_state() -> spread.SpreadState:
-    if _spread_state is None:
+    """The spread queue's claims (for the receiver node and the saved prompt's metadata)."""
+    dispatcher = coordinator().spread
+    if dispatcher is None:
         raise RuntimeError("ComfyUI-Distributed's spread queue did not start: see the log at ComfyUI's start")
-    return _spread_state
+    return dispatcher.state
 
 
 def _return_type(class_type: str, index: int) -> str | None:
@@ -479,7 +476,6 @@ def _return_type(class_type: str, index: int) -> str | None:
 def setup_spread(server, coord: Coordinator) -> spread.Dispatcher | None:
     """Install the spread queue on the master's ComfyUI queue (guarded: a queue shaped otherwise
     leaves ComfyUI's own queue alone, and the panel says why)."""
-    global _spread_state, _dispatcher, _spread_unsupported
 
     def on_plain_prompt(json_data: dict) -> dict:  # on a worker: keep sender tokens out of its queue
         prompt = json_data.get("prompt")
@@ -490,9 +486,9 @@ def setup_spread(server, coord: Coordinator) -> spread.Dispatcher | None:
     coord.plain_prompt_hook = on_plain_prompt
 
     queue = getattr(server, "prompt_queue", None)
-    _spread_unsupported = spread.supports(queue)
-    if _spread_unsupported:
-        log.warning("[Distributed] the spread queue is off: %s", _spread_unsupported)
+    coord.spread_unsupported = spread.supports(queue)
+    if coord.spread_unsupported:
+        log.warning("[Distributed] the spread queue is off: %s", coord.spread_unsupported)
         return None
     state = spread.SpreadState(lock=queue.not_empty)
 
@@ -514,7 +510,7 @@ def setup_spread(server, coord: Coordinator) -> spread.Dispatcher | None:
         original_put(item)
         dispatcher.wake()
     queue.put = put
-    _spread_state, _dispatcher = state, dispatcher
+    coord.spread = dispatcher
 
     async def start(_app) -> None:
         coord.spawn(dispatcher.run())
@@ -522,17 +518,18 @@ def setup_spread(server, coord: Coordinator) -> spread.Dispatcher | None:
     return dispatcher
 
 
-def _add_spread_routes(routes: web.RouteTableDef) -> None:
+def _add_spread_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
     @routes.post("/distributed/spread/result")
     async def post_spread_result(request: web.Request) -> web.Response:
         from .distributed_core.jobs import ResultRejected
 
-        if _dispatcher is None:
-            return error(409, f"this master does not spread its queue: {_spread_unsupported}")
+        dispatcher = coord.spread
+        if dispatcher is None:
+            return error(409, f"this master does not spread its queue: {coord.spread_unsupported}")
 
         def check(header: wire.ValueHeader) -> None:
             try:
-                _spread_state.check(header.prompt, header.token)
+                dispatcher.state.check(header.prompt, header.token)
             except LookupError as exc:
                 raise ResultRejected(410, str(exc)) from None
             except PermissionError as exc:
@@ -542,30 +539,32 @@ def _add_spread_routes(routes: web.RouteTableDef) -> None:
         try:
             header, arrays = await spread.receive_values(request.content, request.content_length, check)
             values = await asyncio.get_running_loop().run_in_executor(None, spread.decode_values, header.tree, arrays)
-            _spread_state.arrive(header.prompt, header.token, values)
+            dispatcher.state.arrive(header.prompt, header.token, values)
         except ResultRejected as exc:
             return error(exc.status, exc.message)
         except wire.FrameError as exc:
             return error(400, f"bad value frame: {exc}")
         except (LookupError, PermissionError, ValueError) as exc:
             return error(410, str(exc))
-        _dispatcher.wake()
+        coord.result_arrived(header.prompt)  # its watch ends now
+        dispatcher.wake()
         return web.json_response({"ok": True, "prompt_id": header.prompt})
 
     @routes.get("/distributed/spread")
     async def get_spread(request: web.Request) -> web.Response:
         """Who renders which queued prompt, and the last ones finished."""
-        if _dispatcher is None:
-            return web.json_response({"supported": False, "reason": _spread_unsupported, "enabled": False,
+        dispatcher = coord.spread
+        if dispatcher is None:
+            return web.json_response({"supported": False, "reason": coord.spread_unsupported, "enabled": False,
                                       "prompts": [], "recent": []})
-        return web.json_response({"supported": True, "reason": "", "enabled": _dispatcher.enabled(),
-                                  "prompts": _spread_state.summary(), "recent": list(_spread_state.recent)})
+        return web.json_response({"supported": True, "reason": "", "enabled": dispatcher.enabled(),
+                                  "prompts": dispatcher.state.summary(), "recent": list(dispatcher.state.recent)})
 
 
 INTERRUPT_PATHS = ("/interrupt", "/api/interrupt")
 
 
-def _interrupt_middleware():
+def _interrupt_middleware(coord: Coordinator):
     """ComfyUI's POST /interrupt naming a prompt (the current frontend's cancel):
     - one that a worker renders is withdrawn there, and the master's run of it ends as interrupted;
     - one that has run and only waits for its files to be written (encode.py's write-behind) still
@@ -583,8 +582,8 @@ def _interrupt_middleware():
             if isinstance(prompt_id, str) and prompt_id:
                 if encode.finishing(prompt_id):
                     return web.Response(status=200)
-                if _dispatcher is not None:
-                    await _dispatcher.interrupt(prompt_id)
+                if coord.spread is not None:
+                    await coord.spread.interrupt(prompt_id)
         return await handler(request)
 
     return middleware

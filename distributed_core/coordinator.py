@@ -68,7 +68,24 @@ class _Queue:
     read_at: float = float("-inf")
     tried_at: float = float("-inf")
     ids: frozenset = frozenset()
+    running: frozenset = frozenset()
     reading: asyncio.Future | None = None
+
+
+@dataclass(eq=False)
+class Watch:
+    """One prompt that a worker runs for us, under watch (``Coordinator.watch``): Collector
+    shares, spread prompts and tile workers alike."""
+    client: InstanceClient
+    prompt_id: str
+    dispatched: float                   # the coordinator's clock when the worker accepted it
+    wake_key: str                       # ``result_arrived(wake_key)`` makes the watch look at once
+    is_open: Callable[[], bool]         # whoever sent it still waits for it
+    delivered: Callable[[], bool]       # what it was sent for has reached the master
+    grace: float | None = None          # a finished prompt whose results have not arrived gets this
+    #                                     long more (they are posted before it ends); None: a prompt
+    #                                     that ends without an error is done with
+    on_running: Callable[[], None] | None = None  # told when a queue read shows it running
 
 
 class Coordinator:
@@ -87,7 +104,7 @@ class Coordinator:
         self.plans: dict[str, JobPlan] = {}
         self.tasks: set[asyncio.Task] = set()
         self.wakeups: dict[str, asyncio.Event] = {}
-        self.watching: dict[str, list[Share]] = {}  # instance URL -> shares watched there, oldest first
+        self.watching: dict[str, list[Watch]] = {}  # instance URL -> prompts watched there, oldest first
         self.queues: dict[str, _Queue] = {}
         self.vault = workflow.Vault()  # result tokens of worker-role prompts sent to this instance
         self.reach = Reachability(self._watched_instances, self.client, self.clock)
@@ -97,6 +114,10 @@ class Coordinator:
         # Prompts that hold no Collector go here (the spread queue, distributed_core/spread.py).
         self.plain_prompt_hook: Callable[[dict], dict] | None = None
         self.upscales = upscale.Upscales(self)  # Distributed Tiled Upscale jobs (see upscale.py)
+        # the spread queue (spread.py): its Dispatcher, which owns the claims, once the glue has
+        # installed it on ComfyUI's queue; else why it is not there
+        self.spread = None
+        self.spread_unsupported = "the spread queue was not set up"
         self.object_infos = doctor.ObjectInfoCache()  # each worker's /object_info, for a short while
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -494,27 +515,27 @@ class Coordinator:
             log.info("[Distributed] uploaded input %s to %s", name, client.url)
 
     # --- watching prompts ------------------------------------------------------------------------
-    def _poll_interval(self, url: str, share: Share) -> float:
+    def _poll_interval(self, url: str, watched_item) -> float:
         """Seconds until a watched prompt's history is read again: the one nearest the head of
         the instance's queue (ComfyUI runs prompts in order) every POLL_SECONDS, later ones less
         often, so many queued jobs cost little."""
         watched = self.watching.get(url, [])
-        position = next((i for i, s in enumerate(watched) if s is share), len(watched))
+        position = next((i for i, w in enumerate(watched) if w is watched_item), len(watched))
         return min(POLL_SECONDS * (1 + position), MAX_POLL_SECONDS)
 
-    async def queue_ids(self, client: InstanceClient, newer_than: float) -> frozenset | None:
-        """The prompt ids an instance runs or holds, read after ``newer_than``, or None when no
-        such reading is due yet: one read of its queue serves every share watched there."""
+    async def queue_ids(self, client: InstanceClient, newer_than: float) -> _Queue | None:
+        """An instance's queue (the prompt ids it runs or holds) read after ``newer_than``, or
+        None when no such reading is due yet: one read of its queue serves every prompt watched there."""
         entry = self.queues.setdefault(client.url, _Queue())
         if entry.read_at >= newer_than:
-            return entry.ids
+            return entry
         if entry.reading is None:
             if self.clock.now() - entry.tried_at < QUEUE_MAX_AGE:
                 return None
             entry.tried_at = self.clock.now()
             entry.reading = asyncio.ensure_future(self._read_queue(client, entry))
         await asyncio.shield(entry.reading)
-        return entry.ids if entry.read_at >= newer_than else None
+        return entry if entry.read_at >= newer_than else None
 
     async def _read_queue(self, client: InstanceClient, entry: _Queue) -> None:
         sent = self.clock.now()
@@ -523,74 +544,119 @@ class Coordinator:
         finally:
             entry.reading = None
         if sent > entry.read_at:
-            entry.read_at, entry.ids = sent, frozenset(running + pending)
+            entry.read_at, entry.ids, entry.running = sent, frozenset(running + pending), frozenset(running)
 
-    async def supervise(self, job_id: str, share: Share, client: InstanceClient, timeout: float) -> bool:
-        """Watch one worker prompt until its units arrive, it fails, or its worker is gone (the
-        reachability checks say so) or shows no sign of life for ``timeout`` seconds."""
-        url = client.url
-        self.watching.setdefault(url, []).append(share)
+    async def watch(self, watched: Watch, timeout: float) -> tuple[str, str]:
+        """Watch one worker prompt until whoever sent it stops waiting, or it comes to an end.
+        Returns (outcome, why): ``delivered``; ``closed`` (nobody waits any more); ``finished``
+        (ended without an error, with no grace); ``error`` (it failed there: why is ComfyUI's
+        message); ``lost`` (its worker died, went silent for ``timeout`` seconds, or no longer has
+        it); ``undelivered`` (it finished but its results never came). The one way every kind of
+        worker prompt is watched: its own history, the whole queue rarely, the reachability checks."""
+        url = watched.client.url
+        self.watching.setdefault(url, []).append(watched)
         try:
-            return await self._supervise(job_id, share, client, timeout)
+            return await self._watch(watched, timeout)
         finally:
-            watched = self.watching.get(url, [])
-            if share in watched:
-                watched.remove(share)
-            if not watched:
+            remaining = self.watching.get(url, [])
+            if watched in remaining:
+                remaining.remove(watched)
+            if not remaining:
                 self.watching.pop(url, None)
+            if not any(w.wake_key == watched.wake_key for ws in self.watching.values() for w in ws):
+                self.wakeups.pop(watched.wake_key, None)
 
-    async def _supervise(self, job_id: str, share: Share, client: InstanceClient, timeout: float) -> bool:
+    async def _watch(self, watched: Watch, timeout: float) -> tuple[str, str]:
+        client = watched.client
         finished_at = None
-        answered = share.dispatched  # the last answer to our own reads (the checks may forget a
+        answered = watched.dispatched  # the last answer to our own reads (the checks may forget a
         next_read = self.clock.now() + POLL_SECONDS  # worker removed from the config meanwhile)
-        while self.active(job_id):
-            job = self.store.get(job_id)
-            if job is None or not job.missing_units(share.units):
-                self.store.update(job_id, lambda j: setattr(share, "state", "done"))
-                return True
+        while watched.is_open():
+            if watched.delivered():
+                return "delivered", ""
             now = self.clock.now()
             seen = self.reach.get(client.url)
             if seen is not None and seen.refusals >= REFUSALS_MEAN_GONE:
-                await self.failover(job_id, share, f"its ComfyUI is gone: {seen.error}")
-                return False
+                return "lost", f"its ComfyUI is gone: {seen.error}"
             last_sign = max(answered, (seen.last_ok if seen is not None and seen.last_ok else 0.0))
             if now - last_sign > timeout:
                 why = f": {seen.error}" if seen is not None and seen.error else ""
-                await self.failover(job_id, share, f"no sign of progress for {timeout:g} s{why}")
-                return False
+                return "lost", f"no sign of progress for {timeout:g} s{why}"
             if now < next_read:
-                await self._nap(job_id, min(next_read - now, POLL_SECONDS))
+                await self._nap(watched.wake_key, min(next_read - now, POLL_SECONDS))
                 continue
-            next_read = now + self._poll_interval(client.url, share)
+            next_read = now + self._poll_interval(client.url, watched)
             try:
-                entry = await client.history(share.prompt_id)
+                entry = await client.history(watched.prompt_id)
                 answered = self.clock.now()
                 self.reach.ok(client.url)
                 if entry is None:
-                    ids = await self.queue_ids(client, share.dispatched)
-                    if ids is not None and share.prompt_id not in ids:
-                        entry = await client.history(share.prompt_id)
+                    queue = await self.queue_ids(client, watched.dispatched)
+                    if queue is not None and watched.prompt_id in queue.running and watched.on_running:
+                        watched.on_running()
+                    if queue is not None and watched.prompt_id not in queue.ids:
+                        entry = await client.history(watched.prompt_id)
                         if entry is None:
-                            await self.failover(job_id, share, "the worker no longer has its prompt "
-                                                               "(was it restarted?)")
-                            return False
+                            return "lost", "the worker no longer has its prompt (was it restarted?)"
             except InstanceError as exc:
                 self.reach.failed(client.url, str(exc), exc.refused)
                 continue
+            if entry is None or not watched.is_open() or watched.delivered():
+                continue
+            status = entry.get("status") or {}
+            if status.get("status_str") == "error":
+                return "error", history_error(status)
+            if watched.grace is None:
+                return "finished", ""
+            finished_at = finished_at or self.clock.now()
+            if self.clock.now() - finished_at > watched.grace:
+                return "undelivered", ("its prompt finished but no result reached the master; "
+                                       "check that the worker can reach the master's address")
+            next_read = min(next_read, self.clock.now() + POLL_SECONDS)
+        return "closed", ""
+
+    async def supervise(self, job_id: str, share: Share, client: InstanceClient, timeout: float) -> bool:
+        """Watch one Collector share's prompt until its units arrive (True), or fail it over."""
+        def delivered() -> bool:
             job = self.store.get(job_id)
-            if entry is not None and job is not None and job.missing_units(share.units):
-                status = entry.get("status") or {}
-                if status.get("status_str") == "error":
-                    await self.failover(job_id, share, history_error(status))
-                    return False
-                # Finished: results are posted before the prompt ends, so allow only a moment more.
-                finished_at = finished_at or self.clock.now()
-                if self.clock.now() - finished_at > FINISHED_GRACE:
-                    await self.failover(job_id, share, "its prompt finished but no result reached the master; "
-                                                       "check that the worker can reach the master's address")
-                    return False
-                next_read = min(next_read, self.clock.now() + POLL_SECONDS)
+            return job is None or not job.missing_units(share.units)
+
+        outcome, why = await self.watch(Watch(client, share.prompt_id, share.dispatched, job_id,
+                                              lambda: self.active(job_id), delivered, FINISHED_GRACE), timeout)
+        if outcome == "delivered":
+            self.store.update(job_id, lambda j: setattr(share, "state", "done"))
+            return True
+        if outcome != "closed":
+            await self.failover(job_id, share, why)
         return False
+
+    async def prompt_end(self, client: InstanceClient, prompt_id: str, since: float, wake_key: str,
+                         fast: Callable[[], bool] = lambda: True) -> dict | None:
+        """Wait until a prompt of our own instance has ended: its history entry, or None when it
+        left the queue without one (deleted). Read like a worker's prompt (``fast()`` False reads
+        at the slow pace)."""
+        marker = Watch(client, prompt_id, since, wake_key, lambda: True, lambda: False)
+        self.watching.setdefault(client.url, []).append(marker)
+        try:
+            while True:
+                if fast():
+                    await self._nap(wake_key, self._poll_interval(client.url, marker))
+                else:
+                    await self.clock.sleep(POLL_SECONDS)
+                try:
+                    entry = await client.history(prompt_id)
+                    if entry is None:
+                        queue = await self.queue_ids(client, since)
+                        if queue is None or prompt_id in queue.ids:
+                            continue
+                        entry = await client.history(prompt_id)
+                except InstanceError:
+                    continue
+                return entry
+        finally:
+            watched = self.watching.get(client.url, [])
+            if marker in watched:
+                watched.remove(marker)
 
     async def failover(self, job_id: str, failed: Share, reason: str) -> None:
         """Give a failed share's missing units to other workers of the CURRENT config (a worker
@@ -648,29 +714,8 @@ class Coordinator:
         rarely, the prompt nearest the head of the queue most often."""
         me = self.client(self.own_url())
         job_plan, job = self.plans.get(job_id), self.store.get(job_id)  # kept after the job ends
-        marker = Share(plan.MASTER_ID, "master", [], url=me.url, prompt_id=prompt_id,
-                       dispatched=self.clock.now())
-        self.watching.setdefault(me.url, []).append(marker)
-        try:
-            while True:
-                if not self.active(job_id):
-                    await self.clock.sleep(POLL_SECONDS)  # its prompt ends a moment after the job
-                else:
-                    await self._nap(job_id, self._poll_interval(me.url, marker))
-                try:
-                    entry = await me.history(prompt_id)
-                    if entry is None:
-                        ids = await self.queue_ids(me, marker.dispatched)
-                        if ids is None or prompt_id in ids:
-                            continue
-                        entry = await me.history(prompt_id)
-                except InstanceError:
-                    continue
-                break
-        finally:
-            watched = self.watching.get(me.url, [])
-            if marker in watched:
-                watched.remove(marker)
+        # once the job is over its prompt ends a moment later: no need to hurry
+        entry = await self.prompt_end(me, prompt_id, self.clock.now(), job_id, lambda: self.active(job_id))
         if self.store.get(job_id) is not None:  # failed jobs too: they still hold results
             self.end(job_id, JobState.CANCELLED, "the master's prompt ended before its Collector finished"
                      if entry else "the prompt was removed from the master's queue")

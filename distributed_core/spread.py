@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import wire
-from .client import history_error
 from .plan import MASTER_ID
 from .workflow import COLLECTOR, FIELD, UPSCALE, WorkflowError, describe, is_link, read_field, upstream
 
@@ -50,10 +49,9 @@ SENDER_ID = "spread-sender"
 # The types that output nodes take which travel from a worker to the master: tensors and what
 # holds them (IMAGE, MASK, LATENT, AUDIO) and plain values.
 TRAVELS = ("IMAGE", "MASK", "LATENT", "AUDIO", "INT", "FLOAT", "STRING", "BOOLEAN")
-POLL_SECONDS = 1.0
 TICK_SECONDS = 0.5
+FINISHED_GRACE = 5.0     # a worker prompt that finished gets this long more for its values to arrive
 OFFLINE_SECONDS = 20.0   # a worker that failed a prompt is given no other for this long
-REFUSALS_MEAN_GONE = 3
 RECENT = 64              # finished prompts the panel still lists
 MAX_SLOTS = 32           # outputs of one node that the receiver can stand in for
 CLIENT_ID = "comfyui-distributed-spread"
@@ -256,6 +254,7 @@ class Claim:
     error: str = ""
     number: float = 0.0
     interrupted: bool = False
+    dispatched: float = 0.0       # the coordinator's clock when the worker accepted its prompt
 
     def summary(self) -> dict:
         return {"prompt_id": self.prompt_id, "participant": self.participant, "name": self.label,
@@ -677,57 +676,30 @@ class Dispatcher:
         if self.state.claim_of(claim.prompt_id) is not claim:  # deleted while we were sending it
             await self._quietly(client.withdraw(claim.worker_prompt_id))
             return
+        claim.dispatched = self.coord.clock.now()
         self.state.set_state(claim.prompt_id, worker.id, "queued")
         await self.supervise(worker, claim, client, float(config.settings.job_timeout))
         self.wake()
 
     async def supervise(self, worker, claim: Claim, client, timeout: float) -> None:
-        from .client import InstanceError
+        """Watch the worker's prompt (the coordinator's one way of watching worker prompts) and
+        move it on when the worker fails; an error in the prompt itself fails it on the master."""
+        from .coordinator import Watch
 
-        last_sign = time.monotonic()
-        finished_at = None
-        refusals = 0
-        while self.state.claim_of(claim.prompt_id) is claim and claim.state in ("sent", "queued", "running"):
-            await asyncio.sleep(POLL_SECONDS)
-            if claim.state not in ("sent", "queued", "running"):
-                return
-            try:
-                entry = await client.history(claim.worker_prompt_id)
-                if entry is None:
-                    running, pending = await client.queue()
-                    if claim.worker_prompt_id in running:
-                        self.state.set_state(claim.prompt_id, worker.id, "running")
-                    elif claim.worker_prompt_id not in pending:
-                        entry = await client.history(claim.worker_prompt_id)
-                        if entry is None:
-                            self.move(claim, worker.id, "the worker no longer has the prompt (was it restarted?)")
-                            return
-                last_sign, refusals = time.monotonic(), 0
-            except InstanceError as exc:
-                refusals = refusals + 1 if exc.refused else 0
-                if refusals >= REFUSALS_MEAN_GONE:
-                    self.move(claim, worker.id, f"its ComfyUI is gone: {exc}")
-                    return
-                if time.monotonic() - last_sign > timeout:
-                    self.move(claim, worker.id, f"no sign of progress for {timeout:g} s: {exc}")
-                    await self._quietly(client.withdraw(claim.worker_prompt_id))
-                    return
-                continue
-            if entry is None or claim.state not in ("sent", "queued", "running"):
-                continue
-            status = entry.get("status") or {}
-            if status.get("status_str") == "error":
-                message = history_error(status)
-                if "interrupted" in message:  # someone stopped it there: render it elsewhere
-                    self.move(claim, worker.id, message)
-                else:
-                    self.state.fail(claim.prompt_id, f"{worker.label}: {message}")
-                return
-            finished_at = finished_at or time.monotonic()
-            if time.monotonic() - finished_at > 5:
-                self.move(claim, worker.id, "its prompt finished but no values reached the master; check that "
-                                            "the worker can reach the master's address", recheck=False)
-                return
+        def is_open() -> bool:
+            return self.state.claim_of(claim.prompt_id) is claim and claim.state in ("sent", "queued", "running")
+
+        watched = Watch(client, claim.worker_prompt_id, claim.dispatched, claim.prompt_id, is_open,
+                        lambda: claim.state == "arrived", grace=FINISHED_GRACE,
+                        on_running=lambda: self.state.set_state(claim.prompt_id, worker.id, "running"))
+        outcome, why = await self.coord.watch(watched, timeout)
+        if outcome == "error" and "interrupted" not in why:
+            self.state.fail(claim.prompt_id, f"{worker.label}: {why}")
+        elif outcome in ("error", "lost"):  # someone stopped it there, or the worker failed: elsewhere
+            self.move(claim, worker.id, why)
+            await self._quietly(client.withdraw(claim.worker_prompt_id))
+        elif outcome == "undelivered":
+            self.move(claim, worker.id, why, recheck=False)
 
     def move(self, claim: Claim, worker_id: str, reason: str, recheck: bool = True) -> None:
         """Put the prompt back for whoever is free next, and keep this worker out for a while

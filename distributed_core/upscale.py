@@ -30,14 +30,12 @@ from typing import Any, Callable
 import numpy as np
 
 from . import workflow
-from .client import InstanceError, history_error
+from .client import InstanceError
 from .plan import MASTER_ID
 from .tiles import Grid
 
 log = logging.getLogger("comfyui-distributed")
 
-POLL_SECONDS = 1.0
-REFUSALS_MEAN_GONE = 3
 MAX_HOLDERS = 2          # at most this many participants render one tile at once
 OVERDUE = 2.0            # a tile held this many median tile times may be rendered by an idle participant too
 FINISHED_MEMORY = 256
@@ -96,6 +94,7 @@ class WorkerShare:
     prompt_id: str = ""
     state: str = "waiting"   # waiting | queued | running | done | failed | cancelled
     error: str = ""
+    dispatched: float = 0.0  # the coordinator's clock when the worker accepted its prompt
 
 
 @dataclass
@@ -469,6 +468,7 @@ class Upscales:
         except InstanceError as exc:
             self.board.release(job_id, share.participant, str(exc))
             return
+        share.dispatched = self.coord.clock.now()
         self.board.update(job_id, lambda j: setattr(share, "state", "queued")
                           if share.state == "waiting" else None)
         if not self.board.is_open(job_id):  # ended while we were dispatching
@@ -477,60 +477,29 @@ class Upscales:
         await self._supervise(job_id, share, client, job.config.settings.job_timeout)
 
     async def _supervise(self, job_id: str, share: WorkerShare, client, timeout: float) -> None:
-        """Watch a worker's prompt while the job is open: an error, a lost prompt, a dead process or
-        silence for ``timeout`` seconds puts its tiles back in the pool."""
-        last_sign = time.monotonic()
-        refusals = 0
-        while self.board.is_open(job_id):
-            await asyncio.sleep(POLL_SECONDS)
-            try:
-                entry = await client.history(share.prompt_id)
-                if entry is None:
-                    running, pending = await client.queue()
-                    if share.prompt_id not in running + pending:
-                        entry = await client.history(share.prompt_id)
-                        if entry is None:
-                            self.board.release(job_id, share.participant,
-                                               "the worker no longer has its prompt (was it restarted?)")
-                            return
-                last_sign, refusals = time.monotonic(), 0
-            except InstanceError as exc:
-                refusals = refusals + 1 if exc.refused else 0
-                if refusals >= REFUSALS_MEAN_GONE:
-                    self.board.release(job_id, share.participant, f"its ComfyUI is gone: {exc}")
-                    return
-                if time.monotonic() - last_sign > timeout:
-                    self.board.release(job_id, share.participant, f"no sign of life for {timeout:g} s: {exc}")
-                    return
-                continue
-            if entry is not None:
-                status = entry.get("status") or {}
-                if status.get("status_str") == "error":
-                    self.board.release(job_id, share.participant, history_error(status))
-                else:
-                    self.board.update(job_id, lambda j: setattr(share, "state", "done"))
-                    self.board.release(job_id, share.participant, "its prompt ended")  # no-op once done
-                return
+        """Watch a worker's prompt while the job is open (the coordinator's one way of watching
+        worker prompts): an error, a lost prompt, a dead process or silence for ``timeout``
+        seconds puts its tiles back in the pool."""
+        from .coordinator import Watch
+
+        watched = Watch(client, share.prompt_id, share.dispatched, job_id, lambda: self.board.is_open(job_id),
+                        lambda: False)
+        outcome, why = await self.coord.watch(watched, timeout)
+        if outcome == "finished":
+            self.board.update(job_id, lambda j: setattr(share, "state", "done"))
+            self.board.release(job_id, share.participant, "its prompt ended")  # no-op once done
+        elif outcome != "closed":
+            self.board.release(job_id, share.participant, why)
 
     async def _watch_master(self, job_id: str, prompt_id: str) -> None:
         """End the job when the master's own prompt ends without the node finishing it (an error
         upstream, an interrupt, the prompt deleted from the queue)."""
-        me = self.coord.client(self.coord.own_url())
-        while self.board.is_open(job_id):
-            await asyncio.sleep(POLL_SECONDS)
-            try:
-                entry = await me.history(prompt_id)
-                if entry is None:
-                    running, pending = await me.queue()
-                    if prompt_id in running + pending:
-                        continue
-                    entry = await me.history(prompt_id)
-            except InstanceError:
-                continue
-            self.board.end(job_id, UpscaleState.CANCELLED,
-                           "the master's prompt ended before the upscale finished" if entry
-                           else "the prompt was removed from the master's queue")
-            return
+        coord = self.coord
+        entry = await coord.prompt_end(coord.client(coord.own_url()), prompt_id, coord.clock.now(), job_id,
+                                       lambda: self.board.is_open(job_id))
+        self.board.end(job_id, UpscaleState.CANCELLED,
+                       "the master's prompt ended before the upscale finished" if entry
+                       else "the prompt was removed from the master's queue")
 
     def _ended(self, job: UpscaleJob) -> None:
         """Called from any thread when a job ends: the prompts of workers that were still at work

@@ -81,7 +81,7 @@ class Instance:
             args += ["--front-end-root", str(bare_frontend(self.tree))]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(args, cwd=self.tree, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         return self
 
@@ -253,6 +253,17 @@ def error_of(entry: dict) -> str:
         if event == "execution_error":
             return str(data.get("exception_message", ""))
     return ""
+
+
+def die_with_parent() -> None:
+    """In a started instance, before it runs: on Linux, have the kernel end it when the process
+    that started it dies, so a test run that is killed leaves no ComfyUI behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
