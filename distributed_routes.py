@@ -670,9 +670,9 @@ def _add_tile_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
             except wire.FrameError as exc:
                 raise Refused(400, f"bad tile frame: {exc}") from None
             participant, shape = board.expected_shape(header.job, header.collector, header.token, header.unit)
-            if header.encoding != "raw" or header.dtype != "float32" or header.shape != shape:
-                raise Refused(400, f"tile {header.unit} must be raw float32 of shape {list(shape)}, not "
-                                   f"{header.encoding} {header.dtype} {list(header.shape)}")
+            if header.encoding != "raw" or header.dtype != "float32" or header.shape != shape or header.audio:
+                raise Refused(400, f"tile {header.unit} must be raw float32 of shape {list(shape)} without audio, "
+                                   f"not {header.encoding} {header.dtype} {list(header.shape)}")
             if request.content_length is not None and \
                     request.content_length != wire.PREFIX_SIZE + size + header.payload_size:
                 raise Refused(400, "the body's length does not match its header")

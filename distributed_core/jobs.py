@@ -5,7 +5,9 @@ thread. A Condition joins the two.
 
 Each Collector's final batch (float32) is allocated once, when the first share's shape is known,
 and every frame is read straight into its rows: the master holds about one copy of the batch. A
-share that does not fit that layout is kept apart and joined at the end.
+share that does not fit that layout is kept apart and joined at the end. Audio that comes with a
+share (the Collector's AUDIO input) is kept beside it, one part per frame, and handed over in the
+images' order; a job's frames for one Collector either all carry audio or none does.
 
 Memory is bounded: results for jobs that the master has not reached yet are refused with "retry
 later" once ``budget_bytes`` is held, except for the oldest job, so the job that runs now can
@@ -25,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import wire
+from .audio import Sound
 from .plan import MASTER_ID, chunks_of
 from .wire import Header
 
@@ -90,6 +93,8 @@ class Job:
     error: str = ""
     notices: list[str] = field(default_factory=list)  # failures that were recovered from
     taken: set[str] = field(default_factory=set)       # Collectors that have their batch
+    audio: set[str] = field(default_factory=set)       # Collectors whose audio input is connected
+    sounds: dict[tuple[str, int], Sound] = field(default_factory=dict)  # beside ``results``, same keys
 
     def all_taken(self) -> bool:
         return set(self.collectors) <= self.taken
@@ -131,10 +136,32 @@ class Job:
     def position(self, unit: int) -> int:
         return self.units.index(unit) if not self.split else unit
 
-    def record(self, collector: str, first: int, count: int, value: Any, nbytes: int = 0) -> None:
+    def record(self, collector: str, first: int, count: int, value: Any, nbytes: int = 0,
+               sound: Sound | None = None) -> None:
         self.results[(collector, first)] = (count, value)
+        if sound is not None:
+            self.sounds[(collector, first)] = sound
+            nbytes += sound.nbytes
         self.covered.setdefault(collector, set()).update(range(first, first + count))
         self.held_bytes += nbytes
+
+    def audio_refusal(self, collector: str, carries: bool, sender: str) -> str:
+        """Why a part with (or without) audio does not belong to this job ('' when it does)."""
+        if carries == (collector in self.audio):
+            return ""
+        if carries:
+            return (f"{sender} sent audio for collector {collector}, whose audio input is not connected in this "
+                    "job; parts with and without audio are never mixed")
+        return (f"collector {collector} gathers audio in this job but {sender} sent its images without any; "
+                "parts with and without audio are never mixed (does it run an older version of the extension?)")
+
+    def held(self) -> int:
+        return (sum(getattr(v, "nbytes", 0) for _c, v in self.results.values())
+                + sum(c.nbytes for c in self.canvases.values()) + sum(s.nbytes for s in self.sounds.values()))
+
+
+def units_text(first: int, count: int) -> str:
+    return f"unit {first}" if count == 1 else f"units {first}-{first + count - 1}"
 
 
 class JobStore:
@@ -192,6 +219,7 @@ class JobStore:
                 if share.state not in ("done", "failed"):
                     share.state = "done" if job.state is JobState.DONE else "cancelled"
             job.results.clear()
+            job.sounds.clear()
             job.held_bytes = 0
             self._finished[job_id] = state.value
             self._recent.append(job.summary())
@@ -232,6 +260,9 @@ class JobStore:
                 raise ResultRejected(410, f"job {job.id} is {job.state.value}; result discarded")
             if any(job.has(header.collector, u) for u in covers) or set(covers) & job.inflight:
                 raise ResultRejected(409, f"units from {header.unit} of job {job.id} were delivered already")
+            refusal = job.audio_refusal(header.collector, header.audio is not None, share.label)
+            if refusal:
+                raise ResultRejected(400, refusal)
             return job
 
     def _admit(self, job: Job, size: int) -> None:
@@ -264,8 +295,9 @@ class JobStore:
         with self._cond:
             job = self.check(header)
             view = self._place(job, header.collector, header.unit, header.count, header.shape)
-            if view is None:
-                self._admit(job, header.raw_size)
+            apart = (header.raw_size if view is None else 0) + header.audio_size
+            if apart:
+                self._admit(job, apart)
             job.inflight.update(range(header.unit, header.unit + header.count))
             return view
 
@@ -275,12 +307,18 @@ class JobStore:
             if job is not None:
                 job.inflight.difference_update(range(header.unit, header.unit + header.count))
 
-    def commit(self, header: Header, kept_apart: np.ndarray | None) -> None:
-        """The frame's body is in place (or in ``kept_apart``): its units have arrived."""
+    def commit(self, header: Header, kept_apart: np.ndarray | None, waveform: np.ndarray | None = None) -> None:
+        """The frame's body is in place (or in ``kept_apart``), its audio in ``waveform``: its units
+        have arrived."""
         def change(job: Job) -> None:
             job.inflight.difference_update(range(header.unit, header.unit + header.count))
+            sound = None
+            if header.audio is not None and waveform is not None:
+                share = job.share_with(header.token)
+                sender = share.label if share is not None else "a worker"
+                sound = Sound(header.audio[0], waveform, f"{sender} ({units_text(header.unit, header.count)})")
             job.record(header.collector, header.unit, header.count, kept_apart,
-                       0 if kept_apart is None else kept_apart.nbytes)
+                       0 if kept_apart is None else kept_apart.nbytes, sound)
         if self.update(header.job, change) is None:
             raise ResultRejected(410, f"job {header.job} ended while its result was arriving; discarded")
 
@@ -293,19 +331,30 @@ class JobStore:
                 raise JobFailed(f"job {job_id} is gone ({self._finished.get(job_id, 'unknown')})")
             return self._place(job, collector, first, count, shape)
 
-    def put_local(self, job_id: str, collector: str, first: int, count: int, images: np.ndarray) -> None:
+    def put_local(self, job_id: str, collector: str, first: int, count: int, images: np.ndarray,
+                  sound: Sound | None = None) -> None:
         """place_local, copy, record_local in one call (the coordinator copies off the event loop)."""
         view = self.place_local(job_id, collector, first, count, images.shape)
         if view is not None:
             view[...] = images
-        self.record_local(job_id, collector, first, count, None if view is not None else images)
+        self.record_local(job_id, collector, first, count, None if view is not None else images, sound)
 
-    def record_local(self, job_id: str, collector: str, first: int, count: int, kept_apart: np.ndarray | None) -> None:
-        """The master's own images are in place (or in ``kept_apart``)."""
+    def record_local(self, job_id: str, collector: str, first: int, count: int, kept_apart: np.ndarray | None,
+                     sound: Sound | None = None) -> None:
+        """The master's own images are in place (or in ``kept_apart``), with their audio if any.
+        Raises JobFailed when the job has ended, or when the audio does not belong to it."""
+        refused = []
+
         def change(job: Job) -> None:
-            job.record(collector, first, count, kept_apart)
+            refused.append(job.audio_refusal(collector, sound is not None, "the master"))
+            if not refused[0]:
+                job.record(collector, first, count, kept_apart, 0,
+                           None if sound is None else Sound(sound.sample_rate, sound.waveform,
+                                                            f"master ({units_text(first, count)})"))
         if self.update(job_id, change) is None:
             raise JobFailed(f"job {job_id} is gone ({self._finished.get(job_id, 'unknown')})")
+        if refused[0]:
+            raise JobFailed(refused[0])
 
     def wait(self, job_id: str, collector: str, timeout: float) -> tuple[int, bool]:
         """Block up to ``timeout`` for progress; returns (units delivered, complete). Raises JobFailed."""
@@ -343,12 +392,28 @@ class JobStore:
                     value = canvas[start:start + count * per]
                 parts.append(value)
             job.taken.add(collector)
-            job.held_bytes = (sum(getattr(v, "nbytes", 0) for _c, v in job.results.values())
-                              + sum(c.nbytes for c in job.canvases.values()))
+            job.held_bytes = job.held()
             if canvas is not None and all(isinstance(p, np.ndarray) and p.base is canvas for p in parts) \
                     and sum(len(p) for p in parts) == len(canvas):
                 return [canvas]
             return parts
+
+    def take_sounds(self, job_id: str, collector: str) -> list[Sound] | None:
+        """One Collector's audio parts in the order of its image parts (call it before ``take``),
+        handed over; None when its audio input is not connected in this job."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobFailed(f"job {job_id} is gone ({self._finished.get(job_id, 'unknown')})")
+            if collector not in job.audio:
+                return None
+            keys = sorted((k for k in job.results if k[0] == collector), key=lambda k: job.position(k[1]))
+            missing = [units_text(k[1], job.results[k][0]) for k in keys if k not in job.sounds]
+            if missing:  # every frame of such a collector carries audio (check and record_local see to it)
+                raise JobFailed(f"collector {collector} gathers audio but {', '.join(missing)} arrived without any")
+            sounds = [job.sounds.pop(k) for k in keys]
+            job.held_bytes = job.held()
+            return sounds
 
 
 async def receive(store: JobStore, reader, content_length: int | None) -> Header:
@@ -371,19 +436,23 @@ async def receive(store: JobStore, reader, content_length: int | None) -> Header
     try:
         target = view if view is not None else np.empty(header.shape, dtype=np.float32)
         if header.encoding == "png":
-            payload = await _read_exactly(reader, header.payload_size)
+            payload = await _read_exactly(reader, header.image_size)
             try:
                 await asyncio.get_running_loop().run_in_executor(None, wire.unpack_png, header, payload, target)
             except wire.FrameError as exc:
                 raise ResultRejected(400, f"bad result frame: {exc}") from None
         else:
             await _read_converting(reader, header, target)
+        waveform = None
+        if header.audio is not None:
+            waveform = np.empty(header.audio[1], dtype=np.float32)
+            await _read_into(reader, memoryview(waveform.reshape(-1).view(np.uint8)), header.payload_size)
         if await reader.read(1):
             raise ResultRejected(400, "the body is longer than its header promises")
     except BaseException:
         store.release(header)
         raise
-    store.commit(header, None if view is not None else target)
+    store.commit(header, None if view is not None else target, waveform)
     return header
 
 
@@ -395,21 +464,25 @@ async def _read_exactly(reader, size: int) -> bytes:
                                   "the header promises") from None
 
 
+async def _read_into(reader, target: memoryview, promised: int) -> None:
+    """Fill ``target`` from the body, a megabyte at a time, straight into place."""
+    filled = 0
+    while filled < len(target):
+        chunk = await reader.read(min(len(target) - filled, 1 << 20))
+        if not chunk:
+            raise ResultRejected(400, f"truncated result frame: fewer than the {promised} "
+                                      "payload bytes the header promises")
+        target[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+
+
 async def _read_converting(reader, header: Header, out: np.ndarray) -> None:
     """Stream a raw payload into float32 ``out``, a megabyte at a time: float32 bytes land
     directly in place, other dtypes are converted chunk by chunk (uint8 scaled to [0, 1])."""
     dtype = np.dtype(wire.DTYPES[header.dtype])
     flat = out.reshape(-1)
     if dtype == np.float32:
-        target = memoryview(flat.view(np.uint8))
-        filled = 0
-        while filled < len(target):
-            chunk = await reader.read(min(len(target) - filled, 1 << 20))
-            if not chunk:
-                raise ResultRejected(400, f"truncated result frame: fewer than the {header.payload_size} "
-                                          "payload bytes the header promises")
-            target[filled:filled + len(chunk)] = chunk
-            filled += len(chunk)
+        await _read_into(reader, memoryview(flat.view(np.uint8)), header.payload_size)
         return
     scale = np.float32(1 / 255.0) if dtype == np.uint8 else np.float32(1)
     leftover = b""

@@ -12,6 +12,13 @@ seed slot in multiply mode; a range of global batch indices in split mode), the 
 dtype and the shape of an IMAGE batch (batch, height, width, channels). The payload is the array in C order, exactly
 ``prod(shape) * itemsize`` bytes, so the receiver can size its buffer from the header and stream the
 body straight into it. No base64, no JSON-wrapped PNG.
+
+A frame may also carry the audio that goes with its images (the Collector's optional AUDIO input):
+then its header holds ``"audio": {"sample_rate": int, "shape": [batch, channels, samples]}`` and the
+waveform follows the images as float32 in C order, whatever the transport. A frame without that key
+carries no audio and is byte for byte what earlier versions sent; a master of an earlier version
+refuses a frame with audio (its body is longer than the header it knows promises), so audio is
+never dropped unseen.
 """
 from __future__ import annotations
 
@@ -26,6 +33,9 @@ PREFIX_SIZE = 8
 MAX_HEADER = 16 * 1024
 MAX_SIDE = 16384
 MAX_BATCH = 4096
+MAX_SAMPLE_RATE = 1 << 22   # Hz; far above any audio format in use
+MAX_AUDIO_CHANNELS = 64
+MAX_AUDIO_SAMPLES = (1 << 31) - 1
 ENCODINGS = ("raw", "png")
 TRANSPORTS = ("float32", "uint8", "png")   # what a worker sends: dtype and encoding together
 DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
@@ -47,20 +57,34 @@ class Header:
     count: int = 1
     encoding: str = "raw"
     nbytes: int = 0  # payload bytes of an encoded (png) frame; raw frames follow from the shape
+    # (sample rate, (batch, channels, samples)) of the float32 waveform after the images, or None
+    audio: tuple[int, tuple[int, int, int]] | None = None
 
     @property
     def raw_size(self) -> int:
         return math.prod(self.shape) * np.dtype(DTYPES[self.dtype]).itemsize
 
     @property
-    def payload_size(self) -> int:
+    def image_size(self) -> int:
+        """Payload bytes of the images: the first part of the payload."""
         return self.raw_size if self.encoding == "raw" else self.nbytes
 
+    @property
+    def audio_size(self) -> int:
+        """Payload bytes of the waveform after the images (0 without audio)."""
+        return 0 if self.audio is None else math.prod(self.audio[1]) * 4
+
+    @property
+    def payload_size(self) -> int:
+        return self.image_size + self.audio_size
+
     def to_bytes(self) -> bytes:
-        body = json.dumps({"job": self.job, "collector": self.collector, "unit": self.unit,
-                           "count": self.count, "token": self.token, "dtype": self.dtype,
-                           "shape": list(self.shape), "encoding": self.encoding, "nbytes": self.nbytes},
-                          separators=(",", ":")).encode()
+        data = {"job": self.job, "collector": self.collector, "unit": self.unit, "count": self.count,
+                "token": self.token, "dtype": self.dtype, "shape": list(self.shape), "encoding": self.encoding,
+                "nbytes": self.nbytes}
+        if self.audio is not None:
+            data["audio"] = {"sample_rate": self.audio[0], "shape": list(self.audio[1])}
+        body = json.dumps(data, separators=(",", ":")).encode()
         return MAGIC + len(body).to_bytes(4, "big") + body
 
 
@@ -112,33 +136,86 @@ def parse_header(raw: bytes) -> Header:
         if data["dtype"] != "uint8" or not isinstance(nbytes, int) or not 0 < nbytes <= limit:
             raise FrameError(f"a png frame holds uint8 images in at most {limit} bytes")
     return Header(data["job"], data["collector"], unit, data["token"], data["dtype"], tuple(shape), count,
-                  encoding, nbytes if encoding == "png" else 0)
+                  encoding, nbytes if encoding == "png" else 0, _parse_audio(data.get("audio")))
 
 
-def encode(header: Header, array: np.ndarray) -> list:
-    """The frame as a list of buffers (header, then the array's memory, uncopied)."""
+def _parse_audio(audio) -> tuple[int, tuple[int, int, int]] | None:
+    if audio is None:
+        return None
+    if not isinstance(audio, dict):
+        raise FrameError("header.audio must be an object {sample_rate, shape}")
+    rate, shape = audio.get("sample_rate"), audio.get("shape")
+    if not isinstance(rate, int) or isinstance(rate, bool) or not 1 <= rate <= MAX_SAMPLE_RATE:
+        raise FrameError(f"header.audio.sample_rate must be a whole number from 1 to {MAX_SAMPLE_RATE}")
+    if (not isinstance(shape, list) or len(shape) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        raise FrameError("header.audio.shape must be [batch, channels, samples]")
+    batch, channels, samples = shape
+    if not (1 <= batch <= MAX_BATCH and 1 <= channels <= MAX_AUDIO_CHANNELS and 0 <= samples <= MAX_AUDIO_SAMPLES):
+        raise FrameError(f"header.audio.shape {shape} is out of range (1 to {MAX_BATCH} waveforms of 1 to "
+                         f"{MAX_AUDIO_CHANNELS} channels, at most {MAX_AUDIO_SAMPLES} samples)")
+    return rate, (batch, channels, samples)
+
+
+def _audio_parts(header: Header, sound) -> list:
+    """The waveform's buffer for a header that declares it (nothing without audio)."""
+    if sound is None:
+        if header.audio is not None:
+            raise FrameError("the header declares audio but none was given")
+        return []
+    waveform, rate = sound
+    waveform = np.ascontiguousarray(waveform, dtype=np.float32)
+    if header.audio != (rate, tuple(waveform.shape)):
+        raise FrameError("the waveform does not match its header")
+    return [memoryview(waveform.reshape(-1).view(np.uint8))]
+
+
+def _audio_header(sound) -> tuple[int, tuple[int, int, int]] | None:
+    if sound is None:
+        return None
+    waveform, rate = sound
+    shape = tuple(int(d) for d in np.shape(waveform))
+    if len(shape) != 3:
+        raise FrameError(f"a waveform is [batch, channels, samples], not of shape {list(shape)}")
+    return int(rate), shape
+
+
+def encode(header: Header, array: np.ndarray, sound=None) -> list:
+    """The frame as a list of buffers (header, then the array's memory, uncopied, then the
+    waveform's when ``sound`` = (float32 waveform, sample rate) is given)."""
     array = np.ascontiguousarray(array)
     if array.dtype != DTYPES[header.dtype] or tuple(array.shape) != header.shape or header.encoding != "raw":
         raise FrameError("array does not match its header")
-    return [header.to_bytes(), memoryview(array.reshape(-1).view(np.uint8))]
+    return [header.to_bytes(), memoryview(array.reshape(-1).view(np.uint8)), *_audio_parts(header, sound)]
 
 
-def frame(job: str, collector: str, first: int, count: int, token: str, images, transport: str) -> list:
-    """Encode float images in [0, 1] (a torch tensor or an array) the way ``transport`` says."""
+def frame(job: str, collector: str, first: int, count: int, token: str, images, transport: str,
+          sound=None) -> list:
+    """Encode float images in [0, 1] (a torch tensor or an array) the way ``transport`` says, and
+    the audio that goes with them, ``sound`` = (waveform [batch, channels, samples], sample rate),
+    as float32 whatever the transport."""
     if transport not in TRANSPORTS:
         raise FrameError(f"unknown transport {transport!r}")
+    if sound is not None:
+        waveform, rate = sound
+        waveform = (waveform.detach().float().cpu().contiguous().numpy() if hasattr(waveform, "detach")
+                    else np.ascontiguousarray(waveform, dtype=np.float32))
+        sound = (waveform, int(rate))
+    audio = _audio_header(sound)
     if transport == "float32":
         images = (images.detach().float().cpu().contiguous().numpy() if hasattr(images, "detach")
                   else np.asarray(images, dtype=np.float32))
-        return encode(Header(job, collector, first, token, "float32", tuple(images.shape), count), images)
+        return encode(Header(job, collector, first, token, "float32", tuple(images.shape), count, audio=audio),
+                      images, sound)
     if transport == "uint8":
-        header = Header(job, collector, first, token, "uint8", tuple(images.shape), count)
+        header = Header(job, collector, first, token, "uint8", tuple(images.shape), count, audio=audio)
         on_cpu = not hasattr(images, "detach") or images.device.type == "cpu"
-        return [header.to_bytes(), LazyPixels(images) if on_cpu else to_pixels(images).reshape(-1)]
+        return [header.to_bytes(), LazyPixels(images) if on_cpu else to_pixels(images).reshape(-1),
+                *_audio_parts(header, sound)]
     pixels = to_pixels(images)
     payload = pack_png(pixels)
-    header = Header(job, collector, first, token, "uint8", tuple(pixels.shape), count, "png", len(payload))
-    return [header.to_bytes(), payload]
+    header = Header(job, collector, first, token, "uint8", tuple(pixels.shape), count, "png", len(payload), audio)
+    return [header.to_bytes(), payload, *_audio_parts(header, sound)]
 
 
 _PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -190,15 +267,25 @@ def unpack_png(header: Header, payload: bytes, out: np.ndarray) -> None:
         raise FrameError("png frame has bytes after its last image")
 
 
-def decode(frame: bytes) -> tuple[Header, np.ndarray]:
-    """Decode a whole frame held in memory (the server streams instead; this is for tests and tools)."""
+def decode(frame: bytes, with_audio: bool = False):
+    """Decode a whole raw frame held in memory (the server streams instead; this is for tests and
+    tools): (header, images), or (header, images, waveform or None) with ``with_audio``. A frame
+    that carries audio is refused without ``with_audio``, so that its audio is not dropped unseen."""
     size = header_length(frame[:PREFIX_SIZE])
     header = parse_header(frame[PREFIX_SIZE:PREFIX_SIZE + size])
     payload = frame[PREFIX_SIZE + size:]
     if len(payload) != header.payload_size:
         raise FrameError(f"payload has {len(payload)} bytes, the header promises {header.payload_size}")
-    array = np.frombuffer(payload, dtype=DTYPES[header.dtype]).reshape(header.shape)
-    return header, array
+    if header.encoding != "raw":
+        raise FrameError("decode reads raw frames; png frames are read with unpack_png")
+    array = np.frombuffer(payload[:header.image_size], dtype=DTYPES[header.dtype]).reshape(header.shape)
+    if not with_audio:
+        if header.audio is not None:
+            raise FrameError("this frame carries audio; decode it with with_audio=True")
+        return header, array
+    waveform = (None if header.audio is None
+                else np.frombuffer(payload[header.image_size:], dtype=np.float32).reshape(header.audio[1]))
+    return header, array, waveform
 
 
 def quantize(images: np.ndarray) -> np.ndarray:
