@@ -15,6 +15,7 @@ import comfy.model_management
 import comfy.utils
 
 from .distributed_core import encode, plan, spread, tiles, wire, workflow
+from .distributed_core.audio import AudioError, join as join_audio, per_part, sound as audio_part
 from .distributed_core.client import InstanceError, Interrupted, deliver
 from .distributed_core.jobs import JobFailed, JobState
 from .distributed_core.upscale import Lease, Refused, UpscaleState
@@ -46,6 +47,56 @@ def _concat(batches: list) -> torch.Tensor:
         raise RuntimeError(f"Multi-GPU Collector: the shares have different image sizes {sorted(shapes)}; "
                            "every participant must render the same size.")
     return batches[0] if len(batches) == 1 else torch.cat(batches, dim=0)
+
+
+NO_AUDIO_RATE = 44100  # the rate of the empty AUDIO a Collector without an audio input hands on
+
+
+def _sounds(values: list) -> list:
+    """The Collector's audio input (one value per list item) as checked audio.Sound parts."""
+    found = []
+    for i, value in enumerate(values):
+        waveform = value.get("waveform") if isinstance(value, dict) else None
+        if not hasattr(waveform, "detach"):
+            raise RuntimeError(f"Multi-GPU Collector: the audio input got {type(value).__name__}, not AUDIO (a "
+                               "waveform tensor [batch, channels, samples] and its sample_rate); connect an "
+                               "AUDIO output to it.")
+        try:
+            found.append(audio_part(_as_array(waveform), value.get("sample_rate"),
+                                     "the audio input" + (f" (item {i + 1})" if len(values) > 1 else "")))
+        except AudioError as exc:
+            raise RuntimeError(f"Multi-GPU Collector: {exc}") from None
+    return found
+
+
+def _joined(sounds: list) -> dict:
+    try:
+        joined = join_audio(sounds)
+    except AudioError as exc:
+        raise RuntimeError(f"Multi-GPU Collector: {exc}") from None
+    return {"waveform": _as_tensor(joined.waveform), "sample_rate": joined.sample_rate}
+
+
+def _no_audio(prompt, unique_id) -> dict:
+    """What the audio output holds when the audio input is not connected: nothing uses it (the
+    master refuses a prompt in which something does, and so does this node when run alone), so
+    an empty AUDIO, never None."""
+    prompt, node = _first(prompt), str(_first(unique_id))
+    consumers = workflow.audio_consumers(prompt, node)
+    if consumers:
+        raise RuntimeError(f"Multi-GPU Collector: {workflow.audio_unconnected(prompt, node, consumers)}")
+    return _empty_audio()
+
+
+def _empty_audio() -> dict:
+    return {"waveform": torch.zeros([1, 1, 0]), "sample_rate": NO_AUDIO_RATE}
+
+
+def _paired(sounds: list, parts: int) -> list:
+    try:
+        return per_part(sounds, parts)
+    except AudioError as exc:
+        raise RuntimeError(f"Multi-GPU Collector: {exc}") from None
 
 
 def _as_array(images: torch.Tensor) -> np.ndarray:
@@ -80,13 +131,16 @@ def _unseal(key) -> str | None:
 
 
 class MultiGPUCollector:
-    """Gathers the images of every GPU into one batch: the master's first, then the workers in config order."""
+    """Gathers the images of every GPU into one batch: the master's first, then the workers in config
+    order; and the audio that goes with them, joined in the same order."""
 
     DESCRIPTION = ("Renders the nodes before it on every enabled GPU at once and hands one combined "
-                   "batch to the nodes after it. Use Distributed Seed so every GPU draws its own images.")
+                   "batch to the nodes after it. Use Distributed Seed so every GPU draws its own images. "
+                   "Audio connected to its audio input is gathered in the same order, one part after "
+                   "another in time, for videos with sound.")
     CATEGORY = "distributed"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
+    RETURN_TYPES = ("IMAGE", "AUDIO")
+    RETURN_NAMES = ("images", "audio")
     FUNCTION = "collect"
     # An output node so that a worker's prompt (which holds nothing after it) is a valid prompt.
     OUTPUT_NODE = True
@@ -95,33 +149,41 @@ class MultiGPUCollector:
 
     @classmethod
     def INPUT_TYPES(cls):
-        # Required, not optional: ComfyUI 2024 validates nothing upstream of an optional input.
-        return {"required": {"images": ("IMAGE",)}, "hidden": HIDDEN}
+        # Required, not optional: ComfyUI 2024 validates nothing upstream of an optional input. It
+        # still runs what an optional input needs, so the audio's upstream renders on every GPU.
+        return {"required": {"images": ("IMAGE",)},
+                "optional": {"audio": ("AUDIO", {"tooltip": "Audio rendered with the images (for a video "
+                                                            "with sound): each participant's part is joined "
+                                                            "in time, in the order of the images. Every part "
+                                                            "needs the same sample rate and channels."})},
+                "hidden": HIDDEN}
 
     @classmethod
     def IS_CHANGED(cls, **_kwargs):
         return float("nan")  # never from the cache: every run is a new job
 
-    def collect(self, images=None, prompt=None, unique_id=None):
+    def collect(self, images=None, audio=None, prompt=None, unique_id=None):
         batches = list(images or [])
+        sounds = None if audio is None else _sounds(list(audio))
         job = workflow.read_field(_first(prompt), _first(unique_id))
         role = (job or {}).get("role")
-        if role is None:  # not distributed (nobody else enabled, or a worker run by hand)
-            if not batches:
+        if role in (None, "pass"):  # not distributed (nobody else enabled, or a worker run by hand),
+            if not batches:         # or after another Collector: its inputs are gathered already
                 raise RuntimeError("Multi-GPU Collector: connect an image input.")
-            return (_concat(batches),)
+            if sounds is None:
+                return (_concat(batches), _no_audio(prompt, unique_id))
+            return (_concat(batches), _joined(_paired(sounds, len(batches))))
         if role == "error":
             raise RuntimeError(f"Multi-GPU Collector: {job['error']}")
-        if role == "pass":  # after another Collector: its input is gathered already
-            return (_concat(batches),)
         if role == "worker":
-            return (self._send(job, batches),)
-        return (self._gather(job, batches),)
+            return (self._send(job, batches, sounds), _empty_audio())  # nothing follows it on a worker
+        return self._gather(job, batches, sounds, prompt, unique_id)
 
     @staticmethod
-    def _send(job: dict, batches: list) -> torch.Tensor:
+    def _send(job: dict, batches: list, sounds: list | None) -> torch.Tensor:
         chunks = job["chunks"]
         batches = _per_chunk(batches, chunks)
+        sounds = [None] * len(chunks) if sounds is None else _paired(sounds, len(chunks))
         token = job.get("token") or _unseal(job.get("sealed"))
         if not token:
             raise RuntimeError("Multi-GPU Collector: this worker holds no result token for this prompt. A "
@@ -129,10 +191,11 @@ class MultiGPUCollector:
                                "the history, say) cannot deliver. Queue the workflow on the master.")
         deadline = time.monotonic() + float(job.get("timeout", 120))
         url = job["master_url"].rstrip("/") + "/distributed/result"
-        for (first, count), batch in zip(chunks, batches):
+        for (first, count), batch, sound in zip(chunks, batches, sounds):
             comfy.model_management.throw_exception_if_processing_interrupted()
             parts = wire.frame(job["job"], job["collector"], first, count, token, batch,
-                               job.get("transport", "float32"))
+                               job.get("transport", "float32"),
+                               None if sound is None else (sound.waveform, sound.sample_rate))
             try:
                 deliver(url, parts, deadline, comfy.model_management.processing_interrupted)
             except Interrupted:
@@ -143,9 +206,9 @@ class MultiGPUCollector:
         return _concat(batches)
 
     @staticmethod
-    def _gather(job: dict, batches: list) -> torch.Tensor:
-        """The master's Collector: its own images go to the job, then it waits for the workers'.
-        It changes no job state itself: the event loop does what it asks (coord.from_thread)."""
+    def _gather(job: dict, batches: list, sounds: list | None, prompt, unique_id) -> tuple:
+        """The master's Collector: its own images (and audio) go to the job, then it waits for the
+        workers'. It changes no job state itself: the event loop does what it asks (coord.from_thread)."""
         from .distributed_routes import coordinator
 
         coord = coordinator()
@@ -154,7 +217,8 @@ class MultiGPUCollector:
         try:
             if chunks:
                 arrays = [_as_array(batch) for batch in _per_chunk(batches, chunks)]
-                coord.from_thread(coord.local_share, job_id, collector, chunks, arrays)
+                own_sounds = None if sounds is None else _paired(sounds, len(chunks))
+                coord.from_thread(coord.local_share, job_id, collector, chunks, arrays, own_sounds)
             known = store.get(job_id)
             total = len(known.units) if known else 0
             progress = comfy.utils.ProgressBar(total)
@@ -164,7 +228,7 @@ class MultiGPUCollector:
                 if complete:
                     break
                 comfy.model_management.throw_exception_if_processing_interrupted()
-            parts, notices = coord.from_thread(coord.collected, job_id, collector)
+            parts, gathered, notices = coord.from_thread(coord.collected, job_id, collector)
         except JobFailed as exc:
             coord.from_thread(coord.end, job_id, JobState.FAILED, str(exc))
             raise RuntimeError(f"Multi-GPU Collector: {exc}") from None
@@ -173,7 +237,9 @@ class MultiGPUCollector:
             raise
         if notices:
             log.warning("[Distributed] job %s completed after recovering: %s", job_id[:8], "; ".join(notices))
-        return _concat([_as_tensor(v) for v in parts])
+        # the job says whether this Collector gathers audio: an idle master's prompt has no audio input
+        sound = _no_audio(prompt, unique_id) if gathered is None else _joined(gathered)
+        return (_concat([_as_tensor(v) for v in parts]), sound)
 
 
 class DistributedSeed:

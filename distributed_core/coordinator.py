@@ -27,11 +27,12 @@ from typing import Any, Callable
 
 import aiohttp
 
+from . import audio
 from . import config as config_file
 from . import doctor, plan, upscale, workflow
 from .client import InstanceClient, InstanceError, history_error
 from .config import Config, Loaded, Worker
-from .jobs import Job, JobState, JobStore, Share
+from .jobs import Job, JobFailed, JobState, JobStore, Share
 from .reach import Clock, Reachability
 
 log = logging.getLogger("comfyui-distributed")
@@ -270,6 +271,7 @@ class Coordinator:
         slots = plan.slots(config)
         fanned = workflow.layout(prompt, collectors).fanned  # the Collectors workers render for
         batch = workflow.split_batch(prompt, fanned)
+        workflow.check_audio(prompt, collectors, fanned, split=batch is not None)
         if len(slots) == 1 and slots[0].participant == plan.MASTER_ID:
             return None, [], fanned
         workers = {w.id: w for w in config.workers}
@@ -286,6 +288,7 @@ class Coordinator:
         else:
             job, own = self._plan_split(prompt, fanned, batch, available, labels)
         job.collectors = fanned
+        job.audio = {c for c in fanned if workflow.takes_audio(prompt, c)}
         for share in job.shares.values():
             share.url = workers[share.participant].url if share.participant in workers else ""
         for participant, why in left_out.items():
@@ -320,15 +323,17 @@ class Coordinator:
         return self._throughput
 
     # --- the Collector's requests (made from the execution thread through from_thread) ---------
-    async def local_share(self, job_id: str, collector: str, chunks: list, arrays: list) -> None:
-        """The master's own images: each chunk's rows are claimed here, filled off the loop, then
-        recorded. Raises JobFailed when the job has ended."""
+    async def local_share(self, job_id: str, collector: str, chunks: list, arrays: list,
+                          sounds: list | None = None) -> None:
+        """The master's own images, and with them their audio (one audio.Sound per chunk, or None
+        when the Collector's audio input is not connected): each chunk's rows are claimed here,
+        filled off the loop, then recorded. Raises JobFailed when the job has ended."""
         loop = asyncio.get_running_loop()
-        for (first, count), images in zip(chunks, arrays):
+        for (first, count), images, sound in zip(chunks, arrays, sounds or [None] * len(chunks)):
             view = self.store.place_local(job_id, collector, first, count, images.shape)
             if view is not None:
                 await loop.run_in_executor(None, _copy, view, images)
-            self.store.record_local(job_id, collector, first, count, None if view is not None else images)
+            self.store.record_local(job_id, collector, first, count, None if view is not None else images, sound)
         job = self.store.get(job_id)
         if job is not None and plan.MASTER_ID in job.shares:
             self.store.update(job_id, lambda j: setattr(j.shares[plan.MASTER_ID], "state", "done"))
@@ -336,15 +341,25 @@ class Coordinator:
         if job_plan is not None:
             job_plan.master_done = time.time()  # its speed is learned in watch_master
 
-    def collected(self, job_id: str, collector: str) -> tuple[list, list[str]]:
+    def collected(self, job_id: str, collector: str) -> tuple[list, list | None, list[str]]:
         """One Collector's batch handed over; the job ends once every Collector has its own.
-        Returns (the batch's parts, the job's notices)."""
+        Returns (the batch's parts, its audio parts in the same order or None when the
+        Collector's audio input is not connected, the job's notices). Audio parts that cannot be
+        joined fail the job (JobFailed), naming who sent which format."""
+        sounds = self.store.take_sounds(job_id, collector)
+        try:
+            if sounds is not None:
+                audio.check(sounds)
+        except audio.AudioError as exc:
+            message = f"collector {collector}: {exc}"
+            self.end(job_id, JobState.FAILED, message)
+            raise JobFailed(message) from None
         parts = self.store.take(job_id, collector)
         job = self.store.get(job_id)
         notices = list(job.notices) if job is not None else []
         if job is None or job.all_taken():
             self.end(job_id, JobState.DONE)
-        return parts, notices
+        return parts, sounds, notices
 
     # --- ending a job ------------------------------------------------------------------------------
     def end(self, job_id: str, state: JobState, error: str = "") -> Job | None:

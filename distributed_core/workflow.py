@@ -22,6 +22,8 @@ UPSCALE = "DistributedTiledUpscale"
 DISTRIBUTED = (SEED, LATENT)
 FIELD = "_distributed"
 MAX_SPLIT_BATCH = 4096  # the node's own maximum
+AUDIO_INPUT = "audio"   # the Collector's optional AUDIO input ...
+AUDIO_OUTPUT = 1        # ... and the output that hands on what it gathered
 
 Prompt = dict[str, dict[str, Any]]
 
@@ -181,6 +183,51 @@ def layout(prompt: Prompt, collectors: list[str]) -> Layout:
     return Layout(fanned, [c for c in collectors if c not in fanned], gathered, own)
 
 
+def takes_audio(prompt: Prompt, nid: str) -> bool:
+    """The Collector's audio input is connected: its parts carry audio beside the images."""
+    return is_link((prompt[nid].get("inputs") or {}).get(AUDIO_INPUT))
+
+
+def audio_consumers(prompt: Any, nid: str) -> list[str]:
+    """The nodes that take a Collector's audio output."""
+    if not isinstance(prompt, dict):
+        return []
+    return sorted(other for other, node in prompt.items() if isinstance(node, dict)
+                  and any(is_link(v) and str(v[0]) == str(nid) and v[1] == AUDIO_OUTPUT
+                          for v in (node.get("inputs") or {}).values()))
+
+
+def audio_unconnected(prompt: Prompt, nid: str, consumers: list[str]) -> str:
+    return (f"{', '.join(describe(prompt, c) for c in consumers)} takes the audio output of the Multi-GPU "
+            f"Collector {describe(prompt, nid)}, but nothing is connected to that Collector's audio input. "
+            "Connect the audio to gather (rendered beside the images, before the Collector) to its audio "
+            "input, or give that node its audio from elsewhere.")
+
+
+def check_audio(prompt: Prompt, collectors: list[str], fanned: list[str], split: bool) -> None:
+    """Refuse, before anything renders, a Collector whose audio output is used while its audio
+    input is not connected, and in split mode audio that does not come from the split batch (each
+    GPU would give the same audio for each of its chunks, as many copies as the batch happens to
+    be cut into)."""
+    for nid in collectors:
+        consumers = audio_consumers(prompt, nid)
+        if consumers and not takes_audio(prompt, nid):
+            raise WorkflowError(audio_unconnected(prompt, nid, consumers))
+    if not split:
+        return
+    for nid in fanned:
+        if not takes_audio(prompt, nid):
+            continue
+        source = str(prompt[nid]["inputs"][AUDIO_INPUT][0])
+        if not any(prompt[u].get("class_type") == LATENT for u in upstream(prompt, [source])):
+            raise WorkflowError(
+                f"in split mode the audio that {describe(prompt, nid)} gathers must be rendered from the split "
+                f"batch, but {describe(prompt, source)} does not depend on the Distributed Empty Latent: every "
+                "GPU would give that same audio once for each part of the batch it renders. Connect it "
+                "directly to the nodes after the Collector instead (it is the same on every GPU), or render "
+                "the audio from the split latent.")
+
+
 def _unused_id(prompt: Prompt, wanted: str) -> str:
     nid = wanted
     while nid in prompt:
@@ -196,7 +243,8 @@ def master_prompt(prompt: Prompt, collectors: list[str], job: dict, chunks: list
     chunk of its own (master disabled, or a split share of 0) it renders nothing that is a share:
     every node after a Distributed node and before the Collectors leaves the prompt (a Preview of
     the decoded images, say), and each fanned Collector's input comes from a 1x1 EmptyImage, so
-    that it only gathers. Chained Collectors pass their batch on. Nodes after a Collector that
+    that it only gathers; its audio input, if any, is left out too (the job knows whether it
+    gathers audio). Chained Collectors pass their batch on. Nodes after a Collector that
     take a Distributed node's value get it as a single GPU would (the seed as it is, the whole
     latent batch): that part of the workflow runs once.
     """
@@ -230,6 +278,7 @@ def master_prompt(prompt: Prompt, collectors: list[str], job: dict, chunks: list
             result[placeholder] = {"class_type": "EmptyImage",
                                    "inputs": {"width": 1, "height": 1, "batch_size": 1, "color": 0}}
             node["inputs"]["images"] = [placeholder, 0]
+            node["inputs"].pop(AUDIO_INPUT, None)
         result[nid] = node
     for nid in shape.chained:
         result[nid] = _with_field(result[nid], {"role": "pass"})
