@@ -116,7 +116,9 @@ class DistributedTestFail:
 
 class DistributedTestAudio:
     """A model-free AUDIO value (ComfyUI's shape: waveform [batch, channels, samples], sample_rate)
-    whose samples depend on the seed, so tests can check what arrived bit for bit."""
+    whose samples depend on the seed, so tests can check what arrived bit for bit. With a latent,
+    one stretch of ``samples`` per image of the latent, seeded by seed + the image's global batch
+    index (as split mode tags it), one after another in time."""
 
     CATEGORY = "distributed/testing"
     RETURN_TYPES = ("AUDIO",)
@@ -125,13 +127,19 @@ class DistributedTestAudio:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 1 << 31}),
-                             "samples": ("INT", {"default": 4800, "min": 1, "max": 1 << 22})}}
+                             "samples": ("INT", {"default": 4800, "min": 1, "max": 1 << 22})},
+                "optional": {"sample_rate": ("INT", {"default": 24000, "min": 1, "max": 1 << 22}),
+                             "latent": ("LATENT",)}}
 
-    def make(self, seed, samples):
+    def make(self, seed, samples, sample_rate=24000, latent=None):
         import torch
-        generator = torch.Generator().manual_seed(seed)
-        waveform = torch.rand([1, 2, samples], generator=generator) * 2 - 1
-        return ({"waveform": waveform, "sample_rate": 24000},)
+        if latent is None:
+            seeds = [seed]
+        else:
+            count = latent["samples"].shape[0]
+            seeds = [seed + index for index in (latent.get("batch_index") or list(range(count)))]
+        parts = [torch.rand([1, 2, samples], generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in seeds]
+        return ({"waveform": torch.cat(parts, dim=2), "sample_rate": int(sample_rate)},)
 
 
 class DistributedTestSaveValue:
