@@ -9,6 +9,8 @@ launcher places them), the first the master, with `settings.spread_queue` on. An
 with random weights (nothing downloaded), euler, batch 1, every prompt its own seed. In one run:
 - ``--prompts`` prompts queued at once by an API client on the master alone (the workers disabled),
   then the same prompts on all N: throughput (prompts/s, first POST to last finished) and the ratio;
+- "by hand": the same number of prompts dealt out in turn to every instance's own queue, nothing
+  spread: what this machine gives N independent instances, the ceiling for the spread queue;
 - prompts of mixed cost (steps alternating as ``--mixed`` says) on all N: each instance's idle time
   while a prompt waits that nobody has started, sampled every 50 ms from each instance's queue and
   the master's spread claims.
@@ -131,6 +133,19 @@ def run_queue(master: Instance, prompts: list[dict]) -> float:
     return time.perf_counter() - started
 
 
+def run_by_hand(instances: list[Instance], prompts: list[dict]) -> float:
+    """The same prompts dealt out in turn to every instance's own queue at once, with nothing
+    spread: the best a user gets by hand on this machine. Seconds until the last one finished."""
+    started = time.perf_counter()
+    ids = [(instances[k % len(instances)], instances[k % len(instances)].queue_prompt(p))
+           for k, p in enumerate(prompts)]
+    for instance, pid in ids:
+        entry = instance.wait_prompt(pid, 3600)
+        if error_of(entry):
+            raise RuntimeError(f"prompt {pid} failed on {instance.name}: {error_of(entry)}")
+    return time.perf_counter() - started
+
+
 def busy(instances: list[Instance], since: float, until: float) -> dict:
     """Per instance, from its history's execution timestamps (ComfyUI from mid-2024): how many
     prompts it ran between two wall-clock times, and for how many seconds."""
@@ -156,6 +171,8 @@ def main() -> int:
     parser.add_argument("--mixed", default="10,40",
                         help="steps of the mixed-cost prompts, alternating ('none' skips that part)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each (alternating; the median counts)")
+    parser.add_argument("--no-hand", action="store_true",
+                        help="skip the by-hand run (the prompts dealt out to every instance's own queue)")
     parser.add_argument("--cpu", action="store_true", help="CPU instances (to check the script)")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--out", type=Path)
@@ -177,23 +194,36 @@ def main() -> int:
         try:
             for inst in instances:  # load the model everywhere before timing
                 inst.timed(prompt(args.size, args.steps))
-            ones, manys, spans = [], [], []
-            for run in range(args.runs):  # alternating, so drift on the machine touches both alike
+            ones, manys, hands, spans = [], [], [], []
+            for run in range(args.runs):  # alternating, so drift on the machine touches all alike
                 write_config(config_path, config_for(instances, 1))
                 ones.append(run_queue(master, [prompt(args.size, args.steps) for _ in range(args.prompts)]))
+                if not args.no_hand:
+                    hands.append(run_by_hand(instances, [prompt(args.size, args.steps) for _ in range(args.prompts)]))
                 write_config(config_path, config_for(instances, args.gpus))
                 since = time.time()
                 manys.append(run_queue(master, [prompt(args.size, args.steps) for _ in range(args.prompts)]))
                 spans.append(busy(instances, since, time.time()))
-                print(f"run {run + 1}: 1 GPU {ones[-1]:.2f} s, {args.gpus} GPUs {manys[-1]:.2f} s; "
-                      f"who ran what on {args.gpus}: {spans[-1]}", flush=True)
+                print(f"run {run + 1}: 1 GPU {ones[-1]:.2f} s, {args.gpus} GPUs {manys[-1]:.2f} s"
+                      + (f", by hand on {args.gpus} {hands[-1]:.2f} s" if hands else "")
+                      + f"; who ran what on {args.gpus}: {spans[-1]}", flush=True)
             one, many = statistics.median(ones), statistics.median(manys)
             figures.update({"one_gpu_s": one, "n_gpu_s": many, "one_gpu_prompts_per_s": args.prompts / one,
                             "n_gpu_prompts_per_s": args.prompts / many, "ratio": one / many,
-                            "one_gpu_runs": ones, "n_gpu_runs": manys, "n_gpu_busy": spans})
+                            "one_gpu_runs": ones, "n_gpu_runs": manys, "n_gpu_busy": spans,
+                            "pair_ratios": [o / m for o, m in zip(ones, manys)]})
             print(f"{args.prompts} prompts at {args.size}x{args.size}, {args.steps} steps (median of {args.runs}): "
                   f"1 GPU {one:.1f} s ({args.prompts / one:.2f}/s), {args.gpus} GPUs {many:.1f} s "
-                  f"({args.prompts / many:.2f}/s): ratio {one / many:.2f}", flush=True)
+                  f"({args.prompts / many:.2f}/s): ratio {one / many:.2f} (each run: "
+                  + ", ".join(f"{o / m:.2f}" for o, m in zip(ones, manys)) + ")", flush=True)
+            if hands:
+                hand = statistics.median(hands)
+                figures.update({"by_hand_s": hand, "by_hand_runs": hands, "by_hand_ratio": one / hand,
+                                "spread_over_by_hand": hand / many})
+                print(f"by hand on {args.gpus} (the prompts dealt out to each instance's own queue): {hand:.1f} s, "
+                      f"ratio {one / hand:.2f} over 1 GPU (each run: "
+                      + ", ".join(f"{o / h:.2f}" for o, h in zip(ones, hands))
+                      + f"); spread throughput / by hand {hand / many:.3f}", flush=True)
             if mixed:
                 with IdleMeter(instances) as meter:
                     mixed_s = run_queue(master, [prompt(args.size, mixed[k % len(mixed)])
