@@ -15,8 +15,7 @@ from .distributed_core import access, doctor, encode, launcher, spread, wire
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, refused, submitted
-from .distributed_core.jobs import JobState, JobStore, ResultRejected, receive
-from .distributed_core.upscale import Refused
+from .distributed_core.jobs import JobState, JobStore, receive
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -279,7 +278,7 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
     async def post_result(request: web.Request) -> web.Response:
         try:
             header = await receive(coord.store, request.content, request.content_length)
-        except ResultRejected as exc:
+        except wire.Rejected as exc:
             return error(exc.status, exc.message)
         coord.result_arrived(header.job)
         return web.json_response({"ok": True, "job": header.job, "unit": header.unit})
@@ -521,8 +520,6 @@ def setup_spread(server, coord: Coordinator) -> spread.Dispatcher | None:
 def _add_spread_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
     @routes.post("/distributed/spread/result")
     async def post_spread_result(request: web.Request) -> web.Response:
-        from .distributed_core.jobs import ResultRejected
-
         dispatcher = coord.spread
         if dispatcher is None:
             return error(409, f"this master does not spread its queue: {coord.spread_unsupported}")
@@ -531,16 +528,16 @@ def _add_spread_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
             try:
                 dispatcher.state.check(header.prompt, header.token)
             except LookupError as exc:
-                raise ResultRejected(410, str(exc)) from None
+                raise wire.Rejected(410, str(exc)) from None
             except PermissionError as exc:
-                raise ResultRejected(403, str(exc)) from None
+                raise wire.Rejected(403, str(exc)) from None
             except ValueError as exc:
-                raise ResultRejected(409, str(exc)) from None
+                raise wire.Rejected(409, str(exc)) from None
         try:
             header, arrays = await spread.receive_values(request.content, request.content_length, check)
             values = await asyncio.get_running_loop().run_in_executor(None, spread.decode_values, header.tree, arrays)
             dispatcher.state.arrive(header.prompt, header.token, values)
-        except ResultRejected as exc:
+        except wire.Rejected as exc:
             return error(exc.status, exc.message)
         except wire.FrameError as exc:
             return error(400, f"bad value frame: {exc}")
@@ -619,7 +616,7 @@ def _add_tile_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
     async def identify(request: web.Request) -> tuple[str, str, str]:
         body = await read_json(request)
         if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in ("job", "node", "token")):
-            raise Refused(400, "send a JSON object with the strings job, node and token")
+            raise wire.Rejected(400, "send a JSON object with the strings job, node and token")
         return body["job"], body["node"], body["token"]
 
     @routes.post("/distributed/tiles/image")
@@ -627,7 +624,7 @@ def _add_tile_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
         try:
             job_id, node, token = await identify(request)
             found = board.image(job_id, node, token)
-        except Refused as exc:
+        except wire.Rejected as exc:
             return error(exc.status, exc.message)
         if found is None:
             return web.json_response({"wait": 0.25}, status=202)
@@ -652,7 +649,7 @@ def _add_tile_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
             job = board.get(job_id)
             seconds = float(job.config.settings.job_timeout) if job else 60.0
             lease = board.lease(job_id, node, "", seconds, token=token)
-        except Refused as exc:
+        except wire.Rejected as exc:
             return error(exc.status, exc.message)
         if lease.kind == "tile":
             return web.json_response({"tile": lease.index})
@@ -662,30 +659,17 @@ def _add_tile_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
     async def tile_result(request: web.Request) -> web.Response:
         reader = request.content
         try:
-            try:
-                size = wire.header_length(await reader.readexactly(wire.PREFIX_SIZE))
-                header = wire.parse_header(await reader.readexactly(size))
-            except asyncio.IncompleteReadError:
-                raise Refused(400, "truncated tile frame") from None
-            except wire.FrameError as exc:
-                raise Refused(400, f"bad tile frame: {exc}") from None
+            header = await wire.read_header(reader, request.content_length, "tile frame")
             participant, shape = board.expected_shape(header.job, header.collector, header.token, header.unit)
             if header.encoding != "raw" or header.dtype != "float32" or header.shape != shape or header.audio:
-                raise Refused(400, f"tile {header.unit} must be raw float32 of shape {list(shape)} without audio, "
+                raise wire.Rejected(400, f"tile {header.unit} must be raw float32 of shape {list(shape)} without audio, "
                                    f"not {header.encoding} {header.dtype} {list(header.shape)}")
-            if request.content_length is not None and \
-                    request.content_length != wire.PREFIX_SIZE + size + header.payload_size:
-                raise Refused(400, "the body's length does not match its header")
-            try:
-                payload = await reader.readexactly(header.payload_size)
-            except asyncio.IncompleteReadError:
-                raise Refused(400, "truncated tile frame: the payload is short") from None
-            if await reader.read(1):
-                raise Refused(400, "the body is longer than its header promises")
-            pixels = np.frombuffer(payload, dtype=np.float32).reshape(shape[1:]).copy()
+            pixels = np.empty(shape[1:], dtype=np.float32)
+            await wire.read_into(reader, memoryview(pixels.reshape(-1).view(np.uint8)), "tile frame")
+            await wire.read_end(reader)
             if not np.isfinite(pixels).all():
-                raise Refused(400, f"tile {header.unit} holds values that are not finite numbers")
+                raise wire.Rejected(400, f"tile {header.unit} holds values that are not finite numbers")
             first = board.complete(header.job, header.collector, header.unit, participant, pixels)
-        except Refused as exc:
+        except wire.Rejected as exc:
             return error(exc.status, exc.message)
         return web.json_response({"ok": True, "tile": header.unit, "first": first})

@@ -18,7 +18,7 @@ from .distributed_core import encode, plan, spread, tiles, wire, workflow
 from .distributed_core.audio import AudioError, join as join_audio, per_part, sound as audio_part
 from .distributed_core.client import InstanceError, Interrupted, deliver
 from .distributed_core.jobs import JobFailed, JobState
-from .distributed_core.upscale import Lease, Refused, UpscaleState
+from .distributed_core.upscale import Lease, UpscaleState
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -601,7 +601,7 @@ class DistributedTiledUpscale:
                                        "(was the prompt interrupted or removed?)")
                 progress.update_absolute(done, total)
             rendered = board.results(job_id, node)
-        except Refused as exc:
+        except wire.Rejected as exc:
             board.end(job_id, UpscaleState.CANCELLED, exc.message)
             raise RuntimeError(f"Distributed Tiled Upscale: {exc.message}") from None
         except BaseException:

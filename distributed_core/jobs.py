@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import logging
 import secrets
 import threading
 import time
@@ -31,7 +32,8 @@ from .audio import Sound
 from .plan import MASTER_ID, chunks_of
 from .wire import Header
 
-MAX_RESULT_PAYLOAD = 4 << 30
+
+log = logging.getLogger("comfyui-distributed")
 
 FINISHED_MEMORY = 256  # how many finished job ids are remembered, to answer late results with 410
 RECENT_SHOWN = 20      # how many finished jobs GET /distributed/status still shows, with their notices
@@ -44,12 +46,6 @@ class JobState(enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-
-class ResultRejected(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class JobFailed(RuntimeError):
@@ -164,27 +160,75 @@ def units_text(first: int, count: int) -> str:
     return f"unit {first}" if count == 1 else f"units {first}-{first + count - 1}"
 
 
-class JobStore:
-    def __init__(self, budget_bytes: int = 8 << 30, on_change: Callable[[Job], None] | None = None):
-        self.budget_bytes = budget_bytes
+class Ledger:
+    """Jobs of one kind by id, under one lock, and how the last ones ended: what the Collector's
+    JobStore and the tiled upscale's Board share. ``FAILED`` is the kind's failed state (a
+    failure stays the reason a job ended); ``_release(job)`` drops what an ending job holds."""
+
+    FAILED: Any = None
+
+    def __init__(self, on_change: Callable[[Any], None] | None = None):
         self.on_change = on_change or (lambda job: None)
         self._cond = threading.Condition()
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, Any] = {}
         self._finished: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._recent: collections.deque[dict] = collections.deque(maxlen=RECENT_SHOWN)
 
-    # --- bookkeeping -------------------------------------------------------------------------
-    def add(self, job: Job) -> None:
+    def _notify(self, job) -> None:
+        try:
+            self.on_change(job)
+        except Exception:  # noqa: BLE001 - a progress message never breaks the job
+            log.debug("[Distributed] progress message failed", exc_info=True)
+
+    def add(self, job) -> None:
         with self._cond:
             self._jobs[job.id] = job
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str):
         with self._cond:
             return self._jobs.get(job_id)
 
-    def active(self) -> list[Job]:
+    def active(self) -> list:
         with self._cond:
             return list(self._jobs.values())
+
+    def update(self, job_id: str, change: Callable[[Any], None]):
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            change(job)
+            self._cond.notify_all()
+        self._notify(job)
+        return job
+
+    def end(self, job_id: str, state, error: str = ""):
+        """Finish a job and drop what it holds; later requests for it are answered 410."""
+        with self._cond:
+            job = self._jobs.pop(job_id, None)
+            if job is None:
+                return None
+            if job.state is not self.FAILED:
+                job.state = state
+            job.error = job.error or error
+            self._release(job)
+            self._finished[job_id] = state.value
+            while len(self._finished) > FINISHED_MEMORY:
+                self._finished.popitem(last=False)
+            self._cond.notify_all()
+        self._notify(job)
+        return job
+
+    def _release(self, job) -> None:
+        pass
+
+
+class JobStore(Ledger):
+    FAILED = JobState.FAILED
+
+    def __init__(self, budget_bytes: int = 8 << 30, on_change: Callable[[Job], None] | None = None):
+        super().__init__(on_change)
+        self.budget_bytes = budget_bytes
+        self._recent: collections.deque[dict] = collections.deque(maxlen=RECENT_SHOWN)
 
     def recent(self) -> list[dict]:
         """Summaries of the jobs that ended last, newest first (what was left out and why stays
@@ -196,38 +240,14 @@ class JobStore:
         with self._cond:
             return sum(j.held_bytes for j in self._jobs.values())
 
-    def update(self, job_id: str, change: Callable[[Job], None]) -> Job | None:
-        with self._cond:
-            job = self._jobs.get(job_id)
-            if job is None:
-                return None
-            change(job)
-            self._cond.notify_all()
-        self.on_change(job)
-        return job
-
-    def end(self, job_id: str, state: JobState, error: str = "") -> Job | None:
-        """Finish a job and drop what it holds; later results for it are answered 410."""
-        with self._cond:
-            job = self._jobs.pop(job_id, None)
-            if job is None:
-                return None
-            if job.state is not JobState.FAILED:  # a failure stays the reason it ended
-                job.state = state
-            job.error = job.error or error
-            for share in job.shares.values():
-                if share.state not in ("done", "failed"):
-                    share.state = "done" if job.state is JobState.DONE else "cancelled"
-            job.results.clear()
-            job.sounds.clear()
-            job.held_bytes = 0
-            self._finished[job_id] = state.value
-            self._recent.append(job.summary())
-            while len(self._finished) > FINISHED_MEMORY:
-                self._finished.popitem(last=False)
-            self._cond.notify_all()
-        self.on_change(job)
-        return job
+    def _release(self, job: Job) -> None:
+        for share in job.shares.values():
+            if share.state not in ("done", "failed"):
+                share.state = "done" if job.state is JobState.DONE else "cancelled"
+        job.results.clear()
+        job.sounds.clear()
+        job.held_bytes = 0
+        self._recent.append(job.summary())
 
     def fail(self, job_id: str, message: str) -> None:
         """Mark a job failed; the Collector waiting for it raises with the message."""
@@ -244,32 +264,32 @@ class JobStore:
             job = self._jobs.get(header.job)
             if job is None:
                 if header.job in self._finished:
-                    raise ResultRejected(410, f"job {header.job} has already ended "
+                    raise wire.Rejected(410, f"job {header.job} has already ended "
                                               f"({self._finished[header.job]}); result discarded")
-                raise ResultRejected(404, f"no job {header.job} on this master")
+                raise wire.Rejected(404, f"no job {header.job} on this master")
             share = job.share_with(header.token)
             if share is None:
-                raise ResultRejected(403, "wrong token for this job")
+                raise wire.Rejected(403, "wrong token for this job")
             frames = job.chunks(share)
             if header.collector not in job.collectors or [header.unit, header.count] not in frames:
-                raise ResultRejected(400, f"{share.label} was given units {frames} as [first, count] "
+                raise wire.Rejected(400, f"{share.label} was given units {frames} as [first, count] "
                                           f"for collector(s) {', '.join(job.collectors)}; this frame claims "
                                           f"[{header.unit}, {header.count}] for collector {header.collector}")
             covers = range(header.unit, header.unit + header.count)
             if job.state not in (JobState.PLANNED, JobState.RUNNING):
-                raise ResultRejected(410, f"job {job.id} is {job.state.value}; result discarded")
+                raise wire.Rejected(410, f"job {job.id} is {job.state.value}; result discarded")
             if any(job.has(header.collector, u) for u in covers) or set(covers) & job.inflight:
-                raise ResultRejected(409, f"units from {header.unit} of job {job.id} were delivered already")
+                raise wire.Rejected(409, f"units from {header.unit} of job {job.id} were delivered already")
             refusal = job.audio_refusal(header.collector, header.audio is not None, share.label)
             if refusal:
-                raise ResultRejected(400, refusal)
+                raise wire.Rejected(400, refusal)
             return job
 
     def _admit(self, job: Job, size: int) -> None:
         oldest = min(self._jobs.values(), key=lambda j: j.created)
         held = sum(j.held_bytes for j in self._jobs.values())
         if job is not oldest and held + size > self.budget_bytes:
-            raise ResultRejected(503, "the master holds its result budget for earlier jobs; retry later")
+            raise wire.Rejected(503, "the master holds its result budget for earlier jobs; retry later")
 
     def _place(self, job: Job, collector: str, first: int, count: int, shape) -> np.ndarray | None:
         """Rows of the Collector's final batch for these units, or None if they do not fit it."""
@@ -320,7 +340,7 @@ class JobStore:
             job.record(header.collector, header.unit, header.count, kept_apart,
                        0 if kept_apart is None else kept_apart.nbytes, sound)
         if self.update(header.job, change) is None:
-            raise ResultRejected(410, f"job {header.job} ended while its result was arriving; discarded")
+            raise wire.Rejected(410, f"job {header.job} ended while its result was arriving; discarded")
 
     def place_local(self, job_id: str, collector: str, first: int, count: int, shape) -> np.ndarray | None:
         """Rows of the final batch for the master's own images, or None when they must be held
@@ -417,63 +437,30 @@ class JobStore:
 
 
 async def receive(store: JobStore, reader, content_length: int | None) -> Header:
-    """Read one result frame from a request body straight into its place. Raises ResultRejected
+    """Read one result frame from a request body straight into its place. Raises wire.Rejected
     with the status to answer; decoding PNGs runs off the event loop."""
-    try:
-        size = wire.header_length(await reader.readexactly(wire.PREFIX_SIZE))
-        header = wire.parse_header(await reader.readexactly(size))
-    except asyncio.IncompleteReadError:
-        raise ResultRejected(400, "truncated result frame: the body ended inside the header") from None
-    except wire.FrameError as exc:
-        raise ResultRejected(400, f"bad result frame: {exc}") from None
-    if header.payload_size > MAX_RESULT_PAYLOAD:
-        raise ResultRejected(413, f"a result may hold at most {MAX_RESULT_PAYLOAD >> 30} GiB; "
-                                  f"this one declares {header.payload_size} bytes")
-    expected = wire.PREFIX_SIZE + size + header.payload_size
-    if content_length is not None and content_length != expected:
-        raise ResultRejected(400, f"body is {content_length} bytes but the header promises {expected}")
+    header = await wire.read_header(reader, content_length, "result frame")
     view = store.reserve(header)
     try:
         target = view if view is not None else np.empty(header.shape, dtype=np.float32)
         if header.encoding == "png":
-            payload = await _read_exactly(reader, header.image_size)
+            payload = await wire.read_exactly(reader, header.image_size, "result frame")
             try:
                 await asyncio.get_running_loop().run_in_executor(None, wire.unpack_png, header, payload, target)
             except wire.FrameError as exc:
-                raise ResultRejected(400, f"bad result frame: {exc}") from None
+                raise wire.Rejected(400, f"bad result frame: {exc}") from None
         else:
             await _read_converting(reader, header, target)
         waveform = None
         if header.audio is not None:
             waveform = np.empty(header.audio[1], dtype=np.float32)
-            await _read_into(reader, memoryview(waveform.reshape(-1).view(np.uint8)), header.payload_size)
-        if await reader.read(1):
-            raise ResultRejected(400, "the body is longer than its header promises")
+            await wire.read_into(reader, memoryview(waveform.reshape(-1).view(np.uint8)), "result frame")
+        await wire.read_end(reader)
     except BaseException:
         store.release(header)
         raise
     store.commit(header, None if view is not None else target, waveform)
     return header
-
-
-async def _read_exactly(reader, size: int) -> bytes:
-    try:
-        return await reader.readexactly(size)
-    except asyncio.IncompleteReadError:
-        raise ResultRejected(400, f"truncated result frame: fewer than the {size} payload bytes "
-                                  "the header promises") from None
-
-
-async def _read_into(reader, target: memoryview, promised: int) -> None:
-    """Fill ``target`` from the body, a megabyte at a time, straight into place."""
-    filled = 0
-    while filled < len(target):
-        chunk = await reader.read(min(len(target) - filled, 1 << 20))
-        if not chunk:
-            raise ResultRejected(400, f"truncated result frame: fewer than the {promised} "
-                                      "payload bytes the header promises")
-        target[filled:filled + len(chunk)] = chunk
-        filled += len(chunk)
 
 
 async def _read_converting(reader, header: Header, out: np.ndarray) -> None:
@@ -482,7 +469,7 @@ async def _read_converting(reader, header: Header, out: np.ndarray) -> None:
     dtype = np.dtype(wire.DTYPES[header.dtype])
     flat = out.reshape(-1)
     if dtype == np.float32:
-        await _read_into(reader, memoryview(flat.view(np.uint8)), header.payload_size)
+        await wire.read_into(reader, memoryview(flat.view(np.uint8)), "result frame")
         return
     scale = np.float32(1 / 255.0) if dtype == np.uint8 else np.float32(1)
     leftover = b""
@@ -491,8 +478,7 @@ async def _read_converting(reader, header: Header, out: np.ndarray) -> None:
         want = min((flat.size - done) * dtype.itemsize - len(leftover), 1 << 20)
         chunk = await reader.read(want)
         if not chunk:
-            raise ResultRejected(400, f"truncated result frame: fewer than the {header.payload_size} "
-                                      "payload bytes the header promises")
+            raise wire.Rejected(400, "truncated result frame: fewer payload bytes than the header promises")
         data = leftover + chunk
         whole = len(data) // dtype.itemsize * dtype.itemsize
         values = np.frombuffer(data[:whole], dtype=dtype)

@@ -780,37 +780,16 @@ def sender_field(prompt: Any, node_id: Any) -> dict | None:
 
 async def receive_values(reader, content_length: int | None, check: Callable[[wire.ValueHeader], None]):
     """Read one value frame: check its header (``check`` raises to refuse), then stream each array
-    into place. Returns (header, [(array, dtype name)])."""
+    into place. Returns (header, [(array, dtype name)]). Raises wire.Rejected."""
     import numpy as np
 
-    from .jobs import MAX_RESULT_PAYLOAD, ResultRejected
-
-    try:
-        size = wire.value_header_length(await reader.readexactly(wire.PREFIX_SIZE))
-        header = wire.parse_value_header(await reader.readexactly(size))
-    except asyncio.IncompleteReadError:
-        raise ResultRejected(400, "truncated value frame: the body ended inside the header") from None
-    except wire.FrameError as exc:
-        raise ResultRejected(400, f"bad value frame: {exc}") from None
-    if header.payload_size > MAX_RESULT_PAYLOAD:
-        raise ResultRejected(413, f"values may hold at most {MAX_RESULT_PAYLOAD >> 30} GiB; "
-                                  f"these declare {header.payload_size} bytes")
-    expected = wire.PREFIX_SIZE + size + header.payload_size
-    if content_length is not None and content_length != expected:
-        raise ResultRejected(400, f"body is {content_length} bytes but the header promises {expected}")
+    header = await wire.read_header(reader, content_length, "value frame",
+                                    wire.value_header_length, wire.parse_value_header)
     check(header)
     arrays = []
     for dtype, shape in header.arrays:
         array = np.empty(shape, dtype=wire.VALUE_DTYPES[dtype])
-        target = memoryview(array.reshape(-1).view(np.uint8))
-        filled = 0
-        while filled < len(target):
-            chunk = await reader.read(min(len(target) - filled, 1 << 20))
-            if not chunk:
-                raise ResultRejected(400, "truncated value frame: fewer payload bytes than the header promises")
-            target[filled:filled + len(chunk)] = chunk
-            filled += len(chunk)
+        await wire.read_into(reader, memoryview(array.reshape(-1).view(np.uint8)), "value frame")
         arrays.append((array, dtype))
-    if await reader.read(1):
-        raise ResultRejected(400, "the body is longer than its header promises")
+    await wire.read_end(reader)
     return header, arrays

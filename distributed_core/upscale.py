@@ -21,7 +21,6 @@ import collections
 import enum
 import logging
 import secrets
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,7 +29,9 @@ from typing import Any, Callable
 import numpy as np
 
 from . import workflow
+from .wire import Rejected
 from .client import InstanceError
+from .jobs import Ledger
 from .plan import MASTER_ID
 from .tiles import Grid
 
@@ -38,7 +39,6 @@ log = logging.getLogger("comfyui-distributed")
 
 MAX_HOLDERS = 2          # at most this many participants render one tile at once
 OVERDUE = 2.0            # a tile held this many median tile times may be rendered by an idle participant too
-FINISHED_MEMORY = 256
 CLIENT_ID = "comfyui-distributed"
 
 
@@ -48,15 +48,6 @@ class UpscaleState(enum.Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-class Refused(Exception):
-    """A request about tiles that cannot be served; ``status`` is the HTTP answer."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -130,67 +121,35 @@ class UpscaleJob:
                 "shares": shares}
 
 
-class Board:
+class Board(Ledger):
+    FAILED = UpscaleState.FAILED
+
     def __init__(self, on_change: Callable[[UpscaleJob], None] | None = None):
-        self.on_change = on_change or (lambda job: None)
+        super().__init__(on_change)
         self.on_end: Callable[[UpscaleJob], None] = lambda job: None
-        self._cond = threading.Condition()
-        self._jobs: dict[str, UpscaleJob] = {}
-        self._finished: collections.OrderedDict[str, str] = collections.OrderedDict()
 
-    def _notify(self, job: UpscaleJob) -> None:
-        try:
-            self.on_change(job)
-        except Exception:  # noqa: BLE001 - a progress message never breaks the job
-            log.debug("[Distributed] progress message failed", exc_info=True)
-
-    # --- bookkeeping -------------------------------------------------------------------------
     def add(self, job: UpscaleJob) -> None:
         with self._cond:
             self._jobs[job.id] = job
             for node in job.nodes:
                 job.pools.setdefault(node, Pool(node))
 
-    def get(self, job_id: str) -> UpscaleJob | None:
-        with self._cond:
-            return self._jobs.get(job_id)
-
-    def active(self) -> list[UpscaleJob]:
-        with self._cond:
-            return list(self._jobs.values())
-
     def is_open(self, job_id: str) -> bool:
         return self.get(job_id) is not None
 
-    def update(self, job_id: str, change: Callable[[UpscaleJob], None]) -> UpscaleJob | None:
-        with self._cond:
-            job = self._jobs.get(job_id)
-            if job is None:
-                return None
-            change(job)
-            self._cond.notify_all()
-        self._notify(job)
-        return job
+    def _release(self, job: UpscaleJob) -> None:
+        for share in job.workers.values():  # one that never took part is withdrawn (see _ended)
+            if share.state not in ("done", "failed"):
+                share.state = ("done" if job.state is UpscaleState.DONE and share.state == "running"
+                               else "cancelled")
+        for pool in job.pools.values():
+            pool.image = None
+            pool.results = {}
 
     def end(self, job_id: str, state: UpscaleState, reason: str = "") -> UpscaleJob | None:
-        with self._cond:
-            job = self._jobs.pop(job_id, None)
-            if job is None:
-                return None
-            if job.state is not UpscaleState.FAILED:
-                job.state = state
-            job.error = job.error or reason
-            for share in job.workers.values():  # one that never took part is withdrawn (see _ended)
-                if share.state not in ("done", "failed"):
-                    share.state = "done" if state is UpscaleState.DONE and share.state == "running" else "cancelled"
-            for pool in job.pools.values():
-                pool.image = None
-                pool.results = {}
-            self._finished[job_id] = state.value
-            while len(self._finished) > FINISHED_MEMORY:
-                self._finished.popitem(last=False)
-            self._cond.notify_all()
-        self._notify(job)
+        job = super().end(job_id, state, reason)
+        if job is None:
+            return None
         if state is UpscaleState.DONE:
             tally = collections.Counter(who for p in job.pools.values() for who in p.rendered_by.values())
             labels = {w.participant: w.label for w in job.workers.values()} | {MASTER_ID: "master"}
@@ -208,19 +167,19 @@ class Board:
         job = self._jobs.get(job_id)
         if job is None:
             if job_id in self._finished:
-                raise Refused(410, f"upscale job {job_id[:8]} has ended ({self._finished[job_id]})")
-            raise Refused(404, f"no upscale job {job_id[:8]} on this master")
+                raise Rejected(410, f"upscale job {job_id[:8]} has ended ({self._finished[job_id]})")
+            raise Rejected(404, f"no upscale job {job_id[:8]} on this master")
         holder = None
         for share in job.workers.values():
             if isinstance(token, str) and secrets.compare_digest(token.encode(), share.token.encode()):
                 holder = share
         if holder is None:
-            raise Refused(403, "the tile token does not belong to this job")
+            raise Rejected(403, "the tile token does not belong to this job")
         if holder.state == "failed":
-            raise Refused(410, f"{holder.label} was dropped from this job: {holder.error}")
+            raise Rejected(410, f"{holder.label} was dropped from this job: {holder.error}")
         pool = job.pools.get(node)
         if pool is None:
-            raise Refused(404, f"upscale job {job_id[:8]} has no node {node!r}")
+            raise Rejected(404, f"upscale job {job_id[:8]} has no node {node!r}")
         return job, pool, holder.participant
 
     def holder(self, job_id: str, node: str, token: str) -> str:
@@ -268,7 +227,7 @@ class Board:
                 job = self._jobs.get(job_id)
                 pool = job.pools.get(node) if job else None
                 if pool is None:
-                    raise Refused(410, f"upscale job {job_id[:8]} has ended")
+                    raise Rejected(410, f"upscale job {job_id[:8]} has ended")
             if pool.grid is None:
                 return Lease("wait")
             if pool.complete():
@@ -306,9 +265,9 @@ class Board:
             job = self._jobs.get(job_id)
             pool = job.pools.get(node) if job else None
             if pool is None:
-                raise Refused(410, f"upscale job {job_id[:8]} has ended")
+                raise Rejected(410, f"upscale job {job_id[:8]} has ended")
             if pool.grid is None or not 0 <= index < len(pool.grid):
-                raise Refused(400, f"tile {index} is not a tile of this job")
+                raise Rejected(400, f"tile {index} is not a tile of this job")
             held = pool.leases.pop(index, {})
             if participant in held and index not in pool.results:
                 pool.durations.append(time.monotonic() - held[participant][0])
@@ -327,7 +286,7 @@ class Board:
         with self._cond:
             _job, pool, participant = self._pool_for(job_id, node, token)
             if pool.grid is None or not 0 <= index < len(pool.grid):
-                raise Refused(400, f"tile {index} is not a tile of this job")
+                raise Rejected(400, f"tile {index} is not a tile of this job")
             height, width = pool.grid.tile(index).padded_shape
             return participant, (1, height, width, int(pool.image.shape[-1]) if pool.image is not None else 3)
 
@@ -374,7 +333,7 @@ class Board:
             job = self._jobs.get(job_id)
             pool = job.pools.get(node) if job else None
             if pool is None or not pool.complete():
-                raise Refused(410, f"upscale job {job_id[:8]} ended before all its tiles arrived")
+                raise Rejected(410, f"upscale job {job_id[:8]} ended before all its tiles arrived")
             return dict(pool.results)
 
     def node_done(self, job_id: str, node: str) -> None:

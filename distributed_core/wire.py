@@ -321,6 +321,72 @@ def to_pixels(images) -> np.ndarray:
     return quantize(images)
 
 
+# --- reading a frame from a request body ----------------------------------------------------------
+#
+# Every frame a worker posts (results, tiles, spread values) is read the same way: the prefix and
+# the header, checked against the body's length and a payload limit before anything else is read,
+# then the payload a megabyte at a time straight into its buffers, then nothing more.
+
+MAX_PAYLOAD = 4 << 30
+
+
+class Rejected(Exception):
+    """A frame (or what it carries) refused, with the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def read_header(reader, content_length: int | None, what: str, length_of=None, parse=None):
+    """The header of a frame arriving on ``reader`` (an asyncio stream): result frames by default,
+    or another kind by its ``length_of(prefix)`` and ``parse(raw)``. Raises Rejected."""
+    import asyncio
+
+    length_of, parse = length_of or header_length, parse or parse_header
+    try:
+        size = length_of(await reader.readexactly(PREFIX_SIZE))
+        header = parse(await reader.readexactly(size))
+    except asyncio.IncompleteReadError:
+        raise Rejected(400, f"truncated {what}: the body ended inside the header") from None
+    except FrameError as exc:
+        raise Rejected(400, f"bad {what}: {exc}") from None
+    if header.payload_size > MAX_PAYLOAD:
+        raise Rejected(413, f"a {what} may hold at most {MAX_PAYLOAD >> 30} GiB; "
+                            f"this one declares {header.payload_size} bytes")
+    expected = PREFIX_SIZE + size + header.payload_size
+    if content_length is not None and content_length != expected:
+        raise Rejected(400, f"body is {content_length} bytes but the header promises {expected}")
+    return header
+
+
+async def read_into(reader, target: memoryview, what: str) -> None:
+    """Fill ``target`` from the body, a megabyte at a time, straight into place."""
+    filled = 0
+    while filled < len(target):
+        chunk = await reader.read(min(len(target) - filled, 1 << 20))
+        if not chunk:
+            raise Rejected(400, f"truncated {what}: fewer payload bytes than the header promises")
+        target[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+
+
+async def read_exactly(reader, size: int, what: str) -> bytes:
+    import asyncio
+
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise Rejected(400, f"truncated {what}: fewer payload bytes than the header promises") from None
+
+
+async def read_end(reader) -> None:
+    """The body must end where the header said."""
+    if await reader.read(1):
+        raise Rejected(400, "the body is longer than its header promises")
+
+
 # --- value frames: what a worker sends back for a spread prompt ------------------------------------
 #
 #     VALUE_MAGIC (4 bytes) | header length (4 bytes, big-endian) | header (UTF-8 JSON) | payload

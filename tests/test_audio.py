@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from distributed_core import audio, workflow, wire
-from distributed_core.jobs import Job, JobFailed, JobState, JobStore, ResultRejected, Share, receive
+from distributed_core.jobs import Job, JobFailed, JobState, JobStore, Share, receive
 from harness import image_workflow, split_workflow
 
 
@@ -187,7 +187,7 @@ def test_a_unit_given_again_after_a_failure_is_kept_once_with_its_audio():
     retry = token_for(job, 1, participant="worker2")
     store.put_local("j", "4", 0, 1, images(0), audio.sound(wave(0), 24000))
     deliver(store, wire.frame("j", "4", 1, 1, retry, images(1), "float32", (wave(11), 24000)))
-    with pytest.raises(ResultRejected) as info:  # the failed worker delivers late: not doubled
+    with pytest.raises(wire.Rejected) as info:  # the failed worker delivers late: not doubled
         deliver(store, wire.frame("j", "4", 1, 1, first, images(1), "float32", (wave(99), 24000)))
     assert info.value.status == 409
     sounds = store.take_sounds("j", "4")
@@ -198,14 +198,14 @@ def test_a_unit_given_again_after_a_failure_is_kept_once_with_its_audio():
 def test_frames_with_and_without_audio_are_never_mixed():
     store, job = audio_job(units=(0, 1))
     token = token_for(job, 1)
-    with pytest.raises(ResultRejected) as info:  # a worker of an earlier version sends images alone
+    with pytest.raises(wire.Rejected) as info:  # a worker of an earlier version sends images alone
         deliver(store, wire.frame("j", "4", 1, 1, token, images(1), "float32"))
     assert info.value.status == 400 and "gathers audio" in info.value.message and "worker1" in info.value.message
     assert store.get("j").delivered("4") == 0 and not store.get("j").inflight
     with pytest.raises(JobFailed, match="gathers audio in this job but the master"):
         store.put_local("j", "4", 0, 1, images(0))
     plain, job = audio_job(units=(0, 1), with_audio=False)
-    with pytest.raises(ResultRejected) as info:
+    with pytest.raises(wire.Rejected) as info:
         deliver(plain, wire.frame("j", "4", 1, 1, token_for(job, 1), images(1), "float32", (wave(1), 24000)))
     assert info.value.status == 400 and "not connected" in info.value.message
     with pytest.raises(JobFailed, match="not connected"):
@@ -217,7 +217,7 @@ def test_a_truncated_waveform_is_refused_and_leaves_nothing_behind():
     store, job = audio_job(units=(0, 1))
     token = token_for(job, 1)
     parts = wire.frame("j", "4", 1, 1, token, images(1), "float32", (wave(1, samples=100), 24000))
-    with pytest.raises(ResultRejected) as info:
+    with pytest.raises(wire.Rejected) as info:
         deliver(store, parts, cut=8)
     assert info.value.status == 400
     assert store.get("j").delivered("4") == 0 and not store.get("j").sounds
@@ -232,7 +232,7 @@ def test_audio_counts_against_the_result_budget():
     store.add(older)
     store.add(later)
     header = wire.Header("b", "4", 1, token_for(later, 1), "float32", (1, 2, 2, 3), audio=(8000, (1, 2, 200)))
-    with pytest.raises(ResultRejected) as info:  # 1600 bytes of audio for a job that is not the oldest
+    with pytest.raises(wire.Rejected) as info:  # 1600 bytes of audio for a job that is not the oldest
         store.reserve(header)
     assert info.value.status == 503
 

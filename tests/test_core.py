@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from distributed_core import config, plan, wire, workflow
-from distributed_core.jobs import Job, JobFailed, JobState, JobStore, ResultRejected, Share
+from distributed_core.jobs import Job, JobFailed, JobState, JobStore, Share
 
 PRODUCT_SHEET_CONFIG = {
     "master": {"port": 8188, "device": 0, "enabled": True},
@@ -301,11 +301,11 @@ def test_results_are_checked_before_they_are_read():
              (wire.Header("j1", "3", 1, token, "uint8", (2, 2, 2, 3), 2), 400),  # count 2 in multiply
              (ok, 409)]
     for header, status in cases:
-        with pytest.raises(ResultRejected) as info:
+        with pytest.raises(wire.Rejected) as info:
             store.check(header)
         assert info.value.status == status
     store.end("j1", JobState.DONE)
-    with pytest.raises(ResultRejected) as info:
+    with pytest.raises(wire.Rejected) as info:
         store.check(ok)
     assert info.value.status == 410
 
@@ -325,7 +325,7 @@ def test_a_token_delivers_only_the_units_of_its_share():
         if status is None:
             store.check(header)
             continue
-        with pytest.raises(ResultRejected) as info:
+        with pytest.raises(wire.Rejected) as info:
             store.check(header)
         assert info.value.status == status, header
 
@@ -345,7 +345,7 @@ def test_budget_holds_later_jobs_but_never_the_oldest():
         store.add(job)
     frame = lambda job: wire.Header(job.id, "3", 1, _token(job, 1), "float32", (1, 8, 8, 1))  # 256 bytes a unit
     store.reserve(frame(second))  # its final batch: 512 bytes
-    with pytest.raises(ResultRejected) as info:
+    with pytest.raises(wire.Rejected) as info:
         store.reserve(frame(third))
     assert info.value.status == 503
     store.reserve(frame(first))  # the oldest job is always let in
@@ -692,7 +692,7 @@ def test_split_results_cover_ranges():
     store.add(job)
     store.put_local("s", "3", 0, 2, np.zeros((2, 1, 1, 1), np.float32))
     _send(store, wire.frame("s", "3", 4, 2, _token(job, 4, 5), np.ones((2, 1, 1, 1), np.float32), "float32"))
-    with pytest.raises(ResultRejected) as info:  # a share given again after a failure, say
+    with pytest.raises(wire.Rejected) as info:  # a share given again after a failure, say
         store.check(wire.Header("s", "3", 3, _token(job, 3, 4), "uint8", (2, 1, 1, 1), 2))  # overlaps 4
     assert info.value.status == 409
     _send(store, wire.frame("s", "3", 2, 2, _token(job, 2, 3), np.full((2, 1, 1, 1), 0.5, np.float32), "float32"))
@@ -779,7 +779,7 @@ def test_broken_bodies_are_refused_and_leave_nothing_behind(mangle, status, word
     parts, cut = mangle(wire.frame("t", "4", 1, 1, token, np.zeros((1, 16, 16, 3), np.float32), "float32"))
     data = b"".join(bytes(p) for p in parts)
     data = data[:len(data) - cut]
-    with pytest.raises(ResultRejected) as info:
+    with pytest.raises(wire.Rejected) as info:
         _deliver(store, data, None)
     assert info.value.status == status and words in info.value.message
     assert store.get("t").delivered("4") == 0 and not store.get("t").inflight
@@ -794,7 +794,7 @@ def test_png_bigger_than_its_header_is_refused_before_decoding():
     store.add(job)
     big = wire.pack_png(np.zeros((1, 64, 64, 3), np.uint8))  # a 64x64 PNG ...
     header = wire.Header("t", "4", 1, _token(job, 1), "uint8", (1, 8, 8, 3), 1, "png", len(big))  # ... sold as 8x8
-    with pytest.raises(ResultRejected) as info:
+    with pytest.raises(wire.Rejected) as info:
         _send(store, [header.to_bytes(), big])
     assert info.value.status == 400 and "64" in info.value.message
 
@@ -804,7 +804,7 @@ def test_a_declared_size_that_does_not_match_the_body_is_refused():
     job = Job(id="t", collectors=["4"], units=[1])
     store.add(job)
     data = b"".join(bytes(p) for p in wire.frame("t", "4", 1, 1, _token(job, 1), np.zeros((1, 2, 2, 3)), "float32"))
-    with pytest.raises(ResultRejected) as info:
+    with pytest.raises(wire.Rejected) as info:
         _deliver(store, data, len(data) + 5)
     assert info.value.status == 400
 

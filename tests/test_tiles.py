@@ -10,7 +10,8 @@ import pytest
 
 from distributed_core import tiles, workflow
 from distributed_core.tiles import Grid, TileError
-from distributed_core.upscale import Board, Refused, UpscaleJob, UpscaleState, WorkerShare
+from distributed_core.upscale import Board, UpscaleJob, UpscaleState, WorkerShare
+from distributed_core.wire import Rejected
 
 
 def covered(grid: Grid) -> np.ndarray:
@@ -147,7 +148,7 @@ def test_expired_and_released_leases_go_back_to_the_pool():
     board.release("job1", "w2", "its prompt failed")
     assert board.lease("job1", "9", "master", 60).index == 1
     assert job.workers["w2"].state == "failed" and "w2 failed: its prompt failed" in job.notices
-    with pytest.raises(Refused) as refused:
+    with pytest.raises(Rejected) as refused:
         board.lease("job1", "9", "", 60, token=t2)
     assert refused.value.status == 410
 
@@ -163,7 +164,7 @@ def test_done_once_every_tile_is_in_and_the_results_are_complete():
     assert job.summary()["done"] == len(grid) and job.summary()["units"] == len(grid)
     board.node_done("job1", "9")
     assert board.get("job1") is None and job.state is UpscaleState.DONE
-    with pytest.raises(Refused) as gone:
+    with pytest.raises(Rejected) as gone:
         board.image("job1", "9", job.workers["w1"].token)
     assert gone.value.status == 410
 
@@ -171,10 +172,10 @@ def test_done_once_every_tile_is_in_and_the_results_are_complete():
 def test_tokens_are_checked():
     board, job, _grid = board_with_job()
     for token in ("", "forged", job.workers["w1"].token + "x"):
-        with pytest.raises(Refused) as refused:
+        with pytest.raises(Rejected) as refused:
             board.image("job1", "9", token)
         assert refused.value.status == 403
-    with pytest.raises(Refused) as unknown:
+    with pytest.raises(Rejected) as unknown:
         board.image("job2", "9", job.workers["w1"].token)
     assert unknown.value.status == 404
     assert board.expected_shape("job1", "9", job.workers["w2"].token, 3) == ("w2", (1, 40, 40, 3))
