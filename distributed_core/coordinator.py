@@ -538,14 +538,16 @@ class Coordinator:
         position = next((i for i, w in enumerate(watched) if w is watched_item), len(watched))
         return min(POLL_SECONDS * (1 + position), MAX_POLL_SECONDS)
 
-    async def queue_ids(self, client: InstanceClient, newer_than: float) -> _Queue | None:
+    async def queue_ids(self, client: InstanceClient, newer_than: float,
+                        max_age: float = QUEUE_MAX_AGE) -> _Queue | None:
         """An instance's queue (the prompt ids it runs or holds) read after ``newer_than``, or
-        None when no such reading is due yet: one read of its queue serves every prompt watched there."""
+        None when no such reading is due yet (one was tried less than ``max_age`` seconds ago):
+        one read of its queue serves every prompt watched there."""
         entry = self.queues.setdefault(client.url, _Queue())
         if entry.read_at >= newer_than:
             return entry
         if entry.reading is None:
-            if self.clock.now() - entry.tried_at < QUEUE_MAX_AGE:
+            if self.clock.now() - entry.tried_at < max_age:
                 return None
             entry.tried_at = self.clock.now()
             entry.reading = asyncio.ensure_future(self._read_queue(client, entry))
@@ -584,11 +586,15 @@ class Coordinator:
     async def _watch(self, watched: Watch, timeout: float) -> tuple[str, str]:
         client = watched.client
         finished_at = None
+        running_seen = False
         answered = watched.dispatched  # the last answer to our own reads (the checks may forget a
         next_read = self.clock.now() + POLL_SECONDS  # worker removed from the config meanwhile)
-        while watched.is_open():
+        while True:
+            # delivered first: the last share of a job ends the job as its units arrive
             if watched.delivered():
                 return "delivered", ""
+            if not watched.is_open():
+                return "closed", ""
             now = self.clock.now()
             seen = self.reach.get(client.url)
             if seen is not None and seen.refusals >= REFUSALS_MEAN_GONE:
@@ -606,8 +612,14 @@ class Coordinator:
                 answered = self.clock.now()
                 self.reach.ok(client.url)
                 if entry is None:
-                    queue = await self.queue_ids(client, watched.dispatched)
-                    if queue is not None and watched.prompt_id in queue.running and watched.on_running:
+                    # whoever wants to know when it starts has the queue read every second until
+                    # then (a spread prompt: one per worker); otherwise rarely, to find a lost one
+                    wants_running = watched.on_running is not None and not running_seen
+                    since = self.clock.now() - POLL_SECONDS if wants_running else watched.dispatched
+                    queue = await self.queue_ids(client, max(since, watched.dispatched),
+                                                 POLL_SECONDS if wants_running else QUEUE_MAX_AGE)
+                    if queue is not None and wants_running and watched.prompt_id in queue.running:
+                        running_seen = True
                         watched.on_running()
                     if queue is not None and watched.prompt_id not in queue.ids:
                         entry = await client.history(watched.prompt_id)
@@ -628,13 +640,14 @@ class Coordinator:
                 return "undelivered", ("its prompt finished but no result reached the master; "
                                        "check that the worker can reach the master's address")
             next_read = min(next_read, self.clock.now() + POLL_SECONDS)
-        return "closed", ""
 
     async def supervise(self, job_id: str, share: Share, client: InstanceClient, timeout: float) -> bool:
         """Watch one Collector share's prompt until its units arrive (True), or fail it over."""
         def delivered() -> bool:
             job = self.store.get(job_id)
-            return job is None or not job.missing_units(share.units)
+            if job is None:  # ended: a finished job marked the shares that were not failed done
+                return share.state == "done"
+            return not job.missing_units(share.units)
 
         outcome, why = await self.watch(Watch(client, share.prompt_id, share.dispatched, job_id,
                                               lambda: self.active(job_id), delivered, FINISHED_GRACE), timeout)

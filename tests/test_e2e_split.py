@@ -1,10 +1,12 @@
 """Split mode end to end on real ComfyUI: one logical batch shared out by global batch index."""
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 
-import json
-
+from distributed_core import plan, workflow
 from harness import batch_indices, error_of, split_workflow, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -44,17 +46,24 @@ def test_slow_worker_receives_fewer_images(live):
     config["master"]["enabled"] = False
     live.reset_config(config)
     live.set_speeds({"worker1": 1.0, "worker2": 4.0})
-    run(live, split_workflow(batch=6, seconds_per_image=0.3))  # the master learns the speeds
+    # A cost of its own gives this workflow a signature of its own: speeds are learned per
+    # signature, and the master keeps in memory what earlier tests of the session taught it.
+    cost = 0.3 + (time.time_ns() % 997) * 1e-6
+    first = split_workflow(batch=6, seconds_per_image=cost)
+    sig = plan.signature(first, workflow.upstream(first, workflow.layout(first, ["4"]).fanned))
+    run(live, first)  # the master learns the speeds
     learned = live.workdir / "throughput.json"  # each worker's speed is read from its prompt's history,
     slow_name, fast_name = live.workers[0].name, live.workers[1].name  # a moment after the job has ended
 
     def learned_apart():
-        rates = json.loads(learned.read_text()).values() if learned.exists() else []
-        return any(slow_name in r and fast_name in r and r[slow_name] < 0.8 * r[fast_name] for r in rates)
-    wait_until(learned_apart,
-        30, what="both workers' speeds to be learned")
+        rates = json.loads(learned.read_text()).get(sig, {}) if learned.exists() else {}
+        return slow_name in rates and fast_name in rates and rates[slow_name] < 0.8 * rates[fast_name]
+    try:
+        wait_until(learned_apart, 30, what="both workers' speeds to be learned")
+    except TimeoutError:
+        raise AssertionError(f"signature {sig}: {learned.read_text() if learned.exists() else 'no file'}") from None
     live.probe_log.unlink()
-    images = run(live, split_workflow(batch=20, seconds_per_image=0.3))
+    images = run(live, split_workflow(batch=20, seconds_per_image=cost))
     assert batch_indices(images) == list(range(20))
     counts = images_by_port(live)
     slow, fast = counts.get(live.workers[0].port, 0), counts.get(live.workers[1].port, 0)
