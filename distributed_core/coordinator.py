@@ -538,7 +538,7 @@ class Coordinator:
         position = next((i for i, w in enumerate(watched) if w is watched_item), len(watched))
         return min(POLL_SECONDS * (1 + position), MAX_POLL_SECONDS)
 
-    async def queue_ids(self, client: InstanceClient, newer_than: float,
+    async def queue_reading(self, client: InstanceClient, newer_than: float,
                         max_age: float = QUEUE_MAX_AGE) -> _Queue | None:
         """An instance's queue (the prompt ids it runs or holds) read after ``newer_than``, or
         None when no such reading is due yet (one was tried less than ``max_age`` seconds ago):
@@ -616,7 +616,7 @@ class Coordinator:
                     # then (a spread prompt: one per worker); otherwise rarely, to find a lost one
                     wants_running = watched.on_running is not None and not running_seen
                     since = self.clock.now() - POLL_SECONDS if wants_running else watched.dispatched
-                    queue = await self.queue_ids(client, max(since, watched.dispatched),
+                    queue = await self.queue_reading(client, max(since, watched.dispatched),
                                                  POLL_SECONDS if wants_running else QUEUE_MAX_AGE)
                     if queue is not None and wants_running and watched.prompt_id in queue.running:
                         running_seen = True
@@ -674,7 +674,7 @@ class Coordinator:
                 try:
                     entry = await client.history(prompt_id)
                     if entry is None:
-                        queue = await self.queue_ids(client, since)
+                        queue = await self.queue_reading(client, since)
                         if queue is None or prompt_id in queue.ids:
                             continue
                         entry = await client.history(prompt_id)

@@ -157,6 +157,12 @@ class Harness:
             coordinator_module.refused.reset(tokens[1])
         return data, pending, refusals
 
+    async def started(self, seed: int = 10) -> str:
+        """A one-image multiply job submitted and started; its id."""
+        _data, (job_id,), _refusals = self.submit(image_workflow(seed=seed, batch=1))
+        await self.coord.start(job_id, "")
+        return job_id
+
     async def checked(self) -> None:
         """One round of reachability checks, answered."""
         await asyncio.gather(*self.coord.reach.tick())
@@ -263,8 +269,7 @@ def test_a_failed_share_goes_to_a_worker_that_is_left(tmp_path):
     async def main():
         h = Harness(tmp_path, config_with(("w1", 18189, True), ("w2", 18190, True)))
         await h.checked()
-        _data, (job_id,), _r = h.submit(image_workflow(seed=10, batch=1))
-        await h.coord.start(job_id, "")
+        job_id = await h.started()
         await until(lambda: h.world[W2].prompts and h.world[W1].prompts)
         (failing,) = h.world[W2].prompts
         h.world[W2].finish(failing, status="error")
@@ -280,8 +285,7 @@ def test_failover_uses_the_current_config(tmp_path):
     async def main():
         h = Harness(tmp_path, config_with(("w1", 18189, True), ("w2", 18190, True)))
         await h.checked()
-        _data, (job_id,), _r = h.submit(image_workflow(seed=10, batch=1))
-        await h.coord.start(job_id, "")
+        job_id = await h.started()
         await until(lambda: h.world[W2].prompts and h.world[W1].prompts)
         # mid-job, w1 is removed and w3 added
         h.config = config_with(("w2", 18190, True), ("w3", 18191, True))
@@ -309,8 +313,7 @@ def test_a_worker_whose_checks_are_refused_is_failed_over(tmp_path):
     async def main():
         h = Harness(tmp_path, config_with(("w1", 18189, True), ("w2", 18190, True)))
         await h.checked()
-        _data, (job_id,), _r = h.submit(image_workflow(seed=10, batch=1))
-        await h.coord.start(job_id, "")
+        job_id = await h.started()
         await until(lambda: h.world[W2].prompts and h.world[W1].prompts)
         h.world[W2].up = False  # its process died: checks are refused
         for _ in range(coordinator_module.REFUSALS_MEAN_GONE):
@@ -330,8 +333,7 @@ def test_no_false_failover_while_many_jobs_wait_in_a_queue(tmp_path):
         await h.checked()
         jobs = []
         for k in range(40):
-            _data, (job_id,), _r = h.submit(image_workflow(seed=k, batch=1))
-            await h.coord.start(job_id, "")
+            job_id = await h.started(seed=k)
             jobs.append(job_id)
         await until(lambda: len(h.world[W1].prompts) == 40 and len(h.world[W2].prompts) == 40)
         began = h.clock.now()
@@ -354,8 +356,7 @@ def test_ending_a_job_withdraws_every_worker_prompt_and_nothing_else(tmp_path):
     async def main():
         h = Harness(tmp_path, config_with(("w1", 18189, True), ("w2", 18190, True)))
         await h.checked()
-        _data, (job_id,), _r = h.submit(image_workflow(seed=10, batch=1))
-        await h.coord.start(job_id, "")
+        job_id = await h.started()
         await until(lambda: h.world[W2].prompts and h.world[W1].prompts)
         (ours1,), (ours2,) = h.world[W1].prompts, h.world[W2].prompts
         h.world[W1].pending.remove(ours1)
@@ -376,8 +377,7 @@ def test_a_share_dispatched_while_its_job_ends_is_withdrawn(tmp_path):
         h = Harness(tmp_path, config_with(("w1", 18189, True)))
         await h.checked()
         h.world[W1].hold_posts = asyncio.Event()
-        _data, (job_id,), _r = h.submit(image_workflow(seed=10, batch=1))
-        await h.coord.start(job_id, "")
+        job_id = await h.started()
         await until(lambda: any(c[:2] == ("POST", "/prompt") for c in h.world[W1].calls))
         h.coord.end(job_id, JobState.CANCELLED, "test")  # while POST /prompt is on its way
         h.world[W1].hold_posts.set()
@@ -392,8 +392,7 @@ def test_a_finished_job_withdraws_nothing(tmp_path):
     async def main():
         h = Harness(tmp_path, config_with(("w1", 18189, True)))
         await h.checked()
-        _data, (job_id,), _r = h.submit(image_workflow(seed=10, batch=1))
-        await h.coord.start(job_id, "")
+        job_id = await h.started()
         await until(lambda: h.world[W1].prompts)
         job = h.coord.store.get(job_id)
         for unit in job.units:
