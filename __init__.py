@@ -4,7 +4,7 @@ ComfyUI imports this folder as a package; everything inside uses relative import
 """
 import logging
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, encode_saves_in_parallel, restore_submitted_prompts
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 WEB_DIRECTORY = "./web"
 
@@ -15,16 +15,6 @@ except ImportError:  # imported outside ComfyUI (tools, tests): nodes only
 
 if PromptServer is not None and getattr(PromptServer, "instance", None) is not None:
     from . import distributed_routes
-
-    try:
-        encode_saves_in_parallel(getattr(PromptServer.instance, "prompt_queue", None))
-    except Exception:  # a speed-up only: ComfyUI's own saving goes on as it was
-        logging.getLogger("comfyui-distributed").exception("[Distributed] PNG saves stay one at a time")
-
-    try:
-        restore_submitted_prompts()
-    except Exception:  # files of spread prompts then embed the prompt the master ran
-        logging.getLogger("comfyui-distributed").exception("[Distributed] spread prompts keep their run prompt")
 
     try:
         distributed_routes.setup(PromptServer.instance)

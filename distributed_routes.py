@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from .distributed_core import access, doctor, encode, launcher, spread, wire
+from .distributed_core import access, comfy_internals, doctor, encode, launcher, spread, wire
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, refused, submitted
@@ -34,30 +34,17 @@ def coordinator() -> Coordinator:
 
 
 def listen_hosts() -> list[str]:
-    from comfy.cli_args import args
-    return [h.strip() for h in (args.listen or "127.0.0.1").split(",") if h.strip()]
+    return comfy_internals.server_args()[0]
 
 
 def own_address() -> tuple[str, int]:
-    from comfy.cli_args import args
-    return listen_hosts()[0], int(args.port)
+    hosts, port, _cpu = comfy_internals.server_args()
+    return hosts[0], port
 
 
 def input_dir() -> Path:
     import folder_paths
     return Path(folder_paths.get_input_directory())
-
-
-def runs_partial_targets() -> bool:
-    """Whether this ComfyUI runs only the outputs that POST /prompt names in
-    partial_execution_targets (0.3.64 does); older ones ignore the field and run every output."""
-    import inspect
-
-    import execution
-    try:
-        return len(inspect.signature(execution.validate_prompt).parameters) >= 3
-    except (TypeError, ValueError):
-        return False
 
 
 def error(status: int, message: str, **extra) -> web.Response:
@@ -102,10 +89,12 @@ def setup(server) -> Coordinator:
     def emit(job) -> None:
         server.send_sync("distributed_progress", job.summary())
 
+    if encode.install() and comfy_internals.parallel_saves(encode.deferred_saves):
+        log.info("[Distributed] PNG saves use %d threads", encode.workers())
     store = JobStore(on_change=emit)
     coord = Coordinator(store, config_file.load, own_address, input_dir,
                         loopback_only=lambda: all(h in ("127.0.0.1", "localhost", "::1") for h in listen_hosts()),
-                        partial_execution=runs_partial_targets())
+                        partial_execution=comfy_internals.runs_partial_targets())
     _coordinator = coord
     server.add_on_prompt_handler(coord.rewrite)
 
@@ -121,7 +110,6 @@ def setup(server) -> Coordinator:
     setup_spread(server, coord)
     _add_spread_routes(server.routes, coord)
     server.app.middlewares.append(_interrupt_middleware(coord))
-    server.app.middlewares.append(_view_middleware())
     coord.upscales.board.on_change = emit
     _add_tile_routes(server.routes, coord)
     _add_doctor_routes(server.routes, coord)
@@ -190,27 +178,34 @@ def _prompt_middleware(coord: Coordinator):
             return response
         if request.method != "POST" or request.path not in PROMPT_PATHS:
             return await handler(request)
-        token, refusal = submitted.set([]), refused.set([])
+        token, refusal, minting = submitted.set([]), refused.set([]), coord.vault.collecting()
         try:
             response = await handler(request)
         except BaseException:
             for job_id in submitted.get() or []:
                 coord.drop(job_id, "the master could not take the prompt")
+            coord.vault.discard(coord.vault.collected(minting))
             raise
         finally:
             planned, reasons = submitted.get() or [], refused.get() or []
             submitted.reset(token)
             refused.reset(refusal)
+        keys = coord.vault.collected(minting)  # credentials sealed in this prompt (on a worker)
         if reasons and response.status == 400:  # ComfyUI's own shape, so its page shows the reason
+            coord.vault.discard(keys)
             return web.json_response({"error": {"type": "distributed_refused", "message": reasons[0],
                                                 "details": reasons[0], "extra_info": {}},
                                       "node_errors": {}}, status=400)
         prompt_id = ""
-        if response.status == 200 and planned:
+        if response.status == 200 and (planned or keys):
             try:
                 prompt_id = str(json.loads(response.body)["prompt_id"])
             except (TypeError, ValueError, KeyError):
                 prompt_id = ""
+        if prompt_id:  # each credential is good for the one prompt it was queued in
+            coord.vault.bind(keys, prompt_id)
+        else:
+            coord.vault.discard(keys)
         for job_id in planned:
             if prompt_id:
                 coord.spawn(coord.start(job_id, prompt_id))
@@ -485,30 +480,27 @@ def setup_spread(server, coord: Coordinator) -> spread.Dispatcher | None:
     coord.plain_prompt_hook = on_plain_prompt
 
     queue = getattr(server, "prompt_queue", None)
-    coord.spread_unsupported = spread.supports(queue)
+    coord.spread_unsupported = comfy_internals.queue_problem(queue)
     if coord.spread_unsupported:
         log.warning("[Distributed] the spread queue is off: %s", coord.spread_unsupported)
         return None
     state = spread.SpreadState(lock=queue.not_empty)
 
     def planner(item):
-        return spread.split(item[2], item[4], _return_type)
+        return spread.split_item(item, _return_type)
 
     def active() -> bool:
         return dispatcher.enabled() or any(c.participant != spread.MASTER_ID for c in state.claims.values())
 
-    tap = spread.QueueTap(queue, state, planner, active, lambda: dispatcher.master_renders(),
-                          refresh=lambda: dispatcher.refresh())
-    dispatcher = spread.Dispatcher(state, tap, coord, config_file.load,
+    tap = comfy_internals.QueueTap(queue, lambda items: state.pick_for_master(items, dispatcher.master_renders, planner),
+                                   active, on_swap=state.swapped, refresh=lambda: dispatcher.refresh())
+    dispatcher = spread.Dispatcher(state, tap, planner, coord, config_file.load,
                                    emit=lambda summary: server.send_sync("distributed_spread", summary),
                                    config_path=config_file.config_path)
     tap.install()
-    original_put = queue.put
-
-    def put(item):
-        original_put(item)
-        dispatcher.wake()
-    queue.put = put
+    comfy_internals.wrap_put(queue, dispatcher.wake)
+    if not comfy_internals.restore_hidden_prompt(state.original_prompt):
+        log.warning("[Distributed] files of spread prompts embed the prompt the master ran, not the one submitted")
     coord.spread = dispatcher
 
     async def start(_app) -> None:
@@ -562,44 +554,19 @@ INTERRUPT_PATHS = ("/interrupt", "/api/interrupt")
 
 
 def _interrupt_middleware(coord: Coordinator):
-    """ComfyUI's POST /interrupt naming a prompt (the current frontend's cancel):
-    - one that a worker renders is withdrawn there, and the master's run of it ends as interrupted;
-    - one that has run and only waits for its files to be written (encode.py's write-behind) still
-      shows as running, but has nothing left to interrupt: ComfyUI's own handler would stop
-      whatever prompt runs now instead, so it is not asked."""
+    """ComfyUI's POST /interrupt naming a prompt (the current frontend's cancel) that a worker
+    renders: it is withdrawn there, and the master's run of it ends as interrupted."""
 
     @web.middleware
     async def middleware(request: web.Request, handler):
-        if request.method == "POST" and request.path in INTERRUPT_PATHS:
+        if request.method == "POST" and request.path in INTERRUPT_PATHS and coord.spread is not None:
             try:
                 body = json.loads(await request.read() or b"{}")  # aiohttp keeps the body for the handler
             except (ValueError, UnicodeDecodeError):
                 body = None
             prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
             if isinstance(prompt_id, str) and prompt_id:
-                if encode.finishing(prompt_id):
-                    return web.Response(status=200)
-                if coord.spread is not None:
-                    await coord.spread.interrupt(prompt_id)
-        return await handler(request)
-
-    return middleware
-
-
-VIEW_PATHS = ("/view", "/api/view")
-VIEW_WAIT_SECONDS = 60.0
-
-
-def _view_middleware():
-    """GET /view of an image still being written behind (encode.py) waits until it is whole:
-    the browser asks for it as soon as the node reports it."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler):
-        if request.method == "GET" and request.path in VIEW_PATHS:
-            futures = encode.saving(request.query.get("filename", ""))
-            if futures:
-                await asyncio.wait([asyncio.wrap_future(f) for f in futures], timeout=VIEW_WAIT_SECONDS)
+                await coord.spread.interrupt(prompt_id)
         return await handler(request)
 
     return middleware

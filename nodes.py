@@ -2,7 +2,6 @@
 work to distributed_core; the logic lives there."""
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -14,11 +13,12 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from .distributed_core import encode, plan, spread, tiles, wire, workflow
+from .distributed_core import comfy_internals, plan, spread, tiles, wire, workflow
 from .distributed_core.audio import AudioError, join as join_audio, per_part, sound as audio_part
 from .distributed_core.client import InstanceError, Interrupted, deliver
 from .distributed_core.jobs import JobFailed, JobState
 from .distributed_core.upscale import Lease, UpscaleState
+from .distributed_core.vault import Refused
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -120,14 +120,22 @@ def _assigned(field: dict | None, key: str, alone: list, node: str) -> list:
     return part
 
 
-def _unseal(key) -> str | None:
-    """The token that this instance's prompt hook moved out of a worker-role prompt."""
+def _unseal(field: dict, node: str) -> str:
+    """The token that this instance's prompt hook moved out of a worker-role prompt, for the
+    prompt that runs now only (see distributed_core/vault.py)."""
     from .distributed_routes import coordinator
 
     try:
-        return coordinator().vault.take(key)
+        return coordinator().vault.take(field.get("sealed"), comfy_internals.running_prompt_id())
     except RuntimeError:  # the extension did not start here, so nothing was sealed
-        return None
+        reason = "the extension did not start on this instance"
+    except Refused as exc:
+        reason = str(exc)
+    log.warning("[Distributed] %s refused to deliver: %s", node, reason)
+    raise RuntimeError(f"{node}: this prompt may not deliver into the master's job ({reason}). A prompt that "
+                       "the master sends runs once, as it was sent; a copy of it (queued again from the "
+                       "history, or by anyone who read the worker's queue) cannot deliver. Queue the "
+                       "workflow on the master.")
 
 
 class MultiGPUCollector:
@@ -184,11 +192,7 @@ class MultiGPUCollector:
         chunks = job["chunks"]
         batches = _per_chunk(batches, chunks)
         sounds = [None] * len(chunks) if sounds is None else _paired(sounds, len(chunks))
-        token = job.get("token") or _unseal(job.get("sealed"))
-        if not token:
-            raise RuntimeError("Multi-GPU Collector: this worker holds no result token for this prompt. A "
-                               "worker-role prompt runs once, as the master sent it; one queued again (from "
-                               "the history, say) cannot deliver. Queue the workflow on the master.")
+        token = _unseal(job, "Multi-GPU Collector")
         deadline = time.monotonic() + float(job.get("timeout", 120))
         url = job["master_url"].rstrip("/") + "/distributed/result"
         for (first, count), batch, sound in zip(chunks, batches, sounds):
@@ -301,22 +305,6 @@ class DistributedEmptyLatent:
                   "batch_index": list(range(first, first + count))} for first, count in chunks],)
 
 
-def encode_saves_in_parallel(queue=None) -> bool:
-    """Have ComfyUI's SaveImage, and PreviewImage which inherits it, encode a batch's PNGs on every
-    core this instance has (see distributed_core/encode.py): on the master after a Collector, the
-    batch holds every GPU's images. With ComfyUI's prompt ``queue`` the files are also written
-    behind: the next prompt starts while they are encoded, and a prompt's history entry waits for
-    them. Guarded: a ComfyUI without that node method, or a queue shaped otherwise, is left as it is."""
-    save_image = getattr(sys.modules.get("nodes"), "SaveImage", None)
-    if not callable(getattr(save_image, "save_images", None)) or not encode.install():
-        return False
-    save_image.save_images = encode.deferred_saves(save_image.save_images)
-    behind = queue is not None and encode.install_finisher(queue)
-    log.info("[Distributed] PNG saves use %d threads%s", encode.workers(),
-             ", written behind the next prompt" if behind else "")
-    return True
-
-
 # --- the spread queue (distributed_core/spread.py) ---------------------------------------------------
 
 class DistributedSpreadSender:
@@ -344,10 +332,7 @@ class DistributedSpreadSender:
         if field is None:
             raise RuntimeError("Spread sender: this node only runs in a prompt the master sent; queue the "
                                "workflow on the master.")
-        token = field.get("token") or _unseal(field.get("sealed"))
-        if not token:
-            raise RuntimeError("Spread sender: this worker holds no token for this prompt. A prompt the master "
-                               "sent runs once; one queued again (from the history, say) cannot deliver.")
+        token = _unseal(field, "Spread sender")
         parts = spread.encode_values(field["spread"], token, field["slots"], values)
         deadline = time.monotonic() + float(field.get("timeout", 120))
         url = field["master_url"].rstrip("/") + "/distributed/spread/result"
@@ -397,44 +382,7 @@ class DistributedSpreadReceiver:
         return tuple(values.get(i, []) for i in range(width))
 
 
-def restore_submitted_prompts() -> bool:
-    """Give output nodes the prompt as submitted (what they embed in PNGs and other files) when
-    the master runs a spread prompt with receivers. Wraps ComfyUI's execution.get_input_data,
-    whose hidden PROMPT value is the prompt being run; guarded: without it, files embed the
-    prompt the master ran."""
-    import execution
 
-    original = getattr(execution, "get_input_data", None)
-    if not callable(original) or getattr(original, "restores_spread_prompts", False):
-        return False
-    from .distributed_routes import spread_state
-
-    def swap(value):
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
-            found = spread_state().original_prompt(value[0])
-            return value if found is value[0] else [found]
-        if isinstance(value, dict):
-            return spread_state().original_prompt(value)
-        return value
-
-    @functools.wraps(original)
-    def get_input_data(*args, **kwargs):
-        result = original(*args, **kwargs)
-        try:
-            data = result[0] if isinstance(result, tuple) else result
-            if isinstance(data, dict):
-                for key in list(data):
-                    data[key] = swap(data[key])
-            if isinstance(result, tuple) and len(result) > 2 and isinstance(result[2], dict):
-                for key in list(result[2]):
-                    result[2][key] = swap(result[2][key])
-        except RuntimeError:  # the extension did not start: nothing to restore
-            pass
-        return result
-
-    get_input_data.restores_spread_prompts = True
-    execution.get_input_data = get_input_data
-    return True
 # --- Distributed Tiled Upscale ------------------------------------------------------------------------
 
 TILE_WAIT = 0.25  # how often a waiting participant asks for a tile again
@@ -449,19 +397,11 @@ def _common_ksampler():
 
 
 def _with_upscale_model(upscale_model, image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's own "Upscale Image (using Model)", found at run time: its module needs a package
-    that some installs lack, and a connected upscale model means that module loaded."""
-    node = getattr(sys.modules.get("nodes"), "NODE_CLASS_MAPPINGS", {}).get("ImageUpscaleWithModel")
-    if node is None:
-        raise RuntimeError("Distributed Tiled Upscale: an upscale model is connected but this ComfyUI has no "
-                           "ImageUpscaleWithModel node (its optional package is missing); disconnect "
-                           "upscale_model to resize by upscale_by alone, or install that package.")
-    if callable(getattr(node, "upscale", None)):  # the classic node API
-        result = node().upscale(upscale_model, image)
-    else:  # the newer schema API: a classmethod execute returning NodeOutput
-        result = node.execute(upscale_model, image)
-        result = getattr(result, "result", None) or getattr(result, "args", None) or result
-    return result[0]
+    try:
+        return comfy_internals.upscale_with_model(upscale_model, image)
+    except comfy_internals.MissingNode as exc:
+        raise RuntimeError(f"Distributed Tiled Upscale: an upscale model is connected but {exc}; disconnect "
+                           "upscale_model to resize by upscale_by alone, or install that package.") from None
 
 
 def _enlarge(image: torch.Tensor, upscale_by: float, upscale_model) -> torch.Tensor:
@@ -616,10 +556,7 @@ class DistributedTiledUpscale:
         """Worker role: fetch the enlarged image once, then render leased tiles until none are left."""
         import requests
 
-        token = job.get("token") or _unseal(job.get("sealed"))
-        if not token:
-            raise RuntimeError("Distributed Tiled Upscale: this worker holds no tile token for this prompt; a "
-                               "worker-role prompt runs once, as the master sent it. Queue the workflow on the master.")
+        token = _unseal(job, "Distributed Tiled Upscale")
         base = job["master_url"].rstrip("/") + "/distributed/tiles/"
         ident = {"job": job["job"], "node": job["node"], "token": token}
         patience = float(job.get("timeout", 120))

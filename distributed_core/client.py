@@ -30,9 +30,13 @@ def transfer_timeout(nbytes: int | None) -> aiohttp.ClientTimeout:
 
 
 class InstanceError(RuntimeError):
-    def __init__(self, message: str, refused: bool = False):
+    def __init__(self, message: str, refused: bool = False, status: int | None = None):
         super().__init__(message)
         self.refused = refused  # nothing listens there: the process is gone, not just slow
+        self.status = status    # the HTTP status it answered with, when it answered
+
+
+JOBS_API_RECHECK = 60.0  # seconds before asking again whether an instance has the jobs API
 
 
 def describe(url: str, exc: BaseException) -> str:
@@ -68,9 +72,12 @@ def _connect_reason(error: OSError | None) -> str:
 class InstanceClient:
     """One ComfyUI instance, seen through its HTTP API."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str):
+    def __init__(self, session: aiohttp.ClientSession, url: str, features: dict | None = None):
         self.session = session
         self.url = url.rstrip("/")
+        # what was learned of each instance's API, shared by the clients of one owner:
+        # instance URL -> (it has the jobs API, time.monotonic() when that was asked)
+        self.features = features if features is not None else {}
 
     async def _request(self, method: str, path: str, timeout: aiohttp.ClientTimeout,
                        body: Any = None) -> Any:
@@ -78,8 +85,13 @@ class InstanceClient:
             async with self.session.request(method, self.url + path, json=body, timeout=timeout) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
-                    raise InstanceError(f"{self.url}{path} answered {resp.status}: {_error_text(text)}")
-                return json.loads(text) if text.strip() else None
+                    raise InstanceError(f"{self.url}{path} answered {resp.status}: {_error_text(text)}",
+                                        status=resp.status)
+                try:
+                    return json.loads(text) if text.strip() else None
+                except ValueError:
+                    raise InstanceError(f"{self.url}{path} did not answer with JSON (is it a ComfyUI?)",
+                                        status=resp.status) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise InstanceError(describe(self.url, exc),
                                 refused=isinstance(exc, aiohttp.ClientConnectorError)) from exc
@@ -206,12 +218,59 @@ class InstanceClient:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return None, None, describe(self.url, exc)
 
+    # --- the jobs API (ComfyUI from early 2026: GET /api/jobs/{id}, POST /api/jobs/{id}/cancel) ---
+    async def has_jobs_api(self) -> bool:
+        """Whether the instance answers GET /api/jobs; asked once a minute at most per instance."""
+        known = self.features.get(self.url)
+        if known is not None and time.monotonic() - known[1] < JOBS_API_RECHECK:
+            return known[0]
+        try:
+            answer = await self._request("GET", "/api/jobs?limit=1", QUICK)
+            found = isinstance(answer, dict) and "jobs" in answer
+        except InstanceError as exc:
+            if exc.status is None:
+                raise  # no answer at all: ask again next time
+            found = False  # a 404, or a page that is not the API
+        self.features[self.url] = (found, time.monotonic())
+        return found
+
+    async def prompt_state(self, prompt_id: str) -> tuple[str, dict | None]:
+        """Where one of our prompts is: ("pending" | "running", None), ("done", its history entry, or
+        one in that shape from the jobs API), ("unknown", None) when the instance has no such
+        prompt, or ("unfinished", None) when it cannot tell apart pending, running and unknown
+        without its queue (ComfyUI without the jobs API)."""
+        if not await self.has_jobs_api():
+            entry = await self.history(prompt_id)
+            return ("done", entry) if entry is not None else ("unfinished", None)
+        try:
+            job = await self._request("GET", f"/api/jobs/{prompt_id}", QUICK)
+        except InstanceError as exc:
+            if exc.status == 404:
+                return "unknown", None
+            raise
+        status = job.get("status") if isinstance(job, dict) else None
+        if status == "pending":
+            return "pending", None
+        if status == "in_progress":
+            return "running", None
+        if status in ("failed", "cancelled"):
+            event = ["execution_error", job.get("execution_error") or {}] if status == "failed" \
+                else ["execution_interrupted", {}]
+            return "done", {"status": {"status_str": "error", "messages": [event]}}
+        if status == "completed":
+            return "done", {"status": job.get("execution_status") or {"status_str": "success", "messages": []}}
+        raise InstanceError(f"{self.url}/api/jobs/{prompt_id} gave an unknown status {status!r}")
+
     async def withdraw(self, prompt_id: str) -> None:
         """Take one of our prompts back: deleted from the queue if pending, interrupted if it is
-        the one running, left alone otherwise. The interrupt names the prompt, so a current
-        ComfyUI stops only ours; it is sent only when the queue shows ours running, because a
-        ComfyUI of early 2024 ignores the name and stops whatever runs."""
+        the one running, left alone otherwise. With the jobs API that is one atomic request. Else
+        the interrupt names the prompt, so a current ComfyUI stops only ours; it is sent only
+        when the queue shows ours running, because a ComfyUI of early 2024 ignores the name and
+        stops whatever runs."""
         if not prompt_id:
+            return
+        if await self.has_jobs_api():
+            await self._request("POST", f"/api/jobs/{prompt_id}/cancel", QUICK, {})
             return
         running, pending = await self.queue()
         if prompt_id in pending:

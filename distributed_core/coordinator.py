@@ -30,6 +30,7 @@ import aiohttp
 from . import audio
 from . import config as config_file
 from . import doctor, plan, upscale, workflow
+from .vault import Vault
 from .client import InstanceClient, InstanceError, history_error
 from .config import Config, Loaded, Worker
 from .jobs import Job, JobFailed, JobState, JobStore, Share
@@ -102,12 +103,13 @@ class Coordinator:
         self.partial_execution = partial_execution  # ComfyUI runs only partial_execution_targets
         self.clock = clock or Clock()
         self._client_factory = client_factory  # tests give a fake; else InstanceClient over HTTP
+        self.api_features: dict = {}  # what each instance's HTTP API offers (see InstanceClient)
         self.plans: dict[str, JobPlan] = {}
         self.tasks: set[asyncio.Task] = set()
         self.wakeups: dict[str, asyncio.Event] = {}
         self.watching: dict[str, list[Watch]] = {}  # instance URL -> prompts watched there, oldest first
         self.queues: dict[str, _Queue] = {}
-        self.vault = workflow.Vault()  # result tokens of worker-role prompts sent to this instance
+        self.vault = Vault()  # result tokens of worker-role prompts sent to this instance
         self.reach = Reachability(self._watched_instances, self.client, self.clock)
         self._throughput: plan.Throughput | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, for calls from other threads
@@ -130,7 +132,7 @@ class Coordinator:
     def client(self, url: str) -> InstanceClient:
         if self._client_factory is not None:
             return self._client_factory(url)
-        return InstanceClient(self.session(), url)
+        return InstanceClient(self.session(), url, self.api_features)
 
     def own_url(self) -> str:
         host, port = self.own_address()
@@ -569,7 +571,8 @@ class Coordinator:
         (ended without an error, with no grace); ``error`` (it failed there: why is ComfyUI's
         message); ``lost`` (its worker died, went silent for ``timeout`` seconds, or no longer has
         it); ``undelivered`` (it finished but its results never came). The one way every kind of
-        worker prompt is watched: its own history, the whole queue rarely, the reachability checks."""
+        worker prompt is watched: its job (where the worker has the jobs API) or its own history
+        and the whole queue rarely, and the reachability checks."""
         url = watched.client.url
         self.watching.setdefault(url, []).append(watched)
         try:
@@ -608,10 +611,15 @@ class Coordinator:
                 continue
             next_read = now + self._poll_interval(client.url, watched)
             try:
-                entry = await client.history(watched.prompt_id)
+                where, entry = await client.prompt_state(watched.prompt_id)
                 answered = self.clock.now()
                 self.reach.ok(client.url)
-                if entry is None:
+                if where == "unknown":  # the jobs API knows every prompt it queued
+                    return "lost", "the worker no longer has its prompt (was it restarted?)"
+                if where == "running" and watched.on_running is not None and not running_seen:
+                    running_seen = True
+                    watched.on_running()
+                if where == "unfinished":  # no jobs API: the queue tells pending and running apart
                     # whoever wants to know when it starts has the queue read every second until
                     # then (a spread prompt: one per worker); otherwise rarely, to find a lost one
                     wants_running = watched.on_running is not None and not running_seen

@@ -3,7 +3,7 @@
 Every prompt stays in the master's own ComfyUI queue, so its id, the queue view, deletion and the
 history stay ComfyUI's. Two things pull from that queue, oldest first:
 
-- the master's execution thread, through ``QueueTap.get`` (installed over the queue's ``get``):
+- the master's execution thread, through comfy_internals.QueueTap (installed over the queue's ``get``):
   it takes the first item that is either not a spread prompt, or a spread prompt nobody has
   claimed (the master renders it as submitted), or one whose worker values have arrived (or
   failed). It never blocks on a prompt that a worker is still rendering.
@@ -19,15 +19,12 @@ history and websocket events are those of a local run. ComfyUI records the item 
 history keeps the original prompt) and the hidden PROMPT input that output nodes embed is given
 the original prompt too (see ``SpreadState.original_prompt``).
 
-Nothing here imports ComfyUI: the queue is reached through the attributes that ComfyUI's
-PromptQueue has had from 2024 to today (``mutex``, ``not_empty``, ``queue``, ``currently_running``,
-``task_counter``, ``server.queue_updated``); ``supports`` checks them first.
+Nothing here imports ComfyUI or touches its queue: comfy_internals does, and hands over its own
+queue items, whose shape this module reads only through ``item_prompt`` and ``item_outputs``.
 """
 from __future__ import annotations
 
 import asyncio
-import copy
-import heapq
 import json
 import logging
 import secrets
@@ -38,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import wire
+from .comfy_internals import item_outputs, item_prompt
 from .plan import MASTER_ID
 from .workflow import COLLECTOR, FIELD, UPSCALE, WorkflowError, describe, is_link, read_field, upstream
 
@@ -142,6 +140,14 @@ def split(prompt: Any, outputs: Any, return_type: Callable[[str, int], str | Non
     if upstream(prompt, [s[0] for s in typed]) & outs:
         return "an output node feeds a node before another output node"
     return Split(tuple(sorted(outs)), tuple(sorted(typed)))
+
+
+def split_item(item: Any, return_type: Callable[[str, int], str | None]) -> Split | str:
+    """How a queued item of ComfyUI's spreads (see ``split``), or why it does not."""
+    prompt = item_prompt(item)
+    if prompt is None:
+        return "its queue item is not shaped as this extension knows"
+    return split(prompt, item_outputs(item), return_type)
 
 
 # --- values as a tree of plain data and arrays ----------------------------------------------------
@@ -286,29 +292,34 @@ class SpreadState:
         return found
 
     def pick_for_master(self, items: list, master_renders: Callable[[], bool],
-                        planner: Callable[[Any], Split | str]) -> tuple[Any, Any] | None:
-        """(item to run, queued item) for the master's execution thread, oldest first; None when
-        every waiting prompt is a spread prompt that a worker renders, or that waits for one."""
+                        planner: Callable[[Any], Split | str]) -> tuple[Any, dict | None] | None:
+        """(queued item to run, the prompt to run it as, or None to run it as submitted) for the
+        master's execution thread, oldest first; None when every waiting prompt is a spread
+        prompt that a worker renders, or that waits for one. The item itself is never rebuilt."""
         with self.lock:
             for item in sorted(items):
                 pid = str(item[1])
                 plan = self.plan(item, planner)
                 if not isinstance(plan, Split):
-                    return item, item
+                    return item, None
                 claim = self.claims.get(pid)
                 if claim is None:
                     if not master_renders():
                         continue
                     self.claims[pid] = Claim(pid, MASTER_ID, "master", "master", number=item[0])
-                    return item, item
+                    return item, None
                 if claim.state in ("arrived", "failed"):
                     claim.state = "taken" if claim.state == "arrived" else claim.state
-                    run = plan.master_prompt(item[2], pid)
-                    self._originals[id(run)] = (run, item[2])
-                    while len(self._originals) > 16:
-                        self._originals.pop(next(iter(self._originals)))
-                    return (item[0], item[1], run, item[3], item[4]), item
+                    return item, plan.master_prompt(item_prompt(item), pid)
         return None
+
+    def swapped(self, run: dict, submitted: dict) -> None:
+        """The master runs ``run`` (the queue item's own prompt, given the receiver version) for a
+        prompt submitted as ``submitted``: output nodes embed the latter (``original_prompt``)."""
+        with self.lock:
+            self._originals[id(run)] = (run, submitted)
+            while len(self._originals) > 16:
+                self._originals.pop(next(iter(self._originals)))
 
     def pick_for_worker(self, items: list, worker_id: str, label: str,
                         planner: Callable[[Any], Split | str]) -> tuple[Claim, Any, Split] | None:
@@ -436,86 +447,6 @@ class SpreadState:
             notify()
 
 
-# --- the master's queue ------------------------------------------------------------------------------
-
-QUEUE_ATTRIBUTES = ("mutex", "not_empty", "queue", "currently_running", "task_counter", "server", "get")
-
-
-def supports(queue: Any) -> str:
-    """'' when ``queue`` looks like the PromptQueue this module was written against, else why not."""
-    missing = [a for a in QUEUE_ATTRIBUTES if not hasattr(queue, a)]
-    if missing:
-        return f"ComfyUI's prompt queue has no {', '.join(missing)}"
-    if not isinstance(queue.queue, list) or not isinstance(queue.currently_running, dict) \
-            or not isinstance(queue.task_counter, int) or not callable(getattr(queue.server, "queue_updated", None)):
-        return "ComfyUI's prompt queue is not shaped as expected"
-    return ""
-
-
-class QueueTap:
-    """Stands in for ``PromptQueue.get`` on the master: hands the execution thread the first
-    item it may run now (see the module's docstring), with ComfyUI's own bookkeeping."""
-
-    def __init__(self, queue, state: SpreadState, planner: Callable[[Any], Split | str],
-                 active: Callable[[], bool], master_renders: Callable[[], bool],
-                 refresh: Callable[[], None] = lambda: None):
-        self.queue = queue
-        self.refresh = refresh
-        self.state = state
-        self.planner = planner
-        self.active = active
-        self.master_renders = master_renders
-
-    def install(self) -> None:
-        self.queue.get = self.get
-
-    def get(self, timeout=None):
-        """ComfyUI's get, with the choice of item made by ``SpreadState.pick_for_master`` (or, with
-        the spread queue off, ComfyUI's own: the lowest item). Always this one, so that turning
-        the setting on reaches a thread that is already waiting."""
-        q = self.queue
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with q.not_empty:
-            picked = self._pick()
-            while picked is None:
-                # Waits in slices: what a pick depends on (a worker lost, the config) changes
-                # without notifying the queue.
-                left = TICK_SECONDS if deadline is None else min(TICK_SECONDS, deadline - time.monotonic())
-                if left <= 0:
-                    return None
-                q.not_empty.wait(timeout=left)
-                picked = self._pick()
-                if picked is None and getattr(q, "flags", None):  # /free was asked: let ComfyUI see it
-                    return None
-            run, queued = picked
-            index = next(i for i, x in enumerate(q.queue) if x is queued)
-            q.queue.pop(index)
-            heapq.heapify(q.queue)
-            number = q.task_counter
-            q.currently_running[number] = copy.deepcopy(queued)
-            q.task_counter += 1
-            q.server.queue_updated()
-            return run, number
-
-    def _pick(self):
-        q = self.queue
-        if not q.queue:
-            return None
-        self.refresh()
-        if not self.active():
-            lowest = min(q.queue)
-            return lowest, lowest
-        return self.state.pick_for_master(list(q.queue), self.master_renders, self.planner)
-
-    def present(self) -> tuple[list, set[str]]:
-        """(queued items, ids of every prompt queued or running)."""
-        q = self.queue
-        with q.mutex:
-            items = list(q.queue)
-            running = [str(x[1]) for x in q.currently_running.values()]
-        return items, {str(x[1]) for x in items} | set(running)
-
-
 # --- handing prompts to workers ----------------------------------------------------------------------
 
 class Dispatcher:
@@ -523,11 +454,12 @@ class Dispatcher:
     and moves it on when the worker fails. ``coord`` is the Coordinator (its HTTP clients, the
     master's address for a worker, input sync, task spawning and Collector jobs)."""
 
-    def __init__(self, state: SpreadState, tap: QueueTap, coord, load_config: Callable,
+    def __init__(self, state: SpreadState, tap, planner: Callable[[Any], Split | str], coord, load_config: Callable,
                  emit: Callable[[dict], None] = lambda summary: None,
                  config_path: Callable[[], Any] | None = None):
         self.state = state
-        self.tap = tap
+        self.tap = tap          # comfy_internals.QueueTap: what the master's queue holds
+        self.planner = planner  # a queued item's Split, or why it does not spread
         self.coord = coord
         self.load_config = load_config
         self.config_path = config_path or (lambda: None)
@@ -611,7 +543,7 @@ class Dispatcher:
         for worker in self.usable_workers():
             if worker.id in busy:
                 continue
-            picked = self.state.pick_for_worker(items, worker.id, worker.label, self.tap.planner)
+            picked = self.state.pick_for_worker(items, worker.id, worker.label, self.planner)
             if picked is None:
                 break
             claim, item, plan = picked
@@ -662,7 +594,7 @@ class Dispatcher:
         client = self.coord.client(worker.url)
         fields = {"spread": claim.prompt_id, "token": claim.token, "timeout": config.settings.job_timeout,
                   "master_url": self.coord.master_url_for(config, worker)}
-        prompt = plan.worker_prompt(item[2], fields)
+        prompt = plan.worker_prompt(item_prompt(item), fields)
         try:
             if not worker.is_local and not config.master.host and self.coord.loopback_only():
                 raise InstanceError(f"it is on another machine ({worker.host}) but this master listens on "

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import secrets
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,47 +349,6 @@ def screen(prompt: Any) -> tuple[str, Any]:
         node["inputs"].pop(FIELD, None)
         stripped[nid] = node
     return "stripped", stripped
-
-
-class Vault:
-    """Result tokens of the worker-role prompts this instance was sent, held in memory only.
-
-    ``seal`` moves each worker-role Collector's token out of the prompt, leaving a random key in
-    its place, so that the prompt ComfyUI queues and lists in GET /queue and /history names no
-    credential; the Collector takes its token back when it runs. Bounded: a prompt deleted
-    before it runs leaves its token behind until newer ones push it out."""
-
-    def __init__(self, limit: int = 4096):
-        self.limit = limit
-        self._tokens: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    def seal(self, prompt: Prompt) -> Prompt:
-        result = dict(prompt)
-        for nid in nodes_of(prompt, COLLECTOR) + nodes_of(prompt, UPSCALE):
-            field = read_field(prompt, nid)
-            if not field or field.get("role") != "worker" or not isinstance(field.get("token"), str):
-                continue
-            key = secrets.token_urlsafe(12)
-            with self._lock:
-                self._tokens[key] = field.pop("token")
-                while len(self._tokens) > self.limit:
-                    self._tokens.pop(next(iter(self._tokens)))
-            result[nid] = _with_field(prompt[nid], {**field, "sealed": key})
-        return result
-
-    def keep(self, token: str) -> str:
-        """Hold one token; returns the key that takes it back."""
-        key = secrets.token_urlsafe(12)
-        with self._lock:
-            self._tokens[key] = token
-            while len(self._tokens) > self.limit:
-                self._tokens.pop(next(iter(self._tokens)))
-        return key
-
-    def take(self, key: Any) -> str | None:
-        with self._lock:
-            return self._tokens.pop(key, None) if isinstance(key, str) else None
 
 
 def read_field(prompt: Any, node_id: Any) -> dict | None:

@@ -68,6 +68,7 @@ class Instance:
         self.prompts: dict[str, dict] = {}
         self.calls: list[tuple[str, str, object]] = []
         self.hold_posts: asyncio.Event | None = None  # set: POST /prompt waits for it
+        self.jobs_api = False  # ComfyUI 0.38's GET /api/jobs/{id} and POST /api/jobs/{id}/cancel
 
     def finish(self, prompt_id: str, status: str = "success") -> None:
         for queue in (self.running, self.pending):
@@ -87,9 +88,31 @@ class EveryNode(dict):
 
 
 class FakeClient(InstanceClient):
-    def __init__(self, world: dict[str, Instance], url: str):
-        super().__init__(None, url)
+    def __init__(self, world: dict[str, Instance], url: str, features: dict | None = None):
+        super().__init__(None, url, features)
         self.world = world
+
+    @staticmethod
+    def _job(inst: Instance, path: str, method: str):
+        """ComfyUI 0.38's jobs API, as read from its server (comfy_execution/jobs.py)."""
+        if not inst.jobs_api:
+            raise InstanceError(f"{inst.url}{path} answered 404: Not Found", status=404)
+        if path.startswith("/api/jobs?"):
+            return {"jobs": [], "pagination": {}}
+        prompt_id = path.split("/")[3]
+        if method == "POST":  # cancel: dequeued if pending, interrupted if running, else nothing
+            if prompt_id in inst.pending:
+                inst.pending.remove(prompt_id)
+            return {"cancelled": prompt_id in inst.running}
+        if prompt_id in inst.running or prompt_id in inst.pending:
+            return {"id": prompt_id, "status": "in_progress" if prompt_id in inst.running else "pending"}
+        if prompt_id not in inst.history:
+            raise InstanceError(f"{inst.url}{path} answered 404: job not found", status=404)
+        status = inst.history[prompt_id]["status"]
+        if status["status_str"] == "success":
+            return {"id": prompt_id, "status": "completed", "execution_status": status}
+        return {"id": prompt_id, "status": "failed", "execution_error": {
+            "node_id": "3", "node_type": "DistributedTestProbe", "exception_message": "out of ink"}}
 
     async def _request(self, method, path, timeout, body=None):
         inst = self.world.get(self.url)
@@ -98,6 +121,8 @@ class FakeClient(InstanceClient):
                 raise InstanceError(f"{self.url} did not answer in time")
             raise InstanceError(f"cannot connect to {self.url}; is that ComfyUI instance running?", refused=True)
         inst.calls.append((method, path, body))
+        if path.startswith("/api/jobs"):
+            return self._job(inst, path, method)
         if (method, path) == ("POST", "/prompt"):
             if inst.hold_posts is not None:
                 await inst.hold_posts.wait()
@@ -138,11 +163,13 @@ class Harness:
     def __init__(self, tmp_path: Path, config: config_file.Config):
         self.config = config
         self.world = {url: Instance(url) for url in (MASTER, W1, W2, W3)}
+        self.features: dict = {}  # what the clients learned of each fake's API
         global CLOCK
         self.clock = CLOCK = FakeClock()
         self.coord = Coordinator(JobStore(), lambda: config_file.Loaded(self.config, tmp_path / "c.json"),
                                  lambda: ("127.0.0.1", 18188),
-                                 client_factory=lambda url: FakeClient(self.world, url), clock=self.clock)
+                                 client_factory=lambda url: FakeClient(self.world, url, self.features),
+                                 clock=self.clock)
         self.coord._throughput = plan.Throughput(tmp_path / "throughput.json")
         self.coord.reach.start = lambda: None  # the tests run the checks themselves (checked())
 
@@ -402,6 +429,50 @@ def test_a_finished_job_withdraws_nothing(tmp_path):
         h.coord.end(job_id, JobState.DONE)
         await h.coord.settle()
         assert not any(c[1] in ("/interrupt", "/queue") and c[0] == "POST" for c in h.world[W1].calls)
+    run(main())
+
+
+# --- ComfyUI with the jobs API (0.38) ---------------------------------------------------------------
+
+def test_with_the_jobs_api_a_share_is_watched_by_its_job_and_withdrawn_by_one_cancel(tmp_path):
+    async def main():
+        h = Harness(tmp_path, config_with(("w1", 18189, True), ("w2", 18190, True)))
+        h.world[W1].jobs_api = True  # w2 is an older ComfyUI: the queue path, as before
+        await h.checked()
+        job_id = await h.started()
+        await until(lambda: h.world[W2].prompts and h.world[W1].prompts)
+        (ours1,), (ours2,) = h.world[W1].prompts, h.world[W2].prompts
+        h.world[W1].pending.remove(ours1)
+        h.world[W1].running.append(ours1)
+        for _ in range(40):
+            h.clock.advance(0.5)
+            await asyncio.sleep(0)
+        assert ("GET", f"/api/jobs/{ours1}", None) in h.world[W1].calls
+        assert not any(c[:2] == ("GET", "/queue") or c[1].startswith("/history") for c in h.world[W1].calls)
+        h.coord.end(job_id, JobState.CANCELLED, "cancelled by the test")
+        await h.coord.settle()
+        assert ("POST", f"/api/jobs/{ours1}/cancel", {}) in h.world[W1].calls
+        assert not any(c[1] in ("/interrupt", "/queue") and c[0] == "POST" for c in h.world[W1].calls)
+        assert ("POST", "/queue", {"delete": [ours2]}) in h.world[W2].calls
+    run(main())
+
+
+def test_with_the_jobs_api_an_error_names_the_node_and_a_forgotten_prompt_fails_over(tmp_path):
+    async def main():
+        h = Harness(tmp_path, config_with(("w1", 18189, True), ("w2", 18190, True), ("w3", 18191, True)))
+        for url in (W1, W2, W3):
+            h.world[url].jobs_api = True
+        await h.checked()
+        job_id = await h.started()
+        await until(lambda: h.world[W1].prompts and h.world[W2].prompts)
+        (ours1,), (ours2,) = h.world[W1].prompts, h.world[W2].prompts
+        h.world[W1].finish(ours1, status="error")
+        h.world[W2].pending.remove(ours2)  # the worker restarted: it knows nothing of it
+        await until(lambda: len([n for n in h.coord.store.get(job_id).notices if " failed: " in n]) == 2)
+        notices = " | ".join(h.coord.store.get(job_id).notices)
+        assert "DistributedTestProbe): out of ink" in notices, notices
+        assert "no longer has its prompt" in notices, notices
+        h.coord.end(job_id, JobState.CANCELLED, "test")
     run(main())
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from distributed_core import config, plan, wire, workflow
 from distributed_core.jobs import Job, JobFailed, JobState, JobStore, Share
+from distributed_core.vault import Refused, Vault
 
 PRODUCT_SHEET_CONFIG = {
     "master": {"port": 8188, "device": 0, "enabled": True},
@@ -220,11 +221,41 @@ def test_fields_from_a_client_are_dropped_and_a_dispatch_is_sealed():
     mixed = {**wp, "9": workflow._with_field(PROMPT["3"], {"job": "j", "role": "master"})}
     kind, message = workflow.screen(mixed)
     assert kind == "refused" and "MultiGPUCollector (node 9)" in message and "'master'" in message
-    vault = workflow.Vault()
+    vault = Vault()
+    minting = vault.collecting()
     sealed = vault.seal(wp)
+    keys = vault.collected(minting)
     assert "secret" not in json.dumps(sealed) and "token" not in workflow.read_field(sealed, "3")
     key = workflow.read_field(sealed, "3")["sealed"]
-    assert vault.take(key) == "secret" and vault.take(key) is None  # once
+    assert keys == [key]
+    vault.bind(keys, "queued-id")
+    assert vault.take(key, "queued-id") == "secret"
+    with pytest.raises(Refused, match="used already"):
+        vault.take(key, "queued-id")  # once
+
+
+def test_a_sealed_key_serves_only_the_prompt_it_was_queued_in():
+    vault = Vault()
+    minting = vault.collecting()
+    key = vault.keep("secret")
+    vault.bind(vault.collected(minting), "genuine")
+    with pytest.raises(Refused, match="copy of a prompt"):
+        vault.take(key, "a-copy")  # whoever read the key from the queue and queued it again
+    assert vault.take(key, "genuine") == "secret"  # the copy took nothing
+
+
+def test_a_key_waits_for_its_prompt_id_and_a_prompt_that_was_not_queued_voids_it():
+    import threading
+    vault = Vault()
+    minting = vault.collecting()
+    key, void = vault.keep("secret"), vault.keep("other")
+    keys = vault.collected(minting)
+    threading.Timer(0.2, vault.bind, ([key], "genuine")).start()  # POST /prompt answers after the prompt started
+    assert vault.take(key, "genuine", wait=10) == "secret"
+    vault.discard([void])
+    with pytest.raises(Refused, match="unknown"):
+        vault.take(void, "genuine", wait=0)
+    assert keys == [key, void]
 
 
 def test_fresh_collectors_ignores_non_prompts():

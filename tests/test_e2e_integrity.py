@@ -120,6 +120,42 @@ def busy_master():
     busy.close()
 
 
+def test_a_copy_of_a_worker_prompt_read_from_its_queue_can_neither_deliver_nor_learn_the_token(live, busy_master):
+    """The attack: anyone may read a worker's GET /queue. A copy of the master's prompt found there,
+    queued on that worker ahead of it ("front") with other images upstream, or with another master
+    address to learn the token, must take nothing: the job ends with its own images only."""
+    worker = live.workers[0]
+    # node ids of its own: ComfyUI of 2024 mixes up cached outputs of other classes under one id
+    hold = worker.queue_prompt({"h1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8,
+                                                                            "batch_size": 1, "color": 0}},
+                                "h2": {"class_type": "DistributedTestProbe", "inputs": {
+                                    "images": ["h1", 0], "seconds_per_image": 4.0, "label": "hold"}},
+                                "h3": {"class_type": "PreviewImage", "inputs": {"images": ["h2", 0]}}})
+    owner = live.master.queue_prompt(image_workflow(seed=50, batch=1))
+    job = running_job(live.master)
+
+    def genuine():
+        pending = worker.get("/queue").json()["queue_pending"]
+        return next((item for item in pending if "4" in item[2] and FIELD in item[2]["4"]["inputs"]), None)
+    item = wait_until(genuine, 30, what="the master's prompt waiting on worker1")
+    assert field_of(item[2], "4")["job"] == job["job_id"]
+    # as queued (ComfyUI before mid-2024 writes each node's IS_CHANGED result, NaN here, into it)
+    queued = {nid: {k: v for k, v in node.items() if k != "is_changed"} for nid, node in item[2].items()}
+    forged = json.loads(json.dumps(queued))
+    forged["2"]["inputs"]["color"] = 0xFF00FF  # other images
+    stolen = json.loads(json.dumps(queued))
+    stolen["4"]["inputs"][FIELD] = json.dumps({**field_of(queued, "4"), "master_url": busy_master.url})
+    copies = [worker.post("/prompt", {"prompt": p, "client_id": "outsider", "front": True}).json()["prompt_id"]
+              for p in (forged, stolen)]
+    entry = live.master.wait_prompt(owner, 120)
+    assert error_of(entry) == ""
+    assert blue_values(live.master.saved_images(entry, "5")) == [50, 51, 52]  # the job's own images only
+    for copy in copies:
+        assert "may not deliver" in error_of(worker.wait_prompt(copy, 60))
+    assert busy_master.posts == 0  # the token never left the worker
+    assert error_of(worker.wait_prompt(hold, 60)) == ""
+
+
 def _dispatch(worker, master_url: str, timeout: float) -> str:
     """Queue on a worker the prompt a master would send it for unit 1."""
     from distributed_core import workflow

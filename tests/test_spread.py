@@ -3,6 +3,7 @@ for ComfyUI's queue get, and value frames for every type output nodes take."""
 from __future__ import annotations
 
 import copy
+import json
 import heapq
 import threading
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_core import spread, wire
+from distributed_core import comfy_internals, spread, wire
 from distributed_core.plan import MASTER_ID
 
 TYPES = {("EmptyImage", 0): "IMAGE", ("KSampler", 0): "LATENT", ("VAEDecode", 0): "IMAGE",
@@ -86,7 +87,7 @@ def item(n: int, pid: str | None = None, prompt: dict | None = None, outputs=("7
 
 
 def planner(it):
-    return spread.split(it[2], it[4], return_type)
+    return spread.split_item(it, return_type)
 
 
 def test_workers_claim_the_oldest_unclaimed_in_submission_order():
@@ -102,8 +103,8 @@ def test_master_skips_prompts_workers_render_and_takes_the_next_unclaimed():
     state = spread.SpreadState()
     items = [item(1), item(2)]
     state.pick_for_worker(items, "w1", "w1", planner)
-    run, queued = state.pick_for_master(items, lambda: True, planner)
-    assert queued[1] == "p2" and run is queued                     # rendered as submitted
+    queued, run = state.pick_for_master(items, lambda: True, planner)
+    assert queued[1] == "p2" and run is None                       # rendered as submitted
     assert state.claims["p2"].participant == MASTER_ID
     assert state.pick_for_master(items[:1], lambda: True, planner) is None  # p1 is on a worker
 
@@ -112,7 +113,7 @@ def test_master_disabled_leaves_spread_prompts_to_workers_but_runs_plain_ones():
     state = spread.SpreadState()
     plain = item(2, prompt={"1": {"class_type": "MultiGPUCollector", "inputs": {}},
                             "7": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}})
-    assert state.pick_for_master([item(1), plain], lambda: False, planner)[1] is plain
+    assert state.pick_for_master([item(1), plain], lambda: False, planner)[0] is plain
 
 
 def test_arrived_values_hand_the_master_the_receiver_version_and_restore_the_prompt():
@@ -120,11 +121,12 @@ def test_arrived_values_hand_the_master_the_receiver_version_and_restore_the_pro
     items = [item(1)]
     claim, queued, _cut = state.pick_for_worker(items, "w1", "w1", planner)
     state.arrive("p1", claim.token, {"6": {0: ["image"]}})
-    run, original = state.pick_for_master(items, lambda: False, planner)
-    assert original is queued and run[:2] == queued[:2] and run[3:] == queued[3:]
-    assert run[2]["6"]["class_type"] == spread.RECEIVER
-    assert state.original_prompt(run[2]) is queued[2]
-    assert state.original_prompt(dict(run[2])) is not queued[2]  # by identity only
+    picked, run = state.pick_for_master(items, lambda: False, planner)
+    assert picked is queued and run["6"]["class_type"] == spread.RECEIVER
+    assert queued[2]["6"]["class_type"] != spread.RECEIVER  # the queued item is left as it is
+    state.swapped(run, queued[2])
+    assert state.original_prompt(run) is queued[2]
+    assert state.original_prompt(dict(run)) is not queued[2]  # by identity only
     assert state.take_values("p1", "6") == {0: ["image"]}
 
 
@@ -155,7 +157,7 @@ def test_a_worker_error_fails_the_masters_run_with_its_message():
     items = [item(1)]
     state.pick_for_worker(items, "w1", "w1", planner)
     state.fail("p1", "worker1: error in node 5 (KSampler): out of ink")
-    run, _queued = state.pick_for_master(items, lambda: False, planner)
+    state.pick_for_master(items, lambda: False, planner)
     with pytest.raises(RuntimeError, match="out of ink"):
         state.take_values("p1", "6")
 
@@ -203,9 +205,10 @@ class FakeQueue:
 
 def make_tap(active=True, master=True):
     q = FakeQueue()
-    assert spread.supports(q) == ""
+    assert comfy_internals.queue_problem(q) == ""
     state = spread.SpreadState(lock=q.not_empty)
-    tap = spread.QueueTap(q, state, planner, lambda: active, lambda: master)
+    tap = comfy_internals.QueueTap(q, lambda items: state.pick_for_master(items, lambda: master, planner),
+                                   lambda: active, on_swap=state.swapped)
     tap.install()
     return q, state, tap
 
@@ -230,22 +233,34 @@ def test_tap_never_blocks_on_a_prompt_a_worker_renders():
     assert q.get(timeout=0.05) is None
 
 
-def test_tap_wakes_when_values_arrive_and_records_the_submitted_item():
+@pytest.mark.parametrize("fields", [5, 6])
+def test_tap_hands_over_comfyuis_own_item_with_the_receiver_version_and_records_the_submitted_one(fields):
+    """ComfyUI 0.38 queues six fields (the last: sensitive data) and its prompt worker reads
+    item[5]: the item the tap returns is the very one queued, whatever its length."""
     q, state, _tap = make_tap(master=False)
-    q.put(item(1))
-    claim, queued, _cut = state.pick_for_worker(list(q.queue), "w1", "w1", planner)
+    queued = item(1) + (({"api_key": "secret"},) if fields == 6 else ())
+    submitted = json.loads(json.dumps(queued[2]))
+    q.put(queued)
+    claim, _queued, _cut = state.pick_for_worker(list(q.queue), "w1", "w1", planner)
     got = []
     thread = threading.Thread(target=lambda: got.append(q.get(timeout=5)))
     thread.start()
     state.arrive("p1", claim.token, {"6": {0: [1]}})
     thread.join(5)
     (run, number), = got
+    assert run is queued and len(run) == fields
     assert run[2]["6"]["class_type"] == spread.RECEIVER
-    assert q.currently_running[number] == queued and q.currently_running[number] is not queued
+    recorded = q.currently_running[number]
+    assert recorded[2] == submitted and len(recorded) == fields  # what the history keeps
+    assert state.original_prompt(run[2]) is recorded[2]      # what output nodes embed
 
 
-def test_supports_names_what_is_missing():
-    assert "task_counter" in spread.supports(object()) or "mutex" in spread.supports(object())
+def test_a_queue_item_of_another_shape_is_run_as_submitted():
+    assert spread.split_item(("p1", {}), return_type) == "its queue item is not shaped as this extension knows"
+
+
+def test_queue_problem_names_what_is_missing():
+    assert "task_counter" in comfy_internals.queue_problem(object()) or "mutex" in comfy_internals.queue_problem(object())
 
 
 # --- values on the wire --------------------------------------------------------------------------------

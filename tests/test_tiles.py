@@ -11,6 +11,7 @@ import pytest
 from distributed_core import tiles, workflow
 from distributed_core.tiles import Grid, TileError
 from distributed_core.upscale import Board, UpscaleJob, UpscaleState, WorkerShare
+from distributed_core.vault import Vault
 from distributed_core.wire import Rejected
 
 
@@ -223,10 +224,12 @@ def test_worker_role_prompts_are_dispatched_with_their_token_sealed():
     result = workflow.upscale_worker_prompt(upscale_prompt(), ["6"], {"job": "j", "token": "secret-token"})
     kind, screened = workflow.screen(result)
     assert kind == "dispatch"
-    vault = workflow.Vault()
+    vault = Vault()
     sealed = vault.seal(screened)
+    key = workflow.read_field(sealed, "6")["sealed"]
+    vault.bind([key], "queued-id")
     assert "secret-token" not in json.dumps(sealed)
-    assert vault.take(workflow.read_field(sealed, "6")["sealed"]) == "secret-token"
+    assert vault.take(key, "queued-id") == "secret-token"
 
 
 def test_a_master_role_field_from_a_client_is_stripped():

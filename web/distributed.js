@@ -2,7 +2,7 @@
 // opens a floating panel on the legacy UI. Both mount the same panel (panel.js).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { mountPanel, showProgress } from "./panel.js";
+import { mountPanel, showProgress, showSpreadChange } from "./panel.js";
 
 function loadStyle() {
   if (document.getElementById("cdist-style")) return;
@@ -67,6 +67,7 @@ app.registerExtension({
     loadStyle();
     // Registered here, not by the panel, so the legacy UI knows the event even while the panel is closed.
     api.addEventListener("distributed_progress", (event) => showProgress(event.detail));
+    api.addEventListener("distributed_spread", () => showSpreadChange());
     if (app.extensionManager?.registerSidebarTab) addSidebarTab();
     else addMenuButton();
   },

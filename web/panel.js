@@ -17,6 +17,12 @@ export function showProgress(summary) {
   for (const panel of openPanels) panel.showJob(summary);
 }
 
+// The spread queue's "distributed_spread" event: who renders which prompt changed. Each open panel
+// reads the section again at once rather than at its next poll.
+export function showSpreadChange() {
+  for (const panel of openPanels) panel.refreshSpread();
+}
+
 // Workers left out of a job or failed during it: each notice once, as a toast in the current
 // frontend, whether the panel is open or not (the legacy UI shows them in the panel's job list).
 const noticesShown = new Map(); // job id -> notices already shown
@@ -474,6 +480,15 @@ class Panel {
   buildSpread() {
     this.spreadList = h("div.cdist-spread", {}, h("div.cdist-empty", { text: "Off." }));
     return this.spreadList;
+  }
+
+  async refreshSpread() {
+    try {
+      const info = await master.spread();
+      if (!this.closed) this.showSpread(info);
+    } catch (err) {
+      // the next poll says what is wrong
+    }
   }
 
   // Which participant renders which waiting prompt, then the last few finished (GET /distributed/spread).

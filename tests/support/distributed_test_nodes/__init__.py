@@ -195,3 +195,47 @@ def _slow_png_saves() -> None:
 
 
 _slow_png_saves()
+
+
+def _six_field_queue() -> None:
+    """ComfyUI 0.38's queue items, re-created on an older ComfyUI: while the file named by
+    DISTRIBUTED_TEST_QUEUE_FILE exists, each item put on the queue gets a sixth field (0.38's
+    sensitive data, which its prompt worker reads as item[5]). Every item the execution thread is
+    handed (through whatever get the extensions installed) is then written to that file's log
+    (the file name plus ".log"): its prompt id and how many fields it had, so a test sees whether a
+    six-field item reached the prompt worker with its sixth field, as 0.38 needs."""
+    path = os.environ.get("DISTRIBUTED_TEST_QUEUE_FILE")
+    if not path:
+        return
+    from server import PromptServer
+
+    server = PromptServer.instance
+    queue = server.prompt_queue
+    put_with_six: set[str] = set()
+    original_put = queue.put
+
+    def put(item):
+        if os.path.exists(path):
+            item = tuple(item) + ({"test_sensitive": str(item[1])},)
+            put_with_six.add(str(item[1]))
+        return original_put(item)
+    queue.put = put
+
+    async def wrap_get(_app):  # once every extension has put its own get in place
+        installed = queue.get
+
+        def get(*args, **kwargs):
+            got = installed(*args, **kwargs)
+            if got is not None and str(got[0][1]) in put_with_six:
+                item = got[0]
+                put_with_six.discard(str(item[1]))
+                sixth = item[5] if len(item) > 5 else None
+                with open(path + ".log", "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"prompt_id": str(item[1]), "fields": len(item),
+                                             "sixth_kept": sixth == {"test_sensitive": str(item[1])}}) + "\n")
+            return got
+        queue.get = get
+    server.app.on_startup.append(wrap_get)
+
+
+_six_field_queue()

@@ -1,0 +1,287 @@
+"""Every place where the extension relies on ComfyUI beyond its node API (INPUT_TYPES, hidden
+inputs, ProgressBar, interrupts, common_ksampler) and its public HTTP API. One module, so that a
+new ComfyUI is checked here; each touch checks the shape it was written against and otherwise
+leaves ComfyUI's own behaviour in place.
+
+This package imports no ComfyUI: a function here is given the ComfyUI object it touches, or finds
+it among the modules ComfyUI has already loaded (``sys.modules``) by the time it loads extensions.
+
+| touch | what for | without it |
+| --- | --- | --- |
+| ``QueueTap`` over ``PromptQueue.get`` | the spread queue: the master skips prompts a worker renders | spread queue off, said in the panel |
+| ``wrap_put`` over ``PromptQueue.put`` | the spread queue looks at once at a new prompt | it looks every 0.5 s |
+| ``parallel_saves`` over ``SaveImage.save_images`` | a batch's PNGs encoded on every core | one after another |
+| ``restore_hidden_prompt`` over ``execution.get_input_data`` | files of spread prompts embed the prompt as submitted | they embed the master's run of it |
+| ``running_prompt_id`` | a worker's credential is used only by the prompt it was queued in | a credential is taken by its key alone |
+| ``upscale_with_model`` | ComfyUI's own upscale-model node, V3 ``execute`` or V1 function | a clear error |
+| ``runs_partial_targets`` | plan only the Collectors a partial run reaches | every Collector planned |
+| ``server_args`` | the master's listen address and port | loopback and 8188 |
+
+Queue items: from March 2024 to today the first fields are (number, prompt id, prompt, extra data,
+outputs to execute); 0.38 adds a sixth (sensitive data) and its prompt worker reads ``item[5]``.
+Nothing here builds an item: ComfyUI's own item is handed back, whatever its length.
+
+Checked by running: ComfyUI of March 2024 and 0.3.64. Read from its files: 0.38, whose shapes
+(six-field items, hidden inputs inside ``v3_data``, the jobs API) the tests re-create.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import heapq
+import inspect
+import logging
+import sys
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("comfyui-distributed")
+
+TICK_SECONDS = 0.5  # a waiting get looks again this often: what it may pick changes without notice
+
+
+def _module(name: str):
+    return sys.modules.get(name)
+
+
+# --- queue items ---------------------------------------------------------------------------------
+
+def item_prompt(item: Any) -> dict | None:
+    """The prompt of a queue item (its third field in every ComfyUI), or None for another shape."""
+    if isinstance(item, (tuple, list)) and len(item) >= 5 and isinstance(item[2], dict):
+        return item[2]
+    return None
+
+
+def item_outputs(item: Any) -> Any:
+    """The output nodes a queue item runs (its fifth field in every ComfyUI)."""
+    return item[4] if item_prompt(item) is not None else None
+
+
+# --- the master's prompt queue -------------------------------------------------------------------
+
+QUEUE_ATTRIBUTES = ("mutex", "not_empty", "queue", "currently_running", "task_counter", "server", "get", "put")
+
+
+def queue_problem(queue: Any) -> str:
+    """'' when ``queue`` has the PromptQueue shape the tap was written against, else why not."""
+    missing = [a for a in QUEUE_ATTRIBUTES if not hasattr(queue, a)]
+    if missing:
+        return f"ComfyUI's prompt queue has no {', '.join(missing)}"
+    if not isinstance(queue.queue, list) or not isinstance(queue.currently_running, dict) \
+            or not isinstance(queue.task_counter, int) or not callable(getattr(queue.server, "queue_updated", None)):
+        return "ComfyUI's prompt queue is not shaped as expected"
+    return ""
+
+
+# pick(items) -> (the queued item to run, the prompt to run it as or None) or None when none may run now
+Pick = Callable[[list], "tuple[Any, dict | None] | None"]
+
+
+class QueueTap:
+    """Stands in for ``PromptQueue.get`` on the master: hands the execution thread the first item
+    that ``pick`` allows, with ComfyUI's own bookkeeping (the item moves to ``currently_running``
+    as a deep copy, which the history keeps; the counter moves on; the queue view is told).
+
+    The execution thread gets ComfyUI's own item, never a rebuilt one, so its length and fields
+    are whatever this ComfyUI made. Where ``pick`` names another prompt to run (the spread
+    queue's run with receivers), the item's prompt is given that content in place, after the copy
+    that ComfyUI records was taken; ``on_swap(run prompt, submitted prompt)`` is told."""
+
+    def __init__(self, queue, pick: Pick, active: Callable[[], bool],
+                 on_swap: Callable[[dict, dict], None] = lambda run, submitted: None,
+                 refresh: Callable[[], None] = lambda: None):
+        self.queue = queue
+        self.pick = pick
+        self.active = active
+        self.on_swap = on_swap
+        self.refresh = refresh
+
+    def install(self) -> None:
+        self.queue.get = self.get
+
+    def get(self, timeout=None):
+        """ComfyUI's get, with the choice of item made by ``pick`` (or, while the tap is not
+        active, ComfyUI's own: the lowest item). Always this one, so that turning the spread
+        queue on reaches a thread that is already waiting."""
+        q = self.queue
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with q.not_empty:
+            picked = self._pick()
+            while picked is None:
+                left = TICK_SECONDS if deadline is None else min(TICK_SECONDS, deadline - time.monotonic())
+                if left <= 0:
+                    return None
+                q.not_empty.wait(timeout=left)
+                picked = self._pick()
+                if picked is None and getattr(q, "flags", None):  # /free was asked: let ComfyUI see it
+                    return None
+            queued, run_prompt = picked
+            index = next(i for i, x in enumerate(q.queue) if x is queued)
+            q.queue.pop(index)
+            heapq.heapify(q.queue)
+            number = q.task_counter
+            recorded = copy.deepcopy(queued)
+            q.currently_running[number] = recorded
+            q.task_counter += 1
+            prompt = item_prompt(queued)
+            if run_prompt is not None and prompt is not None:
+                self.on_swap(prompt, item_prompt(recorded))
+                prompt.clear()
+                prompt.update(run_prompt)
+            q.server.queue_updated()
+            return queued, number
+
+    def _pick(self):
+        q = self.queue
+        if not q.queue:
+            return None
+        self.refresh()
+        if not self.active():
+            return min(q.queue), None
+        return self.pick(list(q.queue))
+
+    def present(self) -> tuple[list, set[str]]:
+        """(queued items, ids of every prompt queued or running)."""
+        q = self.queue
+        with q.mutex:
+            items = list(q.queue)
+            running = [str(x[1]) for x in q.currently_running.values()]
+        return items, {str(x[1]) for x in items} | set(running)
+
+
+def wrap_put(queue: Any, after: Callable[[], None]) -> None:
+    """``after()`` once each new item is in the queue (``PromptQueue.put(item)``, one argument in
+    every ComfyUI)."""
+    original = queue.put
+
+    @functools.wraps(original)
+    def put(item, *args, **kwargs):
+        result = original(item, *args, **kwargs)
+        after()
+        return result
+    queue.put = put
+
+
+# --- output nodes ----------------------------------------------------------------------------------
+
+def parallel_saves(deferred: Callable[[Callable], Callable]) -> bool:
+    """Wrap ComfyUI's SaveImage.save_images (PreviewImage inherits it) with ``deferred`` (see
+    encode.deferred_saves). A ComfyUI without that V1 method is left as it is."""
+    save_image = getattr(_module("nodes"), "SaveImage", None)
+    if not callable(getattr(save_image, "save_images", None)):
+        return False
+    save_image.save_images = deferred(save_image.save_images)
+    return True
+
+
+def _swap_hidden(value: Any, original: Callable[[Any], Any]) -> Any:
+    """``value`` with the run prompt replaced by the submitted one, in the shapes a hidden PROMPT
+    takes: a one-item list (V1 input lists) or the dict itself (V3)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        found = original(value[0])
+        return value if found is value[0] else [found]
+    if isinstance(value, dict):
+        return original(value)
+    return value
+
+
+def restore_hidden_prompt(original: Callable[[Any], Any]) -> bool:
+    """Output nodes get the prompt as submitted where the master runs another version of it.
+    ``original(prompt)`` returns the submitted prompt for a run prompt (by identity), else the
+    value itself. Wraps execution.get_input_data, whose result holds the hidden PROMPT:
+    - (input_data_all, ...) for V1 nodes: ``input_data_all["prompt"]`` (March 2024 returns the dict alone);
+    - its third field for V3 nodes: keyed by io.Hidden in 0.3.64, nested under "hidden_inputs" in 0.38.
+    Only the one run prompt is ever replaced, so every value may be looked at."""
+    execution = _module("execution")
+    wrapped = getattr(execution, "get_input_data", None)
+    if not callable(wrapped) or getattr(wrapped, "restores_submitted_prompts", False):
+        return False
+
+    def restore(mapping: dict) -> None:
+        for key in list(mapping):
+            value = mapping[key]
+            if key == "hidden_inputs" and isinstance(value, dict):
+                restore(value)
+            else:
+                mapping[key] = _swap_hidden(value, original)
+
+    @functools.wraps(wrapped)
+    def get_input_data(*args, **kwargs):
+        result = wrapped(*args, **kwargs)
+        try:
+            data = result[0] if isinstance(result, tuple) else result
+            if isinstance(data, dict):
+                restore(data)
+            if isinstance(result, tuple) and len(result) > 2 and isinstance(result[2], dict):
+                restore(result[2])
+        except Exception:  # noqa: BLE001 - the files then embed the run prompt, as before
+            log.debug("[Distributed] hidden prompt not restored", exc_info=True)
+        return result
+
+    get_input_data.restores_submitted_prompts = True
+    execution.get_input_data = get_input_data
+    return True
+
+
+# --- the prompt running now -------------------------------------------------------------------------
+
+def running_prompt_id() -> str | None:
+    """The id of the prompt ComfyUI's execution thread runs: its executing context (ComfyUI from
+    mid-2025) or ``PromptServer.instance.last_prompt_id`` (set before each prompt since 2023)."""
+    get_context = getattr(_module("comfy_execution.utils"), "get_executing_context", None)
+    if callable(get_context):
+        try:
+            prompt_id = getattr(get_context(), "prompt_id", None)
+        except Exception:  # noqa: BLE001
+            prompt_id = None
+        if isinstance(prompt_id, str) and prompt_id:
+            return prompt_id
+    server = getattr(getattr(_module("server"), "PromptServer", None), "instance", None)
+    prompt_id = getattr(server, "last_prompt_id", None)
+    return prompt_id if isinstance(prompt_id, str) and prompt_id else None
+
+
+# --- nodes the extension calls ---------------------------------------------------------------------
+
+class MissingNode(RuntimeError):
+    pass
+
+
+def upscale_with_model(upscale_model, image):
+    """ComfyUI's own "Upscale Image (using Model)", found at run time: a V3 node's classmethod
+    ``execute`` (0.3.64 on; its ``upscale`` alias is marked for removal), else the V1 function."""
+    node = getattr(_module("nodes"), "NODE_CLASS_MAPPINGS", {}).get("ImageUpscaleWithModel")
+    if node is None:
+        raise MissingNode("this ComfyUI has no ImageUpscaleWithModel node (its optional package is missing)")
+    if callable(getattr(node, "define_schema", None)) and callable(getattr(node, "execute", None)):
+        result = node.execute(upscale_model=upscale_model, image=image)
+        result = getattr(result, "result", None) or getattr(result, "args", None) or result
+    else:
+        result = getattr(node(), getattr(node, "FUNCTION", "upscale"))(upscale_model=upscale_model, image=image)
+    return result[0]
+
+
+# --- the server -------------------------------------------------------------------------------------
+
+def runs_partial_targets() -> bool:
+    """Whether this ComfyUI runs only the outputs that POST /prompt names in
+    partial_execution_targets (0.3.64 on: validate_prompt takes them); older ones run every output."""
+    validate = getattr(_module("execution"), "validate_prompt", None)
+    try:
+        return validate is not None and len(inspect.signature(validate).parameters) >= 3
+    except (TypeError, ValueError):
+        return False
+
+
+def server_args() -> tuple[list[str], int, bool]:
+    """(the addresses this ComfyUI listens on, its port, whether it runs on the CPU), from its
+    parsed command line (comfy.cli_args.args, the same names since 2023)."""
+    args = getattr(_module("comfy.cli_args"), "args", None)
+    listen = getattr(args, "listen", None) or "127.0.0.1"
+    hosts = [h.strip() for h in str(listen).split(",") if h.strip()] or ["127.0.0.1"]
+    try:
+        port = int(getattr(args, "port", 8188))
+    except (TypeError, ValueError):
+        port = 8188
+    return hosts, port, bool(getattr(args, "cpu", False))
