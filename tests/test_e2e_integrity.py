@@ -145,8 +145,9 @@ def test_a_copy_of_a_worker_prompt_read_from_its_queue_can_neither_deliver_nor_l
     forged["2"]["inputs"]["color"] = 0xFF00FF  # other images
     stolen = json.loads(json.dumps(queued))
     stolen["4"]["inputs"][FIELD] = json.dumps({**field_of(queued, "4"), "master_url": busy_master.url})
+    # each queued at the front: the forged one, queued last, runs first
     copies = [worker.post("/prompt", {"prompt": p, "client_id": "outsider", "front": True}).json()["prompt_id"]
-              for p in (forged, stolen)]
+              for p in (stolen, forged)]
     entry = live.master.wait_prompt(owner, 120)
     assert error_of(entry) == ""
     assert blue_values(live.master.saved_images(entry, "5")) == [50, 51, 52]  # the job's own images only
