@@ -82,6 +82,23 @@ def test_a_secret_header_that_is_not_utf8_is_refused(live):
     assert live.master.get("/system_stats").status_code == 200
 
 
+def test_a_config_file_nested_too_deeply_falls_back_to_defaults_and_the_panel_repairs_it(live):
+    from harness import error_of, image_workflow
+    live.config_path.write_text("[" * 100_000 + "]" * 100_000)
+    shown = live.master.get("/distributed/config")
+    assert shown.status_code == 200, shown.text
+    assert "nested too deeply" in shown.json()["error"] and shown.json()["config"]["workers"] == []
+    status = live.master.get("/distributed/status", timeout=30)
+    assert status.status_code == 200 and "nested too deeply" in status.json()["config_error"], status.text
+    entry = live.master.wait_prompt(live.master.queue_prompt(image_workflow(seed=5, batch=1)), 120)
+    assert error_of(entry) == ""  # the Collector runs on the defaults: the master alone
+    repaired = live.master.post("/distributed/config", live.default_config())
+    assert repaired.status_code == 200, repaired.text
+    assert live.master.get("/distributed/config").json()["error"] == ""
+    assert len(json.loads(live.config_path.read_text())["workers"]) == len(live.workers)
+    assert list(live.config_path.parent.glob(live.config_path.name + ".broken-*"))
+
+
 # --- ComfyUI flags through the API -------------------------------------------------------------------
 
 # each of these was shown to open a worker to the network, expose files or run uploaded code

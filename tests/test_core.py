@@ -85,6 +85,28 @@ def test_save_is_atomic_and_moves_a_broken_file_aside(tmp_path):
     assert not list(tmp_path.glob(".gpu_config.json.*.tmp"))
 
 
+def test_a_file_nested_too_deeply_gives_defaults_and_can_be_saved_over(tmp_path):
+    path = tmp_path / "gpu_config.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    loaded = config.load(path)
+    assert "nested too deeply" in loaded.error and "save settings from the Distributed panel" in loaded.error
+    assert loaded.config == config.parse(config.DEFAULT_CONFIG)
+    config.save(config.parse(PRODUCT_SHEET_CONFIG), path)
+    assert config.load(path).error == ""
+    (aside,) = tmp_path.glob("gpu_config.json.broken-*")
+    assert aside.read_text().startswith("[" * 1000)
+
+
+def test_a_value_nested_too_deeply_is_named_not_quoted():
+    value = 1
+    for _ in range(100_000):
+        value = [value]
+    with pytest.raises(config.ConfigError) as info:
+        config.parse({"master": {"port": value}, "settings": {"mode": value}})
+    assert info.value.errors[0].startswith("master.port:") and "nested too deeply" in info.value.errors[0]
+    assert any(e.startswith("settings.mode:") for e in info.value.errors)
+
+
 def test_user_settings_live_outside_the_tracked_file(tmp_path, monkeypatch):
     monkeypatch.delenv(config.ENV_VAR, raising=False)
     assert config.save_path() == config.LOCAL_FILE
