@@ -125,7 +125,7 @@ class Job:
         """The worker share that this token was given to (the master's own share takes no frames)."""
         found = None
         for share in list(self.shares.values()):
-            if share.participant != MASTER_ID and secrets.compare_digest(token.encode(), share.token.encode()):
+            if share.participant != MASTER_ID and wire.same_token(token, share.token):
                 found = share
         return found
 

@@ -352,6 +352,25 @@ def test_a_token_delivers_only_the_units_of_its_share():
         assert info.value.status == status, header
 
 
+@pytest.mark.parametrize("key", ["job", "collector", "token"])
+def test_a_header_string_with_a_lone_surrogate_is_refused(key):
+    raw = json.loads(wire.Header("j", "3", 0, "t", "uint8", (1, 2, 2, 3)).to_bytes()[8:])
+    with pytest.raises(wire.FrameError, match=f"header.{key} holds a lone surrogate"):
+        wire.parse_header(json.dumps({**raw, key: "\ud800abc"}).encode())
+
+
+def test_a_token_that_utf8_cannot_encode_is_a_wrong_token():
+    store = JobStore()
+    job = _job()
+    store.add(job)
+    _token(job, 1)
+    for token in ("\ud800abc", "\udfff" * 40):
+        with pytest.raises(wire.Rejected) as info:
+            store.check(wire.Header("j1", "3", 1, token, "uint8", (1, 2, 2, 3)))
+        assert info.value.status == 403
+    assert not wire.same_token(None, "t") and wire.same_token("\ud800", "\ud800")
+
+
 def test_a_frame_without_images_or_with_a_ragged_batch_is_refused():
     for shape, count in [((0, 2, 2, 3), 1), ((3, 2, 2, 3), 2)]:
         raw = json.loads(wire.Header("j", "3", 0, "t", "uint8", (1, 2, 2, 3)).to_bytes()[8:])
