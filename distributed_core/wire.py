@@ -402,6 +402,14 @@ async def read_exactly(reader, size: int, what: str) -> bytes:
         raise Rejected(400, f"truncated {what}: fewer payload bytes than the header promises") from None
 
 
+def all_finite(array: np.ndarray) -> bool:
+    """Whether every value is a finite number, looked at a million values at a time (a whole
+    frame's worth of booleans at once would be a large allocation)."""
+    flat = array.reshape(-1)
+    step = 1 << 20
+    return all(bool(np.isfinite(flat[start:start + step]).all()) for start in range(0, flat.size, step))
+
+
 async def read_end(reader) -> None:
     """The body must end where the header said."""
     if await reader.read(1):

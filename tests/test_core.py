@@ -794,6 +794,67 @@ def test_a_share_of_another_size_is_kept_apart():
     assert [p.shape[0] for p in parts] == [1, 2] and parts[1].max() == 1.0
 
 
+@pytest.mark.parametrize("transport, bad", [("float32", np.nan), ("float32", np.inf), ("float16", np.nan),
+                                            ("float16", -np.inf)])
+def test_a_frame_of_values_that_are_not_numbers_is_refused_on_arrival(transport, bad):
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[0, 1])
+    store.add(job)
+    token = _token(job, 1)
+    images = np.zeros((1, 4, 4, 3), np.float32)
+    images[0, 3, 2, 1] = bad
+    header = wire.Header("t", "4", 1, token, transport, images.shape)
+    with pytest.raises(wire.Rejected) as info:
+        _send(store, wire.encode(header, images.astype(wire.DTYPES[transport])))
+    assert info.value.status == 400 and "not finite numbers" in info.value.message and transport in info.value.message
+    assert store.get("t").delivered("4") == 0 and not store.get("t").inflight
+    _send(store, wire.encode(header, np.zeros((1, 4, 4, 3), wire.DTYPES[transport])))
+    assert store.get("t").delivered("4") == 1
+
+
+def test_audio_that_is_not_numbers_is_refused_on_arrival():
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[0, 1], audio={"4"})
+    store.add(job)
+    waveform = np.zeros((1, 2, 50), np.float32)
+    waveform[0, 1, 7] = np.nan
+    parts = wire.frame("t", "4", 1, 1, _token(job, 1), np.zeros((1, 4, 4, 3), np.float32), "uint8", (waveform, 44100))
+    with pytest.raises(wire.Rejected) as info:
+        _send(store, parts)
+    assert info.value.status == 400 and "audio" in info.value.message and "not finite" in info.value.message
+    assert store.get("t").delivered("4") == 0
+
+
+@pytest.mark.parametrize("first", ["master", "worker"])
+@pytest.mark.parametrize("other", [(1, 8, 4, 3), (1, 4, 8, 3), (1, 4, 4, 4)])
+def test_a_frame_of_another_image_size_is_refused_on_arrival(first, other):
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[0, 1, 2])
+    store.add(job)
+    if first == "master":
+        store.put_local("t", "4", 0, 1, np.zeros((2, 4, 4, 3), np.float32))
+    else:
+        _send(store, wire.frame("t", "4", 2, 1, _token(job, 2, participant="worker2"),
+                                np.zeros((2, 4, 4, 3), np.float32), "float32"))
+    with pytest.raises(wire.Rejected) as info:
+        _send(store, wire.frame("t", "4", 1, 1, _token(job, 1), np.zeros(other, np.float32), "uint8"))
+    h, w, c = other[1:]
+    assert info.value.status == 400, info.value.message
+    assert f"sent {w}x{h} {c}-channel images" in info.value.message and "holds 4x4 3-channel" in info.value.message
+    assert store.get("t").delivered("4") == 1 and not store.get("t").inflight
+
+
+def test_a_frame_refused_midway_sets_no_size():
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[1, 2])
+    store.add(job)
+    data = b"".join(bytes(p) for p in wire.frame("t", "4", 1, 1, _token(job, 1), np.zeros((1, 8, 8, 3)), "float32"))
+    with pytest.raises(wire.Rejected):
+        _deliver(store, data[:-10], None)  # truncated: nothing arrived
+    _send(store, wire.frame("t", "4", 2, 1, _token(job, 2, participant="w2"), np.zeros((1, 4, 4, 3)), "float32"))
+    assert store.get("t").delivered("4") == 1
+
+
 def test_split_chunks_land_at_their_global_rows():
     store = JobStore()
     job = Job(id="s", collectors=["4"], units=list(range(5)), split=True)
