@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from .distributed_core import access, doctor, encode, launcher, spread, wire
+from .distributed_core import access, comfy_flags, doctor, encode, launcher, spread, wire
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, refused, submitted
@@ -41,6 +41,13 @@ def listen_hosts() -> list[str]:
 def own_address() -> tuple[str, int]:
     from comfy.cli_args import args
     return listen_hosts()[0], int(args.port)
+
+
+def comfy_folder() -> Path:
+    """The folder of the running ComfyUI's code (main.py, comfy/cli_args.py), which its local workers
+    run too; not folder_paths.base_path, which --base-directory moves elsewhere."""
+    import folder_paths
+    return Path(os.path.dirname(os.path.abspath(folder_paths.__file__)))
 
 
 def input_dir() -> Path:
@@ -236,7 +243,7 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
         except config_file.ConfigError as exc:
             return error(400, "invalid config: " + "; ".join(exc.errors), errors=exc.errors)
         async with config_lock:
-            refused = access.changed_extra_args_errors(config_file.load().config, new)
+            refused = access.changed_extra_args_errors(config_file.load().config, new, comfy_flags.read(comfy_folder()))
             if refused:
                 return error(400, "invalid config: " + "; ".join(refused), errors=refused)
             path = await asyncio.get_running_loop().run_in_executor(None, config_file.save, new)
@@ -301,7 +308,7 @@ async def _save_changed(change) -> web.Response:
             return outcome
         try:
             new = config_file.parse(data)
-            refused = access.changed_extra_args_errors(old, new)
+            refused = access.changed_extra_args_errors(old, new, comfy_flags.read(comfy_folder()))
             if refused:
                 raise config_file.ConfigError(refused)
         except config_file.ConfigError as exc:
@@ -379,7 +386,6 @@ def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes)
     async def start_worker(request: web.Request) -> web.Response:
         import sys
 
-        import folder_paths
         from comfy.cli_args import args
 
         config = config_file.load().config
@@ -394,7 +400,7 @@ def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes)
         placements = await asyncio.get_running_loop().run_in_executor(
             None, launcher.cpu_placements, config, bool(args.cpu))
         try:
-            pid = processes.start_worker(config, worker, Path(folder_paths.base_path), sys.executable,
+            pid = processes.start_worker(config, worker, comfy_folder(), sys.executable,
                                          cpu=bool(args.cpu), config_file=Path(named) if named else None,
                                          placements=placements, master_args=sys.argv[1:])
         except launcher.LauncherError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -564,7 +565,7 @@ def test_extra_args_values_are_checked(args, words):
 def test_no_allowed_flag_is_an_abbreviation_of_a_refused_comfyui_flag():
     """ComfyUI's argparse takes unambiguous prefixes: were an allowed flag missing from some ComfyUI
     and a prefix of a refused one there, it would turn into that one. Checked against the ComfyUI
-    under test (COMFYUI_ROOT) and flags of both 2024 and 2025 ComfyUI."""
+    under test (COMFYUI_ROOT) and flags of 2024, 2025 and 0.38 ComfyUI."""
     import os
     import re
     from pathlib import Path
@@ -574,6 +575,8 @@ def test_no_allowed_flag_is_an_abbreviation_of_a_refused_comfyui_flag():
              "--input-directory", "--auto-launch", "--user-directory", "--front-end-root", "--comfy-api-base",
              "--database-url", "--whitelist-custom-nodes", "--disable-all-custom-nodes", "--multi-user",
              "--windows-standalone-build", "--quick-test-for-ci", "--cuda-device", "--default-device", "--directml"}
+    from comfy_shapes import FLAGS_038
+    known |= set(FLAGS_038)
     cli = Path(os.environ.get("COMFYUI_ROOT", "/nonexistent")) / "comfy" / "cli_args.py"
     if cli.exists():
         known |= set(re.findall(r"add_argument\(\s*[\"'](--[\w-]+)", cli.read_text(encoding="utf-8")))
@@ -583,6 +586,78 @@ def test_no_allowed_flag_is_an_abbreviation_of_a_refused_comfyui_flag():
         assert not [r for r in refused_flags if r.startswith(flag)], flag
     for flag in refused_flags:
         assert access.extra_args_errors(flag), flag
+
+
+def _flags_038():
+    from comfy_shapes import FLAGS_038
+    from distributed_core.comfy_flags import ComfyFlags
+    return ComfyFlags(Path("/opt/ComfyUI"), "0.38.1", frozenset(FLAGS_038))
+
+
+@pytest.mark.parametrize("args", ["--fast=--listen", "--verbose=--listen", "--preview-method=-x", "--cache-ram=-1",
+                                  "--reserve-vram=-2", "--fast fp16_accumulation --fast=-listen"])
+def test_a_value_that_looks_like_a_flag_is_refused(args):
+    from distributed_core import access
+    for flags in (None, _flags_038()):
+        errors = access.extra_args_errors(args, flags)
+        assert any("starts with '-'" in e for e in errors), (args, errors)
+
+
+def test_the_flags_allowed_follow_the_comfyui_that_runs():
+    from distributed_core import access
+    flags = _flags_038()
+    for removed in ("--normalvram", "--disable-ipex-optimize"):
+        (error,) = access.extra_args_errors(f"--lowvram {removed}", flags)
+        assert error.startswith(f"{removed}: not a flag of ComfyUI 0.38.1 in /opt/ComfyUI") and "remove it" in error
+        assert access.extra_args_errors(removed) == []  # a ComfyUI whose flags are unknown: the list alone
+    new = "--disable-assets --cache-ram 4 8 --vram-headroom 1.5 --use-ck-attention --disable-dynamic-vram"
+    assert access.extra_args_errors(new, flags) == []
+    assert access.extra_args_errors("--cache-ram 1 2 3", flags) == ["--cache-ram takes at most 2 values, got 3"]
+    older = flags.__class__(Path("/old"), "", frozenset({"--lowvram", "--normalvram", "--cpu"}))
+    (error,) = access.extra_args_errors("--disable-assets --use-ck-attention --normalvram", older)
+    assert error.startswith("--disable-assets, --use-ck-attention: not a flag of the ComfyUI in /old")
+
+
+def test_the_flags_allowed_follow_the_comfyui_under_test():
+    """The real tree (March 2024 or 0.3.64): a flag of the list is taken exactly when its cli_args.py has it."""
+    import os
+    from distributed_core import access, comfy_flags
+    root = Path(os.environ["COMFYUI_ROOT"])
+    text = (root / "comfy" / "cli_args.py").read_text(encoding="utf-8")
+    flags = comfy_flags.read(root)
+    checked = {flag: f'"{flag}"' in text for flag in ("--normalvram", "--disable-ipex-optimize", "--disable-assets",
+                                                      "--lowvram", "--use-ck-attention", "--deterministic")}
+    assert checked["--lowvram"] and not checked["--use-ck-attention"]
+    for flag, declared in checked.items():
+        errors = access.extra_args_errors(flag, flags)
+        assert (errors == []) == declared, (flag, errors)
+        if not declared:
+            assert str(root) in errors[0] and "not a flag of" in errors[0]
+
+
+def test_a_database_url_is_refused_through_the_api_and_says_why():
+    from distributed_core import access
+    (error,) = access.extra_args_errors("--database-url sqlite:////tmp/x.db", _flags_038())
+    assert error.startswith("--database-url: not allowed through the HTTP API")
+    assert "names a file for ComfyUI to create and write" in error
+
+
+def test_declared_flags_are_read_however_the_call_is_written():
+    from distributed_core import comfy_flags
+    text = ('parser.add_argument("--listen", type=str)\ngroup.add_argument(\n    "--front-end-version",\n'
+            '    type=str)\nparser.add_argument("-v", "--verbose", action="store_true")\n'
+            "parser.add_argument('--single', nargs='?')\nparser.add_argument(name)\n")
+    assert comfy_flags.declared_in(text) == {"--listen", "--front-end-version", "-v", "--verbose", "--single"}
+
+
+def test_local_instances_are_checked_against_the_masters_comfyui_and_remote_ones_not():
+    from distributed_core import access
+    old = config.parse({"workers": [{"id": "a", "port": 9001}, {"id": "b", "host": "10.0.0.5", "port": 9002}]})
+    new = config.parse({"master": {"extra_args": "--normalvram"},
+                        "workers": [{"id": "a", "port": 9001, "extra_args": "--normalvram"},
+                                    {"id": "b", "host": "10.0.0.5", "port": 9002, "extra_args": "--normalvram"}]})
+    errors = access.changed_extra_args_errors(old, new, _flags_038())
+    assert [e.split(":")[0] for e in errors] == ["master.extra_args", "workers[0].extra_args"]
 
 
 def test_only_changed_extra_args_are_checked():
