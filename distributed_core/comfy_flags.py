@@ -32,6 +32,10 @@ class ComfyFlags:
         """The ComfyUI, as a message names it."""
         return f"ComfyUI {self.version} in {self.folder}" if self.version else f"the ComfyUI in {self.folder}"
 
+    def declares(self, flag: str) -> bool:
+        """Whether this ComfyUI is known to take the flag (False when its flags are unknown)."""
+        return self.declared is not None and flag in self.declared
+
     def lacks(self, flag: str) -> bool:
         """Whether this ComfyUI is known not to take the flag (False when its flags are unknown)."""
         return self.declared is not None and flag not in self.declared

@@ -40,7 +40,7 @@ from comfy.cli_args import args
 here = os.path.dirname(os.path.abspath(__file__))
 url = args.database_url or "sqlite:///" + os.path.join(here, "user", "comfyui.db")
 print("ARGV", json.dumps(sys.argv[1:]), "DATABASE", url, flush=True)
-if args.disable_assets is None:  # every flag here takes nargs='*': [] when given
+if getattr(args, "disable_assets", None) is None:  # nargs="*": [] when given
     path = url[len("sqlite:///"):]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     lock = open(path + ".lock", "w")
