@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from .distributed_core import access, comfy_internals, doctor, encode, launcher, spread, wire
+from .distributed_core import access, comfy_flags, comfy_internals, doctor, encode, launcher, spread, wire
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.coordinator import Coordinator, refused, submitted
@@ -40,6 +40,13 @@ def listen_hosts() -> list[str]:
 def own_address() -> tuple[str, int]:
     hosts, port, _cpu = comfy_internals.server_args()
     return hosts[0], port
+
+
+def comfy_folder() -> Path:
+    """The folder of the running ComfyUI's code (main.py, comfy/cli_args.py), which its local workers
+    run too; not folder_paths.base_path, which --base-directory moves elsewhere."""
+    import folder_paths
+    return Path(os.path.dirname(os.path.abspath(folder_paths.__file__)))
 
 
 def input_dir() -> Path:
@@ -231,7 +238,7 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
         except config_file.ConfigError as exc:
             return error(400, "invalid config: " + "; ".join(exc.errors), errors=exc.errors)
         async with config_lock:
-            refused = access.changed_extra_args_errors(config_file.load().config, new)
+            refused = access.changed_extra_args_errors(config_file.load().config, new, comfy_flags.read(comfy_folder()))
             if refused:
                 return error(400, "invalid config: " + "; ".join(refused), errors=refused)
             path = await asyncio.get_running_loop().run_in_executor(None, config_file.save, new)
@@ -296,7 +303,7 @@ async def _save_changed(change) -> web.Response:
             return outcome
         try:
             new = config_file.parse(data)
-            refused = access.changed_extra_args_errors(old, new)
+            refused = access.changed_extra_args_errors(old, new, comfy_flags.read(comfy_folder()))
             if refused:
                 raise config_file.ConfigError(refused)
         except config_file.ConfigError as exc:
@@ -374,9 +381,7 @@ def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes)
     async def start_worker(request: web.Request) -> web.Response:
         import sys
 
-        import folder_paths
-        from comfy.cli_args import args
-
+        on_cpu = comfy_internals.server_args()[2]
         config = config_file.load().config
         worker = config.worker(request.match_info["worker_id"])
         if worker is None:
@@ -387,10 +392,10 @@ def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes)
         # Asking nvidia-smi which NUMA node each GPU is on takes a moment: off the event loop. The
         # process itself starts from the loop's thread, which lives as long as ComfyUI (see LocalProcesses).
         placements = await asyncio.get_running_loop().run_in_executor(
-            None, launcher.cpu_placements, config, bool(args.cpu))
+            None, launcher.cpu_placements, config, on_cpu)
         try:
-            pid = processes.start_worker(config, worker, Path(folder_paths.base_path), sys.executable,
-                                         cpu=bool(args.cpu), config_file=Path(named) if named else None,
+            pid = processes.start_worker(config, worker, comfy_folder(), sys.executable,
+                                         cpu=on_cpu, config_file=Path(named) if named else None,
                                          placements=placements, master_args=sys.argv[1:])
         except launcher.LauncherError as exc:
             return error(409, str(exc))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
+from .comfy_flags import ComfyFlags
 from .config import EXTENSION_DIR
 
 log = logging.getLogger("comfyui-distributed")
@@ -254,10 +255,13 @@ def refusal(path: str, headers: Mapping[str, str], peer: str | None, local: str 
 # (--whitelist-custom-nodes, a --front-end-version from any repository but ComfyUI's own), talks to
 # other servers (--comfy-api-base) or changes the port. Names are matched exactly: ComfyUI's argparse
 # also takes unambiguous abbreviations, so a prefix of a refused flag (--enable-cors) could otherwise
-# slip through. The value of each flag that takes one is checked too. The config file edited by hand
-# may hold any flag: its owner wrote it.
+# slip through. The value of each flag that takes one is checked too, and no value may start with
+# '-' (--fast=--listen). The list spans ComfyUI versions: for the master and its local workers a
+# flag must also be one that their ComfyUI declares (comfy_flags.py), since an unknown flag makes
+# ComfyUI exit at start, and an allowed name that ComfyUI lacks could be taken as an abbreviation of
+# a refused one. The config file edited by hand may hold any flag: its owner wrote it.
 # name -> None (takes no value), or a function that says whether a value is acceptable;
-# OPTIONAL_VALUE flags take one value or none, MANY_VALUES any number.
+# OPTIONAL_VALUE flags take one value or none, MANY_VALUES any number (up to MOST_VALUES).
 def _word(value: str) -> bool:
     return value.replace("_", "").replace("-", "").isalnum() and len(value) <= 64
 
@@ -287,7 +291,9 @@ ALLOWED_FLAGS = {
     "--novram": None, "--reserve-vram": _number, "--disable-smart-memory": None, "--cpu-vae": None,
     "--cuda-malloc": None, "--disable-cuda-malloc": None, "--async-offload": None,
     "--disable-mmap": None, "--mmap-torch-files": None, "--force-channels-last": None,
-    "--disable-ipex-optimize": None, "--supports-fp8-compute": None,
+    "--disable-ipex-optimize": None, "--supports-fp8-compute": None, "--disable-async-offload": None,
+    "--vram-headroom": _number, "--disable-dynamic-vram": None, "--enable-dynamic-vram": None,
+    "--disable-pinned-memory": None, "--fast-disk": None, "--disable-fast-disk": None,
     # precision
     "--force-fp32": None, "--force-fp16": None, "--fp32-unet": None, "--fp64-unet": None, "--bf16-unet": None,
     "--fp16-unet": None, "--fp8_e4m3fn-unet": None, "--fp8_e5m2-unet": None, "--fp8_e8m0fnu-unet": None,
@@ -296,30 +302,41 @@ ALLOWED_FLAGS = {
     # attention
     "--use-split-cross-attention": None, "--use-quad-cross-attention": None,
     "--use-pytorch-cross-attention": None, "--use-sage-attention": None, "--use-flash-attention": None,
-    "--disable-xformers": None, "--force-upcast-attention": None, "--dont-upcast-attention": None,
+    "--use-ck-attention": None, "--disable-xformers": None, "--force-upcast-attention": None,
+    "--dont-upcast-attention": None,
     # speed, caching, previews
-    "--deterministic": None, "--fast": _word, "--cache-classic": None, "--cache-none": None,
+    "--deterministic": None, "--fast": _word, "--cache-classic": None, "--cache-none": None, "--cache-ram": _number,
     "--cache-lru": _whole, "--preview-method": _word, "--preview-size": _whole,
     "--default-hashing-function": lambda v: v in ("md5", "sha1", "sha256", "sha512"),
     # output and logging
     "--disable-metadata": None, "--dont-print-server": None, "--disable-auto-launch": None,
     "--enable-compress-response-body": None, "--verbose": lambda v: v in _LEVELS, "--log-stdout": None,
     "--disable-api-nodes": None,
+    # the assets system off (a worker needs no asset catalogue)
+    "--disable-assets": None,
     # the official frontends only
     "--front-end-version": _front_end,
 }
 OPTIONAL_VALUE = {"--verbose"}
-MANY_VALUES = {"--fast"}
+MANY_VALUES = {"--fast", "--cache-ram"}
+MOST_VALUES = {"--cache-ram": 2}
+# refused flags whose reason the generic message does not give
+REFUSED_BECAUSE = {
+    "--database-url": "it names a file for ComfyUI to create and write, anywhere the server may write; the "
+                      "launcher and the panel's Start give each local worker a database of its own already",
+}
 
 
-def extra_args_errors(value: str) -> list[str]:
-    """Why these extra_args may not come through the HTTP API ([] when they may)."""
+def extra_args_errors(value: str, flags: ComfyFlags | None = None) -> list[str]:
+    """Why these extra_args may not come through the HTTP API ([] when they may), for an instance
+    of the ComfyUI whose ``flags`` are given (None: one whose flags are unknown, such as a remote worker)."""
     try:
         words = shlex.split(value)
     except ValueError as exc:
         return [f"cannot be split into words ({exc})"]
     errors: list[str] = []
     refused: list[str] = []
+    lacking: list[str] = []
     i = 0
     while i < len(words):
         word = words[i]
@@ -330,6 +347,8 @@ def extra_args_errors(value: str) -> list[str]:
             while word.startswith("-") and not has_inline and i < len(words) and not words[i].startswith("-"):
                 i += 1  # its value, if it takes one: named with the flag
             continue
+        if flags is not None and flags.lacks(name):
+            lacking.append(name)
         check = ALLOWED_FLAGS[name]
         values = [inline] if has_inline else []
         if check is not None and not has_inline:
@@ -338,33 +357,53 @@ def extra_args_errors(value: str) -> list[str]:
                 i += 1
                 if name not in MANY_VALUES:
                     break
-        if check is None and values:
-            errors.append(f"{name} takes no value, got {values[0]!r}")
-        elif check is not None and not values and name not in OPTIONAL_VALUE | MANY_VALUES:
-            errors.append(f"{name} needs a value")
-        else:
-            errors.extend(f"{name}: {v!r} is not an accepted value" for v in values if not check(v))
+        errors.extend(_value_errors(name, check, values))
+    if lacking:
+        errors.insert(0, f"{', '.join(lacking)}: not a flag of {flags.where}, which would exit at start when given "
+                         "it (removed or renamed in that version, or newer than it); remove it, or see "
+                         "'python main.py --help' in that folder for the flags it takes")
     if refused:
+        reasons = "".join(f"; {name}: {REFUSED_BECAUSE[name]}" for name in
+                          dict.fromkeys(w.partition("=")[0] for w in refused) if name in REFUSED_BECAUSE)
         errors.insert(0, f"{', '.join(refused)}: not allowed through the HTTP API, which takes only flags "
                          "that tune memory, precision, attention, caching, previews and logging, such as "
                          "--lowvram (the list is ALLOWED_FLAGS in distributed_core/access.py). Flags that widen "
                          "access, name files or folders, or load code can only be written into the config file "
-                         "by hand, on the master's machine")
+                         "by hand, on the master's machine" + reasons)
     return errors
 
 
-def changed_extra_args_errors(old, new) -> list[str]:
-    """Errors for extra_args that a change through the HTTP API sets, from Config ``old`` to ``new``.
+def _value_errors(name: str, check, values: list[str]) -> list[str]:
+    if check is None:
+        return [f"{name} takes no value, got {values[0]!r}"] if values else []
+    if not values and name not in OPTIONAL_VALUE | MANY_VALUES:
+        return [f"{name} needs a value"]
+    if len(values) > MOST_VALUES.get(name, len(values)):
+        return [f"{name} takes at most {MOST_VALUES[name]} values, got {len(values)}"]
+    errors = []
+    for v in values:
+        if v.startswith("-"):
+            errors.append(f"{name}: {v!r} starts with '-', so ComfyUI could take it for a flag; no accepted "
+                          "value does (give the flag and its value as in --reserve-vram 1.5)")
+        elif not check(v):
+            errors.append(f"{name}: {v!r} is not an accepted value")
+    return errors
+
+
+def changed_extra_args_errors(old, new, local_flags: ComfyFlags | None = None) -> list[str]:
+    """Errors for extra_args that a change through the HTTP API sets, from Config ``old`` to ``new``;
+    ``local_flags`` are those of the master's ComfyUI, which its local workers run too.
 
     A value the file already holds for the same instance (the master, or a worker of the same id)
     passes as it is, so saving the panel's settings never trips over flags written by hand."""
     before = {"master": old.master.extra_args, **{f"worker:{w.id}": w.extra_args for w in old.workers}}
     errors = []
-    items = [("master", "master", new.master.extra_args)] + [
-        (f"worker:{w.id}", f"workers[{i}]", w.extra_args) for i, w in enumerate(new.workers)]
-    for key, where, value in items:
+    items = [("master", "master", new.master.extra_args, local_flags)] + [
+        (f"worker:{w.id}", f"workers[{i}]", w.extra_args, local_flags if w.is_local else None)
+        for i, w in enumerate(new.workers)]
+    for key, where, value, flags in items:
         if value and value != before.get(key):
-            errors.extend(f"{where}.extra_args: {e}" for e in extra_args_errors(value))
+            errors.extend(f"{where}.extra_args: {e}" for e in extra_args_errors(value, flags))
     return errors
 
 

@@ -138,6 +138,14 @@ def _cpu_fields(instance: Master | Worker) -> dict[str, Any]:
 
 # --- validation -------------------------------------------------------------------------------
 
+def _shown(value: Any) -> str:
+    """A value as JSON for an error message; one nested too deeply to write back is only described."""
+    try:
+        return json.dumps(value)
+    except RecursionError:
+        return "a value nested too deeply to show"
+
+
 def _check_keys(obj: dict, allowed: set[str], where: str, errors: list[str]) -> None:
     for key in obj:
         if key not in allowed:
@@ -150,7 +158,7 @@ def _int(obj: dict, key: str, where: str, errors: list[str], default, lo: int, h
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         errors.append(f"{where}.{key}: must be a whole number from {lo} to {hi}"
-                      + (" or null" if nullable else "") + f", got {json.dumps(value)}")
+                      + (" or null" if nullable else "") + f", got {_shown(value)}")
         return default
     return value
 
@@ -158,7 +166,7 @@ def _int(obj: dict, key: str, where: str, errors: list[str], default, lo: int, h
 def _number(obj: dict, key: str, where: str, errors: list[str], default: float, lo: float, hi: float):
     value = obj.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        errors.append(f"{where}.{key}: must be a number from {lo:g} to {hi:g}, got {json.dumps(value)}")
+        errors.append(f"{where}.{key}: must be a number from {lo:g} to {hi:g}, got {_shown(value)}")
         return default
     return float(value)
 
@@ -166,7 +174,7 @@ def _number(obj: dict, key: str, where: str, errors: list[str], default: float, 
 def _bool(obj: dict, key: str, where: str, errors: list[str], default: bool) -> bool:
     value = obj.get(key, default)
     if not isinstance(value, bool):
-        errors.append(f"{where}.{key}: must be true or false, got {json.dumps(value)}")
+        errors.append(f"{where}.{key}: must be true or false, got {_shown(value)}")
         return default
     return value
 
@@ -188,7 +196,7 @@ _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-
 def _host(obj: dict, key: str, where: str, errors: list[str], default: str) -> str:
     value = _str(obj, key, where, errors, default, max_len=253)
     if value and not set(value) <= _HOST_CHARS:
-        errors.append(f"{where}.{key}: must be a host name or IP address, got {json.dumps(value)}")
+        errors.append(f"{where}.{key}: must be a host name or IP address, got {_shown(value)}")
         return default
     return value
 
@@ -274,11 +282,11 @@ def parse(data: Any) -> Config:
     _check_keys(s, {"stagger_delay", "job_timeout", "mode", "transport", "spread_queue"}, "settings", errors)
     mode = s.get("mode", "parallel")
     if mode not in MODES:
-        errors.append(f"settings.mode: must be one of {', '.join(MODES)}, got {json.dumps(mode)}")
+        errors.append(f"settings.mode: must be one of {', '.join(MODES)}, got {_shown(mode)}")
         mode = "parallel"
     transport = s.get("transport", "auto")
     if transport not in TRANSPORTS:
-        errors.append(f"settings.transport: must be one of {', '.join(TRANSPORTS)}, got {json.dumps(transport)}")
+        errors.append(f"settings.transport: must be one of {', '.join(TRANSPORTS)}, got {_shown(transport)}")
         transport = "auto"
     settings = Settings(stagger_delay=_number(s, "stagger_delay", "settings", errors, 2.0, 0, 600),
                         job_timeout=_number(s, "job_timeout", "settings", errors, 120, 1, 86400),
@@ -323,20 +331,30 @@ class Loaded:
     error: str = ""  # non-empty when the file was unusable and defaults are in force
 
 
+NESTED_TOO_DEEPLY = ("the file is nested too deeply to be a config (a config is an object of objects and lists, "
+                     "a few levels deep); fix it, or save settings from the Distributed panel to replace it")
+
+
+def read(path: Path) -> Config:
+    """The config in a file; raises ConfigError saying why the file cannot be used."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot be read ({exc})"]) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"]) from None
+    except RecursionError:
+        raise ConfigError([NESTED_TOO_DEEPLY]) from None
+    return parse(data)
+
+
 def load(path: Path | None = None) -> Loaded:
     """Read the config. A missing or broken file never raises: defaults apply and ``error`` says why."""
     path = path or config_path()
     if not path.exists():
         return Loaded(parse(copy.deepcopy(DEFAULT_CONFIG)), path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        return Loaded(parse(copy.deepcopy(DEFAULT_CONFIG)), path, f"{path}: cannot be read ({exc})")
-    except json.JSONDecodeError as exc:
-        return Loaded(parse(copy.deepcopy(DEFAULT_CONFIG)), path,
-                      f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})")
-    try:
-        return Loaded(parse(data), path)
+        return Loaded(read(path), path)
     except ConfigError as exc:
         return Loaded(parse(copy.deepcopy(DEFAULT_CONFIG)), path, f"{path}: " + "; ".join(exc.errors))
 
@@ -374,8 +392,8 @@ def save(config: Config, path: Path | None = None) -> Path:
     if target.exists():
         try:
             mode = target.stat().st_mode & 0o777
-            parse(json.loads(target.read_text(encoding="utf-8")))
-        except (ValueError, OSError):
+            read(target)
+        except (ConfigError, OSError):
             _keep_broken(target)
     text = json.dumps(config.to_dict(), indent=2) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

@@ -91,6 +91,8 @@ class Job:
     taken: set[str] = field(default_factory=set)       # Collectors that have their batch
     audio: set[str] = field(default_factory=set)       # Collectors whose audio input is connected
     sounds: dict[tuple[str, int], Sound] = field(default_factory=dict)  # beside ``results``, same keys
+    # collector -> (height, width, channels) of its images, set by the first part placed
+    sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def all_taken(self) -> bool:
         return set(self.collectors) <= self.taken
@@ -125,7 +127,7 @@ class Job:
         """The worker share that this token was given to (the master's own share takes no frames)."""
         found = None
         for share in list(self.shares.values()):
-            if share.participant != MASTER_ID and secrets.compare_digest(token.encode(), share.token.encode()):
+            if share.participant != MASTER_ID and wire.same_token(token, share.token):
                 found = share
         return found
 
@@ -141,6 +143,15 @@ class Job:
         self.covered.setdefault(collector, set()).update(range(first, first + count))
         self.held_bytes += nbytes
 
+    def size_refusal(self, collector: str, size: tuple[int, int, int], sender: str) -> str:
+        """Why images of this (height, width, channels) do not belong to this job ('' when they do)."""
+        held = self.sizes.get(collector)
+        if held is None or tuple(size) == held:
+            return ""
+        return (f"{sender} sent {size_text(size)} images for collector {collector}, which already holds "
+                f"{size_text(held)} images (the first part that arrived sets the size); every participant "
+                "must render the same size")
+
     def audio_refusal(self, collector: str, carries: bool, sender: str) -> str:
         """Why a part with (or without) audio does not belong to this job ('' when it does)."""
         if carries == (collector in self.audio):
@@ -154,6 +165,11 @@ class Job:
     def held(self) -> int:
         return (sum(getattr(v, "nbytes", 0) for _c, v in self.results.values())
                 + sum(c.nbytes for c in self.canvases.values()) + sum(s.nbytes for s in self.sounds.values()))
+
+
+def size_text(size) -> str:
+    height, width, channels = size
+    return f"{width}x{height} {channels}-channel"
 
 
 def units_text(first: int, count: int) -> str:
@@ -280,7 +296,8 @@ class JobStore(Ledger):
                 raise wire.Rejected(410, f"job {job.id} is {job.state.value}; result discarded")
             if any(job.has(header.collector, u) for u in covers) or set(covers) & job.inflight:
                 raise wire.Rejected(409, f"units from {header.unit} of job {job.id} were delivered already")
-            refusal = job.audio_refusal(header.collector, header.audio is not None, share.label)
+            refusal = (job.size_refusal(header.collector, header.shape[1:], share.label)
+                       or job.audio_refusal(header.collector, header.audio is not None, share.label))
             if refusal:
                 raise wire.Rejected(400, refusal)
             return job
@@ -294,6 +311,7 @@ class JobStore(Ledger):
     def _place(self, job: Job, collector: str, first: int, count: int, shape) -> np.ndarray | None:
         """Rows of the Collector's final batch for these units, or None if they do not fit it."""
         rows, height, width, channels = shape
+        job.sizes.setdefault(collector, (height, width, channels))
         if count < 1 or rows % count:
             return None
         layout = (rows // count, height, width, channels)
@@ -322,10 +340,14 @@ class JobStore(Ledger):
             return view
 
     def release(self, header: Header) -> None:
+        """A frame's units were not delivered after all: another frame may bring them, and a size it
+        set when nothing else had arrived is unset."""
         with self._cond:
             job = self._jobs.get(header.job)
             if job is not None:
                 job.inflight.difference_update(range(header.unit, header.unit + header.count))
+                if not job.covered.get(header.collector) and not job.inflight:
+                    job.sizes.pop(header.collector, None)
 
     def commit(self, header: Header, kept_apart: np.ndarray | None, waveform: np.ndarray | None = None) -> None:
         """The frame's body is in place (or in ``kept_apart``), its audio in ``waveform``: its units
@@ -456,11 +478,24 @@ async def receive(store: JobStore, reader, content_length: int | None) -> Header
             waveform = np.empty(header.audio[1], dtype=np.float32)
             await wire.read_into(reader, memoryview(waveform.reshape(-1).view(np.uint8)), "result frame")
         await wire.read_end(reader)
+        await _refuse_unless_finite(header, target, waveform)
     except BaseException:
         store.release(header)
         raise
     store.commit(header, None if view is not None else target, waveform)
     return header
+
+
+async def _refuse_unless_finite(header: Header, images: np.ndarray, waveform: np.ndarray | None) -> None:
+    """Float payloads must hold numbers (uint8 ones always do): NaN or infinity is refused on arrival,
+    as the tile route does, rather than saved as black or white pixels."""
+    loop = asyncio.get_running_loop()
+    if header.dtype != "uint8" and not await loop.run_in_executor(None, wire.all_finite, images):
+        raise wire.Rejected(400, f"the {header.dtype} images of {units_text(header.unit, header.count)} hold values "
+                                 "that are not finite numbers (NaN or infinity); check the worker's upstream nodes")
+    if waveform is not None and not await loop.run_in_executor(None, wire.all_finite, waveform):
+        raise wire.Rejected(400, f"the audio of {units_text(header.unit, header.count)} holds values that are not "
+                                 "finite numbers (NaN or infinity); check the worker's upstream nodes")
 
 
 async def _read_converting(reader, header: Header, out: np.ndarray) -> None:

@@ -35,11 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import comfy_flags
 from . import config as cfg
 from . import cpus
 from .gpus import config_from_gpus, describe_gpus, detect_bus_ids, detect_gpus
 
 LOG_DIR = cfg.EXTENSION_DIR / "logs"
+STATE_DIR = cfg.EXTENSION_DIR / "state"  # each local worker's own database, where its ComfyUI keeps one
 MASTER_ID = "master"
 STOP_GRACE_S = 10.0
 DEFAULT_WAIT_TIMEOUT_S = 180.0
@@ -83,6 +85,7 @@ class Instance:
     local: bool = True
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # set on top of the launcher's own environment
+    database: Path | None = None                       # its own database file, made in STATE_DIR
     cpus: list[int] = field(default_factory=list)      # cores it is pinned to; [] for none
     threads: int = 0                                   # its thread pools' size; 0 for ComfyUI's own choice
 
@@ -143,6 +146,26 @@ def master_folder_args(master_words: list[str], worker_extra_args: str) -> list[
     return [word for name, group in _flag_groups(master_words).items() if name not in own for word in group]
 
 
+def database_path(instance_id: str) -> Path:
+    return STATE_DIR / f"{log_path(instance_id).stem}.db"
+
+
+def storage_args(flags: comfy_flags.ComfyFlags, instance_id: str, own_words: list[str]) -> list[str]:
+    """What keeps a local worker off the database of the other instances of its ComfyUI folder.
+
+    ComfyUI 0.38 locks user/comfyui.db at start, and every instance after the first exits with
+    ASSETS_STARTUP_FAILED. A worker needs no asset catalogue: --disable-assets where its ComfyUI has
+    it, else (0.3.6x) a database of its own; nothing for a ComfyUI with neither (2024), nor when the
+    worker's own extra_args already set either."""
+    if flags.given(own_words) & {"--disable-assets", "--database-url"}:
+        return []
+    if flags.declares("--disable-assets"):
+        return ["--disable-assets"]
+    if flags.declares("--database-url"):
+        return ["--database-url", f"sqlite:///{database_path(instance_id).as_posix()}"]
+    return []
+
+
 def instance_env(device: int | None, cpu: bool, config_file: Path | None, threads: int = 0) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1", **(cpus.thread_env(threads) if threads else {})}  # unbuffered: current logs
     if device is not None and not cpu:
@@ -195,19 +218,23 @@ def master_instance(config: cfg.Config, python: str, cpu: bool = False, config_f
 
 def worker_instance(config: cfg.Config, worker: cfg.Worker, python: str, cpu: bool = False,
                     config_file: Path | None = None, placements: Placements | None = None,
-                    master_args: list[str] | None = None) -> Instance:
+                    master_args: list[str] | None = None, comfy_root: Path | None = None) -> Instance:
     """``master_args``: the running master's own ComfyUI arguments, when it starts the worker; their
-    folder flags count as well as those of master.extra_args (see FOLDER_FLAGS)."""
+    folder flags count as well as those of master.extra_args (see FOLDER_FLAGS). ``comfy_root``: the
+    ComfyUI folder it runs, whose flags decide its storage_args (none without it)."""
     if not worker.is_local:
         return Instance(worker.id, worker.label, worker.port, worker.url, worker.device, local=False)
-    cpu = cpu or "--cpu" in shlex.split(worker.extra_args)
+    own_words = shlex.split(worker.extra_args)
+    cpu = cpu or "--cpu" in own_words
     listen = "::1" if worker.host == "::1" else "127.0.0.1"
     pinned, threads = (placements or {}).get(worker.id, ([], 0))
     master_words = shlex.split(config.master.extra_args) + list(master_args or [])
-    inherited = master_folder_args(master_words, worker.extra_args)
+    storage = storage_args(comfy_flags.read(comfy_root), worker.id, own_words) if comfy_root else []
+    inherited = master_folder_args(master_words, worker.extra_args) + storage
     return Instance(worker.id, worker.label, worker.port, _local_url(worker.host, worker.port), worker.device,
                     cpu, argv=build_command(python, listen, worker.port, worker.extra_args, cpu, inherited),
-                    env=instance_env(worker.device, cpu, config_file, threads), cpus=pinned, threads=threads)
+                    env=instance_env(worker.device, cpu, config_file, threads), cpus=pinned, threads=threads,
+                    database=database_path(worker.id) if "--database-url" in storage else None)
 
 
 def answers(url: str, timeout: float = 2.0) -> bool:
@@ -290,7 +317,8 @@ class LocalProcesses:
         if not instance.local:
             raise LauncherError(f"{instance.label} is on another machine ({instance.url}); start it there")
         path = log_path(instance.id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        for folder in {path.parent, *([instance.database.parent] if instance.database else [])}:
+            folder.mkdir(parents=True, exist_ok=True)
         options: dict = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
                          else {"start_new_session": True, "preexec_fn": _child_setup(instance.cpus)})
         with self._lock:
@@ -316,8 +344,8 @@ class LocalProcesses:
                      placements: Placements | None = None, master_args: list[str] | None = None) -> int:
         """Start one local worker exactly as the launcher would (on the cores ``cpu_placements``
         gives it, with the master's folders); returns its pid."""
-        return self.start(worker_instance(config, worker, python, cpu, config_file, placements, master_args),
-                          Path(comfy_root))
+        return self.start(worker_instance(config, worker, python, cpu, config_file, placements, master_args,
+                                          Path(comfy_root)), Path(comfy_root))
 
     def process(self, instance_id: str) -> subprocess.Popen | None:
         with self._lock:
@@ -402,7 +430,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     config, path, named = load_config(args.config)
     placements = cpu_placements(config, args.cpu)
     master = master_instance(config, sys.executable, args.cpu, named, placements)
-    workers = [] if args.master_only else [worker_instance(config, w, sys.executable, args.cpu, named, placements)
+    workers = [] if args.master_only else [worker_instance(config, w, sys.executable, args.cpu, named, placements,
+                                                           comfy_root=comfy_root)
                                             for w in config.workers if w.enabled]
     to_start = ([] if args.workers_only else [master]) + [w for w in workers if w.local]
     to_check = ([master] if args.workers_only else []) + [w for w in workers if not w.local]

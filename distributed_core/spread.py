@@ -351,7 +351,7 @@ class SpreadState:
             claim = self.claims.get(prompt_id)
             if claim is None or claim.participant == MASTER_ID:
                 raise LookupError(f"no spread prompt {prompt_id} is waiting for a worker on this master")
-            if not secrets.compare_digest(token.encode(), claim.token.encode()):
+            if not wire.same_token(token, claim.token):
                 raise PermissionError("wrong token for this spread prompt")
             if claim.state not in ("sent", "queued", "running"):
                 raise ValueError(f"spread prompt {prompt_id} is {claim.state}; values discarded")

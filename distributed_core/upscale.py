@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import workflow
-from .wire import Rejected
+from .wire import Rejected, same_token
 from .client import InstanceError
 from .jobs import Ledger
 from .plan import MASTER_ID
@@ -171,7 +171,7 @@ class Board(Ledger):
             raise Rejected(404, f"no upscale job {job_id[:8]} on this master")
         holder = None
         for share in job.workers.values():
-            if isinstance(token, str) and secrets.compare_digest(token.encode(), share.token.encode()):
+            if same_token(token, share.token):
                 holder = share
         if holder is None:
             raise Rejected(403, "the tile token does not belong to this job")

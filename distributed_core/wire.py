@@ -22,6 +22,7 @@ never dropped unseen.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import math
 from dataclasses import dataclass
@@ -97,6 +98,27 @@ def header_length(prefix: bytes) -> int:
     return size
 
 
+def _check_name(data: dict, key: str) -> None:
+    """A header's id or token: text of 1 to 128 characters that UTF-8 can hold. JSON can spell a
+    lone surrogate (\\ud800), which is no character and cannot be encoded or compared as one."""
+    value = data.get(key)
+    if not isinstance(value, str) or not 0 < len(value) <= 128:
+        raise FrameError(f"header.{key} must be a non-empty string of at most 128 characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FrameError(f"header.{key} holds a lone surrogate (a \\ud800 to \\udfff escape that is not half of a "
+                         "pair), which is not text; send the value the master gave") from None
+
+
+def same_token(given: object, expected: str) -> bool:
+    """Whether a token a request carries is the one given out, in constant time; any value, even
+    text that UTF-8 cannot encode, is compared without raising."""
+    if not isinstance(given, str):
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
 def parse_header(raw: bytes) -> Header:
     try:
         data = json.loads(raw.decode("utf-8"))
@@ -105,8 +127,7 @@ def parse_header(raw: bytes) -> Header:
     if not isinstance(data, dict):
         raise FrameError("header must be a JSON object")
     for key in ("job", "collector", "token"):
-        if not isinstance(data.get(key), str) or not 0 < len(data[key]) <= 128:
-            raise FrameError(f"header.{key} must be a non-empty string")
+        _check_name(data, key)
     unit = data.get("unit")
     if not isinstance(unit, int) or isinstance(unit, bool) or not 0 <= unit < 1 << 20:
         raise FrameError("header.unit must be a whole number >= 0")
@@ -381,6 +402,14 @@ async def read_exactly(reader, size: int, what: str) -> bytes:
         raise Rejected(400, f"truncated {what}: fewer payload bytes than the header promises") from None
 
 
+def all_finite(array: np.ndarray) -> bool:
+    """Whether every value is a finite number, looked at a million values at a time (a whole
+    frame's worth of booleans at once would be a large allocation)."""
+    flat = array.reshape(-1)
+    step = 1 << 20
+    return all(bool(np.isfinite(flat[start:start + step]).all()) for start in range(0, flat.size, step))
+
+
 async def read_end(reader) -> None:
     """The body must end where the header said."""
     if await reader.read(1):
@@ -441,8 +470,7 @@ def parse_value_header(raw: bytes) -> ValueHeader:
     if not isinstance(data, dict):
         raise FrameError("header must be a JSON object")
     for key in ("prompt", "token"):
-        if not isinstance(data.get(key), str) or not 0 < len(data[key]) <= 128:
-            raise FrameError(f"header.{key} must be a non-empty string")
+        _check_name(data, key)
     arrays = data.get("arrays")
     if not isinstance(arrays, list):
         raise FrameError("header.arrays must be a list of [dtype, shape]")

@@ -82,6 +82,23 @@ def test_a_secret_header_that_is_not_utf8_is_refused(live):
     assert live.master.get("/system_stats").status_code == 200
 
 
+def test_a_config_file_nested_too_deeply_falls_back_to_defaults_and_the_panel_repairs_it(live):
+    from harness import error_of, image_workflow
+    live.config_path.write_text("[" * 100_000 + "]" * 100_000)
+    shown = live.master.get("/distributed/config")
+    assert shown.status_code == 200, shown.text
+    assert "nested too deeply" in shown.json()["error"] and shown.json()["config"]["workers"] == []
+    status = live.master.get("/distributed/status", timeout=30)
+    assert status.status_code == 200 and "nested too deeply" in status.json()["config_error"], status.text
+    entry = live.master.wait_prompt(live.master.queue_prompt(image_workflow(seed=5, batch=1)), 120)
+    assert error_of(entry) == ""  # the Collector runs on the defaults: the master alone
+    repaired = live.master.post("/distributed/config", live.default_config())
+    assert repaired.status_code == 200, repaired.text
+    assert live.master.get("/distributed/config").json()["error"] == ""
+    assert len(json.loads(live.config_path.read_text())["workers"]) == len(live.workers)
+    assert list(live.config_path.parent.glob(live.config_path.name + ".broken-*"))
+
+
 # --- ComfyUI flags through the API -------------------------------------------------------------------
 
 # each of these was shown to open a worker to the network, expose files or run uploaded code
@@ -106,11 +123,54 @@ def test_flags_that_widen_access_or_expose_files_are_refused_through_the_api(liv
     assert live.config_path.read_text() == before
 
 
+def declared(tree, flag: str) -> bool:
+    return f'"{flag}"' in (tree / "comfy" / "cli_args.py").read_text(encoding="utf-8")
+
+
 def test_flags_that_only_tune_comfyui_are_accepted_through_the_api(live):
-    resp = live.master.post("/distributed/workers", {"host": "127.0.0.1", "port": 9990,
-                                                     "extra_args": "--lowvram --reserve-vram 1.5 --preview-method auto"})
+    args = " ".join(a for a in ("--lowvram", "--reserve-vram 1.5", "--preview-method auto")
+                    if declared(live.tree, a.split()[0]))
+    assert args.startswith("--lowvram --") and args.endswith("--preview-method auto")
+    resp = live.master.post("/distributed/workers", {"host": "127.0.0.1", "port": 9990, "extra_args": args})
     assert resp.status_code == 200, resp.text
-    assert resp.json()["worker"]["extra_args"] == "--lowvram --reserve-vram 1.5 --preview-method auto"
+    assert resp.json()["worker"]["extra_args"] == args
+
+
+def test_flags_the_masters_comfyui_lacks_are_refused_for_its_local_instances(live):
+    """The ComfyUI under test (March 2024 or 0.3.64) lacks flags of the list that 0.38 added; a
+    worker given one would exit at start. A remote worker runs a ComfyUI the master cannot read."""
+    lacking = [f for f in ("--disable-assets", "--use-ck-attention", "--vram-headroom 1", "--normalvram")
+               if not declared(live.tree, f.split()[0])]
+    assert lacking
+    before = live.config_path.read_text()
+    for args in lacking:
+        flag = args.split()[0]
+        added = live.master.post("/distributed/workers", {"host": "127.0.0.1", "port": 9990, "extra_args": args})
+        assert added.status_code == 400, added.text
+        assert added.json()["error"].startswith(f"extra_args: {flag}: not a flag of ") and str(live.tree) in added.json()["error"]
+        config = live.default_config()
+        config["master"]["extra_args"] = args
+        posted = live.master.post("/distributed/config", config)
+        assert posted.status_code == 400 and f"master.extra_args: {flag}: not a flag of" in posted.json()["error"]
+        assert live.config_path.read_text() == before
+    remote = live.master.post("/distributed/workers", {"host": "10.0.0.5", "port": 9990, "extra_args": lacking[0]})
+    assert remote.status_code == 200, remote.text
+
+
+@pytest.mark.parametrize("args", ["--fast=--listen", "--verbose=--enable-cors-header", "--preview-method=-x"])
+def test_a_value_that_looks_like_a_flag_is_refused_through_the_api(live, args):
+    resp = live.master.post("/distributed/workers", {"host": "10.0.0.5", "port": 9990, "extra_args": args})
+    assert resp.status_code == 400 and "starts with '-'" in resp.json()["error"], resp.text
+
+
+def test_a_database_url_is_refused_through_the_api_but_kept_when_written_by_hand(live):
+    resp = live.master.request("PATCH", "/distributed/workers/worker1", {"extra_args": "--database-url sqlite:////tmp/x.db"})
+    assert resp.status_code == 400 and "names a file for ComfyUI to create and write" in resp.json()["error"], resp.text
+    config = live.default_config()
+    config["workers"][0]["extra_args"] = "--database-url sqlite:////tmp/own.db"
+    live.reset_config(config)
+    assert live.master.request("PATCH", "/distributed/workers/worker1", {"name": "renamed"}).status_code == 200
+    assert json.loads(live.config_path.read_text())["workers"][0]["extra_args"] == "--database-url sqlite:////tmp/own.db"
 
 
 def test_flags_written_by_hand_survive_saves_from_the_panel(live):

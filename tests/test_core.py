@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +85,28 @@ def test_save_is_atomic_and_moves_a_broken_file_aside(tmp_path):
     assert config.load(path).error == ""
     assert [p.name for p in tmp_path.glob("gpu_config.json.broken-*")]
     assert not list(tmp_path.glob(".gpu_config.json.*.tmp"))
+
+
+def test_a_file_nested_too_deeply_gives_defaults_and_can_be_saved_over(tmp_path):
+    path = tmp_path / "gpu_config.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    loaded = config.load(path)
+    assert "nested too deeply" in loaded.error and "save settings from the Distributed panel" in loaded.error
+    assert loaded.config == config.parse(config.DEFAULT_CONFIG)
+    config.save(config.parse(PRODUCT_SHEET_CONFIG), path)
+    assert config.load(path).error == ""
+    (aside,) = tmp_path.glob("gpu_config.json.broken-*")
+    assert aside.read_text().startswith("[" * 1000)
+
+
+def test_a_value_nested_too_deeply_is_named_not_quoted():
+    value = 1
+    for _ in range(100_000):
+        value = [value]
+    with pytest.raises(config.ConfigError) as info:
+        config.parse({"master": {"port": value}, "settings": {"mode": value}})
+    assert info.value.errors[0].startswith("master.port:") and "nested too deeply" in info.value.errors[0]
+    assert any(e.startswith("settings.mode:") for e in info.value.errors)
 
 
 def test_user_settings_live_outside_the_tracked_file(tmp_path, monkeypatch):
@@ -361,6 +384,25 @@ def test_a_token_delivers_only_the_units_of_its_share():
         assert info.value.status == status, header
 
 
+@pytest.mark.parametrize("key", ["job", "collector", "token"])
+def test_a_header_string_with_a_lone_surrogate_is_refused(key):
+    raw = json.loads(wire.Header("j", "3", 0, "t", "uint8", (1, 2, 2, 3)).to_bytes()[8:])
+    with pytest.raises(wire.FrameError, match=f"header.{key} holds a lone surrogate"):
+        wire.parse_header(json.dumps({**raw, key: "\ud800abc"}).encode())
+
+
+def test_a_token_that_utf8_cannot_encode_is_a_wrong_token():
+    store = JobStore()
+    job = _job()
+    store.add(job)
+    _token(job, 1)
+    for token in ("\ud800abc", "\udfff" * 40):
+        with pytest.raises(wire.Rejected) as info:
+            store.check(wire.Header("j1", "3", 1, token, "uint8", (1, 2, 2, 3)))
+        assert info.value.status == 403
+    assert not wire.same_token(None, "t") and wire.same_token("\ud800", "\ud800")
+
+
 def test_a_frame_without_images_or_with_a_ragged_batch_is_refused():
     for shape, count in [((0, 2, 2, 3), 1), ((3, 2, 2, 3), 2)]:
         raw = json.loads(wire.Header("j", "3", 0, "t", "uint8", (1, 2, 2, 3)).to_bytes()[8:])
@@ -554,7 +596,7 @@ def test_extra_args_values_are_checked(args, words):
 def test_no_allowed_flag_is_an_abbreviation_of_a_refused_comfyui_flag():
     """ComfyUI's argparse takes unambiguous prefixes: were an allowed flag missing from some ComfyUI
     and a prefix of a refused one there, it would turn into that one. Checked against the ComfyUI
-    under test (COMFYUI_ROOT) and flags of both 2024 and 2025 ComfyUI."""
+    under test (COMFYUI_ROOT) and flags of 2024, 2025 and 0.38 ComfyUI."""
     import os
     import re
     from pathlib import Path
@@ -564,6 +606,8 @@ def test_no_allowed_flag_is_an_abbreviation_of_a_refused_comfyui_flag():
              "--input-directory", "--auto-launch", "--user-directory", "--front-end-root", "--comfy-api-base",
              "--database-url", "--whitelist-custom-nodes", "--disable-all-custom-nodes", "--multi-user",
              "--windows-standalone-build", "--quick-test-for-ci", "--cuda-device", "--default-device", "--directml"}
+    from comfy_shapes import FLAGS_038
+    known |= set(FLAGS_038)
     cli = Path(os.environ.get("COMFYUI_ROOT", "/nonexistent")) / "comfy" / "cli_args.py"
     if cli.exists():
         known |= set(re.findall(r"add_argument\(\s*[\"'](--[\w-]+)", cli.read_text(encoding="utf-8")))
@@ -573,6 +617,78 @@ def test_no_allowed_flag_is_an_abbreviation_of_a_refused_comfyui_flag():
         assert not [r for r in refused_flags if r.startswith(flag)], flag
     for flag in refused_flags:
         assert access.extra_args_errors(flag), flag
+
+
+def _flags_038():
+    from comfy_shapes import FLAGS_038
+    from distributed_core.comfy_flags import ComfyFlags
+    return ComfyFlags(Path("/opt/ComfyUI"), "0.38.1", frozenset(FLAGS_038))
+
+
+@pytest.mark.parametrize("args", ["--fast=--listen", "--verbose=--listen", "--preview-method=-x", "--cache-ram=-1",
+                                  "--reserve-vram=-2", "--fast fp16_accumulation --fast=-listen"])
+def test_a_value_that_looks_like_a_flag_is_refused(args):
+    from distributed_core import access
+    for flags in (None, _flags_038()):
+        errors = access.extra_args_errors(args, flags)
+        assert any("starts with '-'" in e for e in errors), (args, errors)
+
+
+def test_the_flags_allowed_follow_the_comfyui_that_runs():
+    from distributed_core import access
+    flags = _flags_038()
+    for removed in ("--normalvram", "--disable-ipex-optimize"):
+        (error,) = access.extra_args_errors(f"--lowvram {removed}", flags)
+        assert error.startswith(f"{removed}: not a flag of ComfyUI 0.38.1 in /opt/ComfyUI") and "remove it" in error
+        assert access.extra_args_errors(removed) == []  # a ComfyUI whose flags are unknown: the list alone
+    new = "--disable-assets --cache-ram 4 8 --vram-headroom 1.5 --use-ck-attention --disable-dynamic-vram"
+    assert access.extra_args_errors(new, flags) == []
+    assert access.extra_args_errors("--cache-ram 1 2 3", flags) == ["--cache-ram takes at most 2 values, got 3"]
+    older = flags.__class__(Path("/old"), "", frozenset({"--lowvram", "--normalvram", "--cpu"}))
+    (error,) = access.extra_args_errors("--disable-assets --use-ck-attention --normalvram", older)
+    assert error.startswith("--disable-assets, --use-ck-attention: not a flag of the ComfyUI in /old")
+
+
+def test_the_flags_allowed_follow_the_comfyui_under_test():
+    """The real tree (March 2024 or 0.3.64): a flag of the list is taken exactly when its cli_args.py has it."""
+    import os
+    from distributed_core import access, comfy_flags
+    root = Path(os.environ["COMFYUI_ROOT"])
+    text = (root / "comfy" / "cli_args.py").read_text(encoding="utf-8")
+    flags = comfy_flags.read(root)
+    checked = {flag: f'"{flag}"' in text for flag in ("--normalvram", "--disable-ipex-optimize", "--disable-assets",
+                                                      "--lowvram", "--use-ck-attention", "--deterministic")}
+    assert checked["--lowvram"] and not checked["--use-ck-attention"]
+    for flag, declared in checked.items():
+        errors = access.extra_args_errors(flag, flags)
+        assert (errors == []) == declared, (flag, errors)
+        if not declared:
+            assert str(root) in errors[0] and "not a flag of" in errors[0]
+
+
+def test_a_database_url_is_refused_through_the_api_and_says_why():
+    from distributed_core import access
+    (error,) = access.extra_args_errors("--database-url sqlite:////tmp/x.db", _flags_038())
+    assert error.startswith("--database-url: not allowed through the HTTP API")
+    assert "names a file for ComfyUI to create and write" in error
+
+
+def test_declared_flags_are_read_however_the_call_is_written():
+    from distributed_core import comfy_flags
+    text = ('parser.add_argument("--listen", type=str)\ngroup.add_argument(\n    "--front-end-version",\n'
+            '    type=str)\nparser.add_argument("-v", "--verbose", action="store_true")\n'
+            "parser.add_argument('--single', nargs='?')\nparser.add_argument(name)\n")
+    assert comfy_flags.declared_in(text) == {"--listen", "--front-end-version", "-v", "--verbose", "--single"}
+
+
+def test_local_instances_are_checked_against_the_masters_comfyui_and_remote_ones_not():
+    from distributed_core import access
+    old = config.parse({"workers": [{"id": "a", "port": 9001}, {"id": "b", "host": "10.0.0.5", "port": 9002}]})
+    new = config.parse({"master": {"extra_args": "--normalvram"},
+                        "workers": [{"id": "a", "port": 9001, "extra_args": "--normalvram"},
+                                    {"id": "b", "host": "10.0.0.5", "port": 9002, "extra_args": "--normalvram"}]})
+    errors = access.changed_extra_args_errors(old, new, _flags_038())
+    assert [e.split(":")[0] for e in errors] == ["master.extra_args", "workers[0].extra_args"]
 
 
 def test_only_changed_extra_args_are_checked():
@@ -782,6 +898,67 @@ def test_a_share_of_another_size_is_kept_apart():
     _send(store, wire.frame("t", "4", 1, 1, _token(job, 1), np.ones((2, 4, 4, 3), np.float32), "uint8"))
     parts = store.take("t", "4")
     assert [p.shape[0] for p in parts] == [1, 2] and parts[1].max() == 1.0
+
+
+@pytest.mark.parametrize("transport, bad", [("float32", np.nan), ("float32", np.inf), ("float16", np.nan),
+                                            ("float16", -np.inf)])
+def test_a_frame_of_values_that_are_not_numbers_is_refused_on_arrival(transport, bad):
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[0, 1])
+    store.add(job)
+    token = _token(job, 1)
+    images = np.zeros((1, 4, 4, 3), np.float32)
+    images[0, 3, 2, 1] = bad
+    header = wire.Header("t", "4", 1, token, transport, images.shape)
+    with pytest.raises(wire.Rejected) as info:
+        _send(store, wire.encode(header, images.astype(wire.DTYPES[transport])))
+    assert info.value.status == 400 and "not finite numbers" in info.value.message and transport in info.value.message
+    assert store.get("t").delivered("4") == 0 and not store.get("t").inflight
+    _send(store, wire.encode(header, np.zeros((1, 4, 4, 3), wire.DTYPES[transport])))
+    assert store.get("t").delivered("4") == 1
+
+
+def test_audio_that_is_not_numbers_is_refused_on_arrival():
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[0, 1], audio={"4"})
+    store.add(job)
+    waveform = np.zeros((1, 2, 50), np.float32)
+    waveform[0, 1, 7] = np.nan
+    parts = wire.frame("t", "4", 1, 1, _token(job, 1), np.zeros((1, 4, 4, 3), np.float32), "uint8", (waveform, 44100))
+    with pytest.raises(wire.Rejected) as info:
+        _send(store, parts)
+    assert info.value.status == 400 and "audio" in info.value.message and "not finite" in info.value.message
+    assert store.get("t").delivered("4") == 0
+
+
+@pytest.mark.parametrize("first", ["master", "worker"])
+@pytest.mark.parametrize("other", [(1, 8, 4, 3), (1, 4, 8, 3), (1, 4, 4, 4)])
+def test_a_frame_of_another_image_size_is_refused_on_arrival(first, other):
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[0, 1, 2])
+    store.add(job)
+    if first == "master":
+        store.put_local("t", "4", 0, 1, np.zeros((2, 4, 4, 3), np.float32))
+    else:
+        _send(store, wire.frame("t", "4", 2, 1, _token(job, 2, participant="worker2"),
+                                np.zeros((2, 4, 4, 3), np.float32), "float32"))
+    with pytest.raises(wire.Rejected) as info:
+        _send(store, wire.frame("t", "4", 1, 1, _token(job, 1), np.zeros(other, np.float32), "uint8"))
+    h, w, c = other[1:]
+    assert info.value.status == 400, info.value.message
+    assert f"sent {w}x{h} {c}-channel images" in info.value.message and "holds 4x4 3-channel" in info.value.message
+    assert store.get("t").delivered("4") == 1 and not store.get("t").inflight
+
+
+def test_a_frame_refused_midway_sets_no_size():
+    store = JobStore()
+    job = Job(id="t", collectors=["4"], units=[1, 2])
+    store.add(job)
+    data = b"".join(bytes(p) for p in wire.frame("t", "4", 1, 1, _token(job, 1), np.zeros((1, 8, 8, 3)), "float32"))
+    with pytest.raises(wire.Rejected):
+        _deliver(store, data[:-10], None)  # truncated: nothing arrived
+    _send(store, wire.frame("t", "4", 2, 1, _token(job, 2, participant="w2"), np.zeros((1, 4, 4, 3)), "float32"))
+    assert store.get("t").delivered("4") == 1
 
 
 def test_split_chunks_land_at_their_global_rows():

@@ -338,6 +338,44 @@ def test_fuzz_every_route(live, tmp_path):
     assert not leftovers, f"temporary config files left behind: {leftovers}"
 
 
+LONE_SURROGATE = "\ud800abc"  # JSON can spell it ("\\ud800abc"); UTF-8 cannot encode it
+
+
+def _frame_with(header: dict, payload: bytes, magic: bytes = wire.MAGIC) -> bytes:
+    data = json.dumps(header).encode("ascii")  # the surrogate travels as a JSON escape
+    return magic + len(data).to_bytes(4, "big") + data + payload
+
+
+def test_a_lone_surrogate_in_any_frame_or_token_is_refused_with_4xx(live):
+    """Frames whose header strings hold a lone surrogate, for a job that runs now (so that the
+    token is compared, which encoded it and answered 500), on every route that reads a frame or a
+    token; the job still ends with its own images."""
+    from harness import blue_values, error_of, image_workflow, wait_until
+    prompt_id = live.master.queue_prompt(image_workflow(seed=60, batch=1, seconds_per_image=2.0))
+    job = wait_until(lambda: live.master.get("/distributed/status").json()["jobs"], 30, what="a job")[0]
+    good = {"job": job["job_id"], "collector": "4", "unit": 1, "count": 1, "token": "t" * 32, "dtype": "float32",
+            "shape": [1, 8, 8, 3], "encoding": "raw", "nbytes": 0}
+    pixels = bytes(8 * 8 * 3 * 4)
+    answers = {}
+    for key in ("token", "job", "collector"):
+        body = _frame_with({**good, key: LONE_SURROGATE}, pixels)
+        for path in ("/distributed/result", "/distributed/tiles/result"):
+            answers[(path, key)] = requests.post(live.master.url + path, data=body, timeout=30)
+        value = {"prompt": prompt_id, "token": "t" * 32, "tree": None, "arrays": [], key: LONE_SURROGATE}
+        answers[("/distributed/spread/result", key)] = requests.post(
+            live.master.url + "/distributed/spread/result", data=_frame_with(value, b"", wire.VALUE_MAGIC), timeout=30)
+        ident = {"job": job["job_id"], "node": "4", "token": "t" * 32, key: LONE_SURROGATE}
+        for path in ("/distributed/tiles/image", "/distributed/tiles/lease"):
+            answers[(path, key)] = requests.post(live.master.url + path, data=json.dumps(ident), timeout=30)
+    wrong = {where: f"{resp.status_code} {resp.text[:200]}" for where, resp in answers.items()
+             if not 400 <= resp.status_code < 500}
+    assert not wrong, wrong
+    for key in ("token", "job", "collector"):
+        assert "surrogate" in answers[("/distributed/result", key)].json()["error"]
+    entry = live.master.wait_prompt(prompt_id, 120)
+    assert error_of(entry) == "" and blue_values(live.master.saved_images(entry, "5")) == [60, 61, 62]
+
+
 def _worker_count(live) -> int:
     try:
         return len(json.loads(live.config_path.read_text()).get("workers", []))

@@ -425,6 +425,116 @@ def test_dry_run_local_workers_get_the_masters_folders_unless_they_set_their_own
     assert "far" not in blocks  # remote: not started here, nothing handed on
 
 
+# --- each local worker's own database (ComfyUI 0.38 locks one per folder) ---------------------------
+
+def comfy_038(tmp_path: Path, flags: list[str] | None = None, version: str = "0.38.1") -> Path:
+    from comfy_shapes import FLAGS_038, make_comfyui
+    return make_comfyui(tmp_path / f"comfyui-{version}", FLAGS_038 if flags is None else flags, version)
+
+
+def storage_setup(tmp_path: Path, ports: list[int], extra: list[str]) -> Path:
+    return write_config(tmp_path / "storage.json", {
+        "master": {"port": ports[0], "device": 0},
+        "workers": [{"id": f"w{n}", "port": port, "device": n, "extra_args": args}
+                    for n, (port, args) in enumerate(zip(ports[1:], extra), 1)]})
+
+
+def expected_storage(tree: Path, worker_id: str) -> list[str]:
+    text = (tree / "comfy" / "cli_args.py").read_text(encoding="utf-8")
+    if '"--disable-assets"' in text:
+        return ["--disable-assets"]
+    if '"--database-url"' in text:
+        return ["--database-url", f"sqlite:///{(launcher.STATE_DIR / f'{worker_id}.db').as_posix()}"]
+    return []
+
+
+def test_local_workers_of_a_0_38_comfyui_get_the_assets_system_off_unless_they_set_their_own(tmp_path):
+    tree = comfy_038(tmp_path)
+    path = storage_setup(tmp_path, [9500, 9501, 9502, 9503, 9504],
+                         ["--lowvram", "--disable-assets", "--database-u=sqlite:////data/w3.db", ""])
+    result = run_launcher("--dry-run", "--config", str(path), "--comfyui", str(tree))
+    assert result.returncode == 0, result.stdout + result.stderr
+    blocks = dry_run_blocks(result.stdout)
+    assert blocks["master"]["argv"][6:] == []  # the master keeps ComfyUI's own database
+    assert blocks["w1"]["argv"][6:] == ["--lowvram", "--disable-assets"]
+    assert blocks["w2"]["argv"][6:] == ["--disable-assets"]  # given once, by the user
+    assert blocks["w3"]["argv"][6:] == ["--database-u=sqlite:////data/w3.db"]  # argparse's abbreviation
+    assert blocks["w4"]["argv"][6:] == ["--disable-assets"]
+
+
+def test_local_workers_of_a_comfyui_without_disable_assets_get_a_database_of_their_own(tmp_path):
+    from comfy_shapes import FLAGS_038
+    tree = comfy_038(tmp_path, [f for f in FLAGS_038 if f not in ("--disable-assets", "--enable-assets")], "0.3.64")
+    result = run_launcher("--dry-run", "--config", str(storage_setup(tmp_path, [9510, 9511, 9512], ["", ""])),
+                          "--comfyui", str(tree))
+    blocks = dry_run_blocks(result.stdout)
+    assert blocks["master"]["argv"][6:] == []
+    for worker_id in ("w1", "w2"):
+        assert blocks[worker_id]["argv"][6:] == expected_storage(tree, worker_id)
+        assert blocks[worker_id]["argv"][7].endswith(f"/state/{worker_id}.db")
+
+
+def test_local_workers_of_the_comfyui_under_test_get_what_it_offers(tmp_path):
+    """March 2024 has neither flag (nothing is added), 0.3.64 has --database-url."""
+    tree = Path(os.environ["COMFYUI_ROOT"])
+    result = run_launcher("--dry-run", "--config", str(storage_setup(tmp_path, [9520, 9521, 9522], ["--cpu", ""])),
+                          "--comfyui", str(tree))
+    assert result.returncode == 0, result.stdout + result.stderr
+    blocks = dry_run_blocks(result.stdout)
+    assert blocks["master"]["argv"][6:] == []
+    assert blocks["w1"]["argv"][6:] == ["--cpu", *expected_storage(tree, "w1")]
+    assert blocks["w2"]["argv"][6:] == expected_storage(tree, "w2")
+
+
+def test_a_worker_started_from_the_panel_gets_the_same_storage_flags(monkeypatch, tmp_path):
+    calls = []
+
+    class FakePopen:
+        pid = 4343
+
+        def __init__(self, argv, **kwargs):
+            calls.append(argv)
+
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(launcher, "LOG_DIR", tmp_path / "logs")
+    monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
+    parsed = config.parse({"workers": [{"id": "w3", "port": 8191, "extra_args": "--lowvram"}]})
+    launcher.LocalProcesses().start_worker(parsed, parsed.workers[0], comfy_038(tmp_path), python="/py")
+    assert calls[0][6:] == ["--lowvram", "--disable-assets"]
+
+
+@POSIX_ONLY
+@pytest.mark.parametrize("offers", ["--disable-assets", "--database-url"])
+def test_a_master_and_workers_of_one_0_38_folder_all_stay_up(tmp_path, launch, offers):
+    """The re-created 0.38 start: an instance whose assets system is on locks its database and exits
+    with ASSETS_STARTUP_FAILED when another holds it."""
+    from comfy_shapes import FLAGS_038
+    flags = FLAGS_038 if offers == "--disable-assets" else [f for f in FLAGS_038 if f != "--disable-assets"]
+    tree = comfy_038(tmp_path, flags)
+    ports = free_ports(3)
+    path = storage_setup(tmp_path, ports, ["", ""])
+    databases = [launcher.STATE_DIR / f"{w}.db" for w in ("w1", "w2")]
+    for database in databases:
+        database.unlink(missing_ok=True)
+    try:
+        process, out = launch("--config", str(path), "--comfyui", str(tree), "--cpu")
+        pids = started_pids(wait_for_output(process, out, "Running.", 120))
+        assert sorted(pids) == ["master", "w1", "w2"]
+        wait_until(lambda: all(answers(port) for port in ports), 60, "every instance to answer")
+        for instance_id in pids:
+            log = launcher.read_log_tail(instance_id)
+            assert "ASSETS_STARTUP_FAILED" not in log, log
+            assert (offers in log) == (instance_id != "master"), log
+        assert all(alive(pid) for pid in pids.values())
+        assert all(d.exists() for d in databases) == (offers == "--database-url")
+    finally:
+        for database in databases:
+            database.unlink(missing_ok=True)
+            Path(f"{database}.lock").unlink(missing_ok=True)
+
+
 def test_a_worker_started_by_the_master_gets_the_masters_own_folder_flags():
     conf = config.parse({"master": {"port": 9400}, "workers": [{"id": "w", "port": 9401}]})
     instance = launcher.worker_instance(conf, conf.workers[0], "py",

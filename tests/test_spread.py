@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import heapq
+import json
 import threading
 
 import numpy as np
@@ -133,8 +134,9 @@ def test_arrived_values_hand_the_master_the_receiver_version_and_restore_the_pro
 def test_frames_need_the_claims_token_and_a_claim_that_waits():
     state = spread.SpreadState()
     claim, _queued, _cut = state.pick_for_worker([item(1)], "w1", "w1", planner)
-    with pytest.raises(PermissionError):
-        state.check("p1", "forged")
+    for forged in ("forged", "\ud800abc"):
+        with pytest.raises(PermissionError):
+            state.check("p1", forged)
     with pytest.raises(LookupError):
         state.check("p9", claim.token)
     state.arrive("p1", claim.token, {})
@@ -327,3 +329,7 @@ def test_value_frames_refuse_what_is_malformed():
         spread.decode_values(header.tree, arrays)
     with pytest.raises(wire.FrameError):
         wire.parse_value_header(b'{"prompt":"p","token":"t","tree":null,"arrays":[["complex",[1]]]}')
+    for key in ("prompt", "token"):
+        with pytest.raises(wire.FrameError, match="lone surrogate"):
+            wire.parse_value_header(json.dumps({"prompt": "p", "token": "t", "tree": None, "arrays": [],
+                                                key: "\ud800abc"}).encode())

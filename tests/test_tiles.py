@@ -172,7 +172,7 @@ def test_done_once_every_tile_is_in_and_the_results_are_complete():
 
 def test_tokens_are_checked():
     board, job, _grid = board_with_job()
-    for token in ("", "forged", job.workers["w1"].token + "x"):
+    for token in ("", "forged", job.workers["w1"].token + "x", "\ud800abc", None):
         with pytest.raises(Rejected) as refused:
             board.image("job1", "9", token)
         assert refused.value.status == 403
