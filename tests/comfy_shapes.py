@@ -31,6 +31,21 @@ FLAGS_038 = """
 
 ONE_VALUE = {"--listen", "--port", "--database-url"}
 
+# A process that answers every GET as ComfyUI's /system_stats would, on `listen`:`port` (both set
+# before it), until it is killed.
+ANSWERING_SERVER = """
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"system": {"fake": True}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer((listen, port), Handler).serve_forever()
+"""
+
 # Like 0.38: unless the assets system is off, take an exclusive lock beside the database file,
 # waiting for none, and exit with ASSETS_STARTUP_FAILED when another instance holds it.
 FAKE_MAIN = """
@@ -50,17 +65,8 @@ if getattr(args, "disable_assets", None) is None:  # nargs="*": [] when given
         print("ASSETS_STARTUP_FAILED: in_use", flush=True)
         sys.exit(1)
     open(path, "a").close()
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"system": {"fake": True}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-ThreadingHTTPServer((args.listen, int(args.port)), Handler).serve_forever()
-"""
+listen, port = args.listen, int(args.port)
+""" + ANSWERING_SERVER
 
 
 def cli_args_text(flags: list[str]) -> str:

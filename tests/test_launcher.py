@@ -21,6 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from distributed_core import config, gpus, launcher  # noqa: E402
+from comfy_shapes import ANSWERING_SERVER  # noqa: E402
 
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="uses POSIX shell scripts and signals")
 
@@ -33,17 +34,7 @@ port = int(sys.argv[sys.argv.index("--port") + 1])
 listen = sys.argv[sys.argv.index("--listen") + 1]
 print("ARGV", json.dumps(sys.argv[1:]), "CUDA", os.environ.get("CUDA_VISIBLE_DEVICES"),
       "CONFIG", os.environ.get("COMFYUI_DISTRIBUTED_CONFIG"), flush=True)
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"system": {"fake": True}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-ThreadingHTTPServer((listen, port), Handler).serve_forever()
-"""
+""" + ANSWERING_SERVER
 
 
 # --- helpers ----------------------------------------------------------------------------------
