@@ -29,7 +29,19 @@ def test_cores_cover_every_pixel_of_every_frame_once(frames, height, width, tw, 
     assert len(grid) == frames * -(-height // th) * -(-width // tw)
     for t in grid.tiles():
         assert 0 <= t.px0 <= t.x0 < t.x1 <= t.px1 <= width and 0 <= t.py0 <= t.y0 < t.y1 <= t.py1 <= height
-        assert t.x0 - t.px0 == min(pad, t.x0) and t.px1 - t.x1 == min(pad, width - t.x1)
+        # every tile renders at one size: its context is taken from inside the image at the edges
+        assert (t.py1 - t.py0, t.px1 - t.px0) == grid.padded_shape == (min(th + 2 * pad, height),
+                                                                        min(tw + 2 * pad, width))
+        assert t.x0 - t.px0 >= min(pad, t.x0) and t.px1 - t.x1 >= min(pad, width - t.x1)
+
+
+def test_an_edge_tile_takes_its_context_from_inside_the_image():
+    grid = Grid(1, 100, 70, 32, 32, 8, 8)  # the last column's core is 6 px wide
+    first, last = grid.tile(0), grid.tile(2)
+    assert (first.px0, first.px1) == (0, 48) and (first.py0, first.py1) == (0, 48)
+    assert (last.x0, last.x1) == (64, 70) and (last.px0, last.px1) == (22, 70)
+    middle = grid.tile(4)  # padded 8 px above and below; its 8 px on the right would leave the image
+    assert (middle.py0, middle.py1) == (24, 72) and (middle.px0, middle.px1) == (22, 70)
 
 
 def test_index_counts_frame_then_row_then_column():
@@ -101,6 +113,26 @@ def test_latent_padding_and_enlarged_size():
     assert tiles.enlarged_size(33, 33, 1.5) == (50, 50)
     with pytest.raises(TileError):
         tiles.enlarged_size(8, 8, 0)
+
+
+@pytest.mark.parametrize("count,size", [(16, 8), (27, 4), (5, 1), (3, 8), (64, 8)])
+def test_batches_cover_every_tile_once_in_order(count, size):
+    found = tiles.batches(count, size)
+    assert [i for batch in found for i in batch] == list(range(count))
+    assert all(len(batch) == size for batch in found[:-1]) and 1 <= len(found[-1]) <= size
+    assert found == tiles.batches(count, size)  # nothing else goes into them
+
+
+def test_frames_share_batches():
+    grid = Grid(3, 128, 128, 48, 48, 16, 8)  # 9 tiles a frame
+    frames_in = [{grid.tile(i).frame for i in batch} for batch in tiles.batches(len(grid), 4)]
+    assert frames_in[2] == {0, 1} and frames_in[4] == {1, 2} and len(frames_in) == 7
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "8"])
+def test_a_bad_tile_batch_is_named(bad):
+    with pytest.raises(TileError, match="tile_batch must be a whole number >= 1"):
+        tiles.batches(16, bad)
 
 
 def test_grid_round_trips_through_json():
@@ -178,7 +210,7 @@ def test_tokens_are_checked():
     with pytest.raises(Rejected) as unknown:
         board.image("job2", "9", job.workers["w1"].token)
     assert unknown.value.status == 404
-    assert board.expected_shape("job1", "9", job.workers["w2"].token, 3) == ("w2", (1, 40, 40, 3))
+    assert board.expected_shape("job1", "9", job.workers["w2"].token, 3) == ("w2", (1, 48, 48, 3))
 
 
 def test_ending_a_job_calls_back_once():
