@@ -193,7 +193,8 @@ class Cluster:
                     "DISTRIBUTED_TEST_PROBE_LOG": str(self.probe_log), "PYTHONUNBUFFERED": "1",
                     "COMFYUI_DISTRIBUTED_SECRET_FILE": str(workdir / "secret.key"),
                     "DISTRIBUTED_TEST_SPEED_FILE": str(workdir / "speeds.json"),
-                    "DISTRIBUTED_TEST_PNG_FILE": str(workdir / "png.json")}
+                    "DISTRIBUTED_TEST_PNG_FILE": str(workdir / "png.json"),
+                    "DISTRIBUTED_TEST_MEMORY_FILE": str(workdir / "memory.json")}
         ports = [free_port() for _ in range(workers + 1)]
         self.master = Instance(self.tree, "master", ports[0], workdir, self.env, cpu=cpu)
         self.workers = [Instance(self.tree, f"worker{i + 1}", p, workdir, self.env, cpu=cpu)
@@ -232,6 +233,12 @@ class Cluster:
         """Emulated speed factor per instance name for the probe node; missing names run at 1."""
         ports = {i.name: i.port for i in self.instances}
         (self.workdir / "speeds.json").write_text(json.dumps({str(ports[n]): f for n, f in (speeds or {}).items()}))
+
+    def set_memory(self, most: dict | None = None) -> None:
+        """The most images per sampler run each instance (by name) may take before the test nodes
+        raise ComfyUI's out-of-memory error, as a GPU would; missing names have no limit."""
+        ports = {i.name: i.port for i in self.instances}
+        (self.workdir / "memory.json").write_text(json.dumps({str(ports[n]): m for n, m in (most or {}).items()}))
 
     def probes(self) -> list[dict]:
         if not self.probe_log.exists():

@@ -142,43 +142,80 @@ def test_grid_round_trips_through_json():
 
 # --- the pool ------------------------------------------------------------------------------------
 
-def board_with_job(workers=("w1", "w2")) -> tuple[Board, UpscaleJob, Grid]:
+def board_with_job(workers=("w1", "w2"), tile_batch=1, size=64) -> tuple[Board, UpscaleJob, Grid]:
     board = Board()
     job = UpscaleJob(id="job1", prompt={}, nodes=["9"], config=None)
     for w in workers:
         job.workers[w] = WorkerShare(w, w)
     board.add(job)
-    grid = Grid(1, 64, 64, 32, 32, 8, 4)
-    assert board.publish("job1", "9", np.zeros((1, 64, 64, 3), np.float32), grid, {"seed": 1})
+    grid = Grid(1, size, size, 32, 32, 8, 4)
+    assert board.publish("job1", "9", np.zeros((1, size, size, 3), np.float32), grid, {"seed": 1}, tile_batch)
     return board, job, grid
 
 
-def test_leases_hand_out_each_tile_once_then_let_idle_participants_share_overdue_ones():
+def pixels(count: int, value: float = 1.0) -> np.ndarray:
+    return np.full((count, 48, 48, 3), value, np.float32)
+
+
+def test_leases_hand_out_each_batch_once_then_let_idle_participants_share_overdue_ones():
     board, job, grid = board_with_job()
     token = job.workers["w1"].token
-    first = [board.lease("job1", "9", "", 60, token=token).index for _ in range(2)]
+    first = [board.lease("job1", "9", "", 60, token=token).batch for _ in range(2)]
     assert first == [0, 1]
-    assert board.lease("job1", "9", "master", 60).index == 2
-    assert board.lease("job1", "9", "master", 60).index == 3
-    # pool empty, and no tile has finished yet: nothing counts as overdue, so the master waits
+    assert board.lease("job1", "9", "master", 60).batch == 2
+    assert board.lease("job1", "9", "master", 60).batch == 3
+    # pool empty, and no batch has finished yet: nothing counts as overdue, so the master waits
     assert board.lease("job1", "9", "master", 60).kind == "wait"
-    assert board.complete("job1", "9", 2, "master", np.ones((40, 40, 3), np.float32))  # a tile takes ~0 s
+    assert board.complete("job1", "9", 2, "master", pixels(1))  # a batch takes ~0 s
     time.sleep(0.01)
-    assert board.lease("job1", "9", "master", 60).index == 0  # w1's tiles are overdue: longest-held first
-    assert board.lease("job1", "9", "", 60, token=job.workers["w2"].token).index == 1  # tile 0 has two holders
-    assert board.complete("job1", "9", 0, "master", np.ones((40, 40, 3), np.float32))
-    assert not board.complete("job1", "9", 0, "w1", np.zeros((40, 40, 3), np.float32))  # first wins
+    assert board.lease("job1", "9", "master", 60).batch == 0  # w1's batches are overdue: longest-held first
+    assert board.lease("job1", "9", "", 60, token=job.workers["w2"].token).batch == 1  # batch 0 has two holders
+    assert board.complete("job1", "9", 0, "master", pixels(1))
+    assert not board.complete("job1", "9", 0, "w1", pixels(1, 0.0))  # first wins
+
+
+def test_a_batch_is_leased_and_delivered_whole():
+    board, job, grid = board_with_job(tile_batch=4, size=96)  # 9 tiles: batches of 4, 4 and 1
+    leases = [board.lease("job1", "9", "master", 60) for _ in range(3)]
+    assert [(lease.batch, lease.tiles) for lease in leases] == [(0, (0, 1, 2, 3)), (1, (4, 5, 6, 7)), (2, (8,))]
+    assert board.expected_shape("job1", "9", job.workers["w1"].token, 1) == ("w1", (4, 48, 48, 3))
+    with pytest.raises(Rejected, match="holds 4 tiles, not 3"):
+        board.complete("job1", "9", 1, "master", pixels(3))
+    with pytest.raises(Rejected, match="batch 3 is not a batch"):
+        board.complete("job1", "9", 3, "master", pixels(1))
+    for lease in leases:
+        board.complete("job1", "9", lease.batch, "master", pixels(len(lease.tiles), lease.batch))
+    results = board.results("job1", "9")
+    assert sorted(results) == list(range(9)) and results[5][0, 0, 0] == 1 and results[8][0, 0, 0] == 2
+
+
+def test_a_worker_gone_mid_batch_gives_the_whole_batch_back():
+    board, job, grid = board_with_job(tile_batch=4, size=96)
+    assert board.lease("job1", "9", "", 60, token=job.workers["w1"].token).tiles == (0, 1, 2, 3)
+    assert board.lease("job1", "9", "master", 60).tiles == (4, 5, 6, 7)
+    board.release("job1", "w1", "its process died")
+    again = board.lease("job1", "9", "master", 60)
+    assert (again.batch, again.tiles) == (0, (0, 1, 2, 3))
+
+
+def test_notices_name_the_participant_once():
+    board, job, grid = board_with_job()
+    participant, _shape = board.expected_shape("job1", "9", job.workers["w2"].token, 0)
+    board.notice("job1", participant, "a batch of 8 tiles did not fit")
+    board.notice("job1", participant, "a batch of 8 tiles did not fit")
+    board.notice("job1", "master", "a batch of 8 tiles did not fit")
+    assert job.notices == ["w2: a batch of 8 tiles did not fit", "master: a batch of 8 tiles did not fit"]
 
 
 def test_expired_and_released_leases_go_back_to_the_pool():
     board, job, grid = board_with_job()
     t1, t2 = job.workers["w1"].token, job.workers["w2"].token
-    assert board.lease("job1", "9", "", 0.05, token=t1).index == 0
-    assert board.lease("job1", "9", "", 60, token=t2).index == 1
+    assert board.lease("job1", "9", "", 0.05, token=t1).batch == 0
+    assert board.lease("job1", "9", "", 60, token=t2).batch == 1
     time.sleep(0.1)
-    assert board.lease("job1", "9", "master", 60).index == 0  # w1's lease ran out
+    assert board.lease("job1", "9", "master", 60).batch == 0  # w1's lease ran out
     board.release("job1", "w2", "its prompt failed")
-    assert board.lease("job1", "9", "master", 60).index == 1
+    assert board.lease("job1", "9", "master", 60).batch == 1
     assert job.workers["w2"].state == "failed" and "w2 failed: its prompt failed" in job.notices
     with pytest.raises(Rejected) as refused:
         board.lease("job1", "9", "", 60, token=t2)
@@ -186,11 +223,10 @@ def test_expired_and_released_leases_go_back_to_the_pool():
 
 
 def test_done_once_every_tile_is_in_and_the_results_are_complete():
-    board, job, grid = board_with_job(workers=("w1",))
-    for i in range(len(grid)):
-        lease = board.lease("job1", "9", "master", 60)
-        h, w = grid.tile(lease.index).padded_shape
-        board.complete("job1", "9", lease.index, "master", np.full((h, w, 3), lease.index, np.float32))
+    board, job, grid = board_with_job(workers=("w1",), tile_batch=3)
+    while (lease := board.lease("job1", "9", "master", 60)).kind == "batch":
+        board.complete("job1", "9", lease.batch, "master", pixels(len(lease.tiles), lease.batch))
+    assert lease.kind == "done"
     assert board.lease("job1", "9", "", 60, token=job.workers["w1"].token).kind == "done"
     assert sorted(board.results("job1", "9")) == list(range(len(grid)))
     assert job.summary()["done"] == len(grid) and job.summary()["units"] == len(grid)
