@@ -192,9 +192,9 @@ class Cluster:
         self.env = {**os.environ, "COMFYUI_DISTRIBUTED_CONFIG": str(self.config_path),
                     "DISTRIBUTED_TEST_PROBE_LOG": str(self.probe_log), "PYTHONUNBUFFERED": "1",
                     "COMFYUI_DISTRIBUTED_SECRET_FILE": str(workdir / "secret.key"),
+                    "DISTRIBUTED_TEST_MEMORY_FILE": str(workdir / "memory.json"),
                     "DISTRIBUTED_TEST_SPEED_FILE": str(workdir / "speeds.json"),
-                    "DISTRIBUTED_TEST_PNG_FILE": str(workdir / "png.json"),
-                    "DISTRIBUTED_TEST_MEMORY_FILE": str(workdir / "memory.json")}
+                    "DISTRIBUTED_TEST_PNG_FILE": str(workdir / "png.json")}
         ports = [free_port() for _ in range(workers + 1)]
         self.master = Instance(self.tree, "master", ports[0], workdir, self.env, cpu=cpu)
         self.workers = [Instance(self.tree, f"worker{i + 1}", p, workdir, self.env, cpu=cpu)
