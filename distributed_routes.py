@@ -578,11 +578,14 @@ def _interrupt_middleware(coord: Coordinator):
 
 
 TILE_HEADER = "X-Distributed-Tiles"  # the tile grid and sampler settings beside the enlarged image
+NOTICE_HEADER = "X-Distributed-Notice"  # beside a rendered batch: what the worker had to do differently
+MAX_NOTICE = 500
 
 
 def _add_tile_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
     """What a worker's Distributed Tiled Upscale asks of the master: the enlarged image once, then
-    tile leases, then each rendered tile. Each request carries the job's tile token for that worker."""
+    leases of batches of tiles, then each rendered batch. Each request carries the job's tile token
+    for that worker."""
     board = coord.upscales.board
 
     async def identify(request: web.Request) -> tuple[str, str, str]:
@@ -623,25 +626,30 @@ def _add_tile_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
             lease = board.lease(job_id, node, "", seconds, token=token)
         except wire.Rejected as exc:
             return error(exc.status, exc.message)
-        if lease.kind == "tile":
-            return web.json_response({"tile": lease.index})
-        return web.json_response({"tile": None, "done": lease.kind == "done", "wait": 0.25})
+        if lease.kind == "batch":
+            return web.json_response({"batch": lease.batch, "tiles": list(lease.tiles)})
+        return web.json_response({"batch": None, "done": lease.kind == "done", "wait": 0.25})
 
     @routes.post("/distributed/tiles/result")
     async def tile_result(request: web.Request) -> web.Response:
         reader = request.content
+        notice = request.headers.get(NOTICE_HEADER, "")
         try:
+            if len(notice) > MAX_NOTICE:
+                raise wire.Rejected(400, f"the {NOTICE_HEADER} header holds at most {MAX_NOTICE} characters")
             header = await wire.read_header(reader, request.content_length, "tile frame")
             participant, shape = board.expected_shape(header.job, header.collector, header.token, header.unit)
             if header.encoding != "raw" or header.dtype != "float32" or header.shape != shape or header.audio:
-                raise wire.Rejected(400, f"tile {header.unit} must be raw float32 of shape {list(shape)} without audio, "
-                                   f"not {header.encoding} {header.dtype} {list(header.shape)}")
-            pixels = np.empty(shape[1:], dtype=np.float32)
+                raise wire.Rejected(400, f"batch {header.unit} must be raw float32 of shape {list(shape)} without "
+                                   f"audio, not {header.encoding} {header.dtype} {list(header.shape)}")
+            pixels = np.empty(shape, dtype=np.float32)
             await wire.read_into(reader, memoryview(pixels.reshape(-1).view(np.uint8)), "tile frame")
             await wire.read_end(reader)
             if not np.isfinite(pixels).all():
-                raise wire.Rejected(400, f"tile {header.unit} holds values that are not finite numbers")
+                raise wire.Rejected(400, f"batch {header.unit} holds values that are not finite numbers")
+            if notice:  # what the worker had to do differently for it (a batch split to fit its GPU's memory)
+                board.notice(header.job, participant, notice)
             first = board.complete(header.job, header.collector, header.unit, participant, pixels)
         except wire.Rejected as exc:
             return error(exc.status, exc.message)
-        return web.json_response({"ok": True, "tile": header.unit, "first": first})
+        return web.json_response({"ok": True, "batch": header.unit, "first": first})

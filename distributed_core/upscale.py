@@ -4,12 +4,13 @@ the workers' prompts that feed it.
 When a prompt holding the node reaches the master, ``Upscales.plan`` (called from the prompt hook)
 gives each enabled worker a prompt of what the node's model, conditioning and VAE need, with the node
 in worker role, so that workers load their models while the master renders the image. The master's
-node enlarges the image, cuts it into tiles and ``publish``es it; workers fetch the enlarged image
-once and then ``lease`` tile indices and deliver each rendered tile. The master renders tiles from the
-same pool. A lease that outlives its deadline, or whose worker's prompt fails, goes back to the pool;
-once the pool is empty, an idle participant also renders a tile that another still holds, so a
-frozen worker delays nothing. The first delivery of a tile wins; every tile depends only on its
-inputs, so which participant rendered it changes the result by float tolerance at most.
+node enlarges the image, cuts it into tiles and ``publish``es it with the batches of tiles
+(tiles.batches: fixed by the grid and tile_batch); workers fetch the enlarged image once and then
+``lease`` batches and deliver each rendered batch whole. The master renders batches from the same
+pool. A lease that outlives its deadline, or whose worker's prompt fails, goes back to the pool;
+once the pool is empty, an idle participant also renders a batch that another still holds, so a
+frozen worker delays nothing. The first delivery of a batch wins; every batch depends only on its
+inputs, so which participant rendered it changes nothing.
 
 The Board is shared by the server's event loop (routes, supervision) and ComfyUI's execution thread
 (the master's node); a Condition guards it. ``Upscales`` runs on the event loop.
@@ -33,12 +34,13 @@ from .wire import Rejected, same_token
 from .client import InstanceError
 from .jobs import Ledger
 from .plan import MASTER_ID
+from . import tiles
 from .tiles import Grid
 
 log = logging.getLogger("comfyui-distributed")
 
-MAX_HOLDERS = 2          # at most this many participants render one tile at once
-OVERDUE = 2.0            # a tile held this many median tile times may be rendered by an idle participant too
+MAX_HOLDERS = 2          # at most this many participants render one batch at once
+OVERDUE = 2.0            # a batch held this many median batch times may be rendered by an idle participant too
 CLIENT_ID = "comfyui-distributed"
 
 
@@ -52,8 +54,9 @@ class UpscaleState(enum.Enum):
 
 @dataclass
 class Lease:
-    kind: str                # "tile" (render ``index``), "wait" (ask again soon), "done" (nothing left)
-    index: int = -1
+    kind: str                # "batch" (render ``tiles``), "wait" (ask again soon), "done" (nothing left)
+    batch: int = -1          # the batch's number in the pool
+    tiles: tuple[int, ...] = ()
 
 
 @dataclass
@@ -63,11 +66,12 @@ class Pool:
     grid: Grid | None = None
     params: dict = field(default_factory=dict)
     image: np.ndarray | None = None          # the enlarged batch, float32 (frames, h, w, c)
-    pending: list[int] = field(default_factory=list)
-    leases: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)  # index -> {who: (since, deadline)}
-    durations: list[float] = field(default_factory=list)   # seconds from lease to delivery of finished tiles
-    results: dict[int, np.ndarray] = field(default_factory=dict)
-    rendered_by: dict[int, str] = field(default_factory=dict)
+    batches: list[tuple[int, ...]] = field(default_factory=list)  # batch number -> its tiles
+    pending: list[int] = field(default_factory=list)              # batch numbers nobody holds
+    leases: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)  # batch -> {who: (since, deadline)}
+    durations: list[float] = field(default_factory=list)   # seconds from lease to delivery of finished batches
+    results: dict[int, np.ndarray] = field(default_factory=dict)      # tile -> its rendered padded region
+    rendered_by: dict[int, str] = field(default_factory=dict)         # tile -> participant
 
     @property
     def total(self) -> int:
@@ -75,6 +79,9 @@ class Pool:
 
     def complete(self) -> bool:
         return self.grid is not None and len(self.results) == self.total
+
+    def delivered(self, batch: int) -> bool:
+        return self.batches[batch][0] in self.results
 
 
 @dataclass
@@ -187,15 +194,18 @@ class Board(Ledger):
             return self._pool_for(job_id, node, token)[2]
 
     # --- the master's node -------------------------------------------------------------------
-    def publish(self, job_id: str, node: str, image: np.ndarray, grid: Grid, params: dict) -> bool:
-        """Make a node's enlarged image and tiles available; False when the job is not open here."""
+    def publish(self, job_id: str, node: str, image: np.ndarray, grid: Grid, params: dict,
+                tile_batch: int) -> bool:
+        """Make a node's enlarged image and its batches of tiles available; False when the job is
+        not open here."""
         with self._cond:
             job = self._jobs.get(job_id)
             pool = job.pools.get(node) if job else None
             if pool is None:
                 return False
             pool.image, pool.grid, pool.params = image, grid, dict(params)
-            pool.pending = list(range(len(grid)))
+            pool.batches = tiles.batches(len(grid), tile_batch)
+            pool.pending = list(range(len(pool.batches)))
             pool.leases, pool.results, pool.rendered_by, pool.durations = {}, {}, {}, []
             job.state = UpscaleState.RUNNING
             self._cond.notify_all()
@@ -215,9 +225,9 @@ class Board(Ledger):
 
     def lease(self, job_id: str, node: str, participant: str, seconds: float,
               token: str | None = None) -> Lease:
-        """The next tile for ``participant`` to render. While tiles are pending, the lowest one;
-        then a tile that others hold (at most MAX_HOLDERS at once) for longer than OVERDUE times
-        the median tile so far, the longest-held first: a frozen or slow holder then delays the
+        """The next batch for ``participant`` to render. While batches are pending, the lowest one;
+        then a batch that others hold (at most MAX_HOLDERS at once) for longer than OVERDUE times
+        the median batch so far, the longest-held first: a frozen or slow holder then delays the
         job by about that much, while a holder about to deliver is left to it."""
         now = time.monotonic()
         with self._cond:
@@ -234,79 +244,97 @@ class Board(Ledger):
                 return Lease("done")
             self._expire(pool, now)
             if pool.pending:
-                index = pool.pending.pop(0)
+                batch = pool.pending.pop(0)
             else:
                 overdue = OVERDUE * float(np.median(pool.durations)) if pool.durations else float("inf")
-                held = [(since, i) for i, holders in pool.leases.items()
+                held = [(since, b) for b, holders in pool.leases.items()
                         for since in [min(s for s, _d in holders.values())]
-                        if i not in pool.results and participant not in holders and len(holders) < MAX_HOLDERS
+                        if not pool.delivered(b) and participant not in holders and len(holders) < MAX_HOLDERS
                         and now - since > overdue]
                 if not held:
                     return Lease("wait")
-                index = min(held)[1]
-            pool.leases.setdefault(index, {})[participant] = (now, now + seconds)
-            return Lease("tile", index)
+                batch = min(held)[1]
+            pool.leases.setdefault(batch, {})[participant] = (now, now + seconds)
+            return Lease("batch", batch, pool.batches[batch])
 
     @staticmethod
-    def _expire(pool: Pool, now: float) -> None:
-        for index in list(pool.leases):
-            holders = pool.leases[index]
+    def _give_back(pool: Pool, batch: int) -> None:
+        """Under the lock: a batch that nobody holds any more is pending again unless delivered."""
+        del pool.leases[batch]
+        if not pool.delivered(batch) and batch not in pool.pending:
+            pool.pending.append(batch)
+            pool.pending.sort()
+
+    def _expire(self, pool: Pool, now: float) -> None:
+        for batch in list(pool.leases):
+            holders = pool.leases[batch]
             for who in [w for w, (_since, deadline) in holders.items() if deadline < now]:
                 del holders[who]
             if not holders:
-                del pool.leases[index]
-                if index not in pool.results and index not in pool.pending:
-                    pool.pending.append(index)
-        pool.pending.sort()
+                self._give_back(pool, batch)
 
-    def complete(self, job_id: str, node: str, index: int, participant: str, pixels: np.ndarray) -> bool:
-        """Record a rendered tile; False when it had arrived already (the first delivery wins)."""
+    def complete(self, job_id: str, node: str, batch: int, participant: str, pixels: np.ndarray) -> bool:
+        """Record a rendered batch, (tiles, h, w, c) in the batch's tile order; False when it had
+        arrived already (the first delivery wins)."""
         with self._cond:
             job = self._jobs.get(job_id)
             pool = job.pools.get(node) if job else None
             if pool is None:
                 raise Rejected(410, f"upscale job {job_id[:8]} has ended")
-            if pool.grid is None or not 0 <= index < len(pool.grid):
-                raise Rejected(400, f"tile {index} is not a tile of this job")
-            held = pool.leases.pop(index, {})
-            if participant in held and index not in pool.results:
-                pool.durations.append(time.monotonic() - held[participant][0])
-            if index in pool.pending:
-                pool.pending.remove(index)
-            if index in pool.results:
+            if pool.grid is None or not 0 <= batch < len(pool.batches):
+                raise Rejected(400, f"batch {batch} is not a batch of this job")
+            indices = pool.batches[batch]
+            if len(pixels) != len(indices):
+                raise Rejected(400, f"batch {batch} holds {len(indices)} tiles, not {len(pixels)}")
+            held = pool.leases.pop(batch, {})
+            if batch in pool.pending:
+                pool.pending.remove(batch)
+            if pool.delivered(batch):
                 return False
-            pool.results[index] = pixels
-            pool.rendered_by[index] = participant
+            if participant in held:
+                pool.durations.append(time.monotonic() - held[participant][0])
+            for index, tile in zip(indices, pixels):
+                pool.results[index] = tile
+                pool.rendered_by[index] = participant
             self._cond.notify_all()
         self._notify(job)
         return True
 
-    def expected_shape(self, job_id: str, node: str, token: str, index: int) -> tuple[str, tuple]:
-        """(participant, (1, h, w, c)) that a worker's tile ``index`` must have."""
+    def expected_shape(self, job_id: str, node: str, token: str, batch: int) -> tuple[str, tuple]:
+        """(participant, (tiles, h, w, c)) that a worker's batch ``batch`` must have."""
         with self._cond:
             _job, pool, participant = self._pool_for(job_id, node, token)
-            if pool.grid is None or not 0 <= index < len(pool.grid):
-                raise Rejected(400, f"tile {index} is not a tile of this job")
-            height, width = pool.grid.tile(index).padded_shape
-            return participant, (1, height, width, int(pool.image.shape[-1]) if pool.image is not None else 3)
+            if pool.grid is None or not 0 <= batch < len(pool.batches):
+                raise Rejected(400, f"batch {batch} is not a batch of this job")
+            height, width = pool.grid.padded_shape
+            channels = int(pool.image.shape[-1]) if pool.image is not None else 3
+            return participant, (len(pool.batches[batch]), height, width, channels)
+
+    def notice(self, job_id: str, participant: str, text: str) -> None:
+        """Add what ``participant`` reports to the job's notices (shown in the panel) and to the
+        log, once."""
+        def change(job: UpscaleJob) -> None:
+            share = job.workers.get(participant)
+            line = f"{share.label if share else 'master'}: {text}"
+            if line not in job.notices:
+                job.notices.append(line)
+                log.warning("[Distributed] upscale job %s: %s", job_id[:8], line)
+        self.update(job_id, change)
 
     def release(self, job_id: str, participant: str, reason: str) -> None:
-        """A worker is gone: its leases go back to the pool, and it gets no more tiles."""
+        """A worker is gone: its leases go back to the pool, and it gets no more batches."""
         def change(job: UpscaleJob) -> None:
             share = job.workers.get(participant)
             if share is not None and share.state not in ("done", "failed"):
                 share.state, share.error = "failed", reason
                 job.notices.append(f"{share.label} failed: {reason}")
-                log.warning("[Distributed] %s failed in upscale job %s: %s; its tiles go back to the pool",
+                log.warning("[Distributed] %s failed in upscale job %s: %s; its batches go back to the pool",
                             share.label, job_id[:8], reason)
             for pool in job.pools.values():
-                for index in list(pool.leases):
-                    pool.leases[index].pop(participant, None)
-                    if not pool.leases[index]:
-                        del pool.leases[index]
-                        if index not in pool.results and index not in pool.pending:
-                            pool.pending.append(index)
-                pool.pending.sort()
+                for batch in list(pool.leases):
+                    pool.leases[batch].pop(participant, None)
+                    if not pool.leases[batch]:
+                        self._give_back(pool, batch)
         self.update(job_id, change)
 
     def wait(self, job_id: str, node: str, timeout: float) -> tuple[int, int, bool]:

@@ -36,7 +36,8 @@ def live(cluster):
             instance.start().wait_ready()
     cluster.reset_config()
     cluster.set_speeds()
-    for leftover in [*cluster.workdir.glob("throughput.json*"), cluster.workdir / "png.json"]:
+    for leftover in [*cluster.workdir.glob("throughput.json*"), cluster.workdir / "png.json",
+                     cluster.workdir / "memory.json"]:
         leftover.unlink(missing_ok=True)
     harness.wait_until(lambda: all(i.idle() for i in cluster.instances), 60, what="idle instances")
     # and the master's reachability checks have seen every worker answer (a worker seen down,

@@ -192,6 +192,7 @@ class Cluster:
         self.env = {**os.environ, "COMFYUI_DISTRIBUTED_CONFIG": str(self.config_path),
                     "DISTRIBUTED_TEST_PROBE_LOG": str(self.probe_log), "PYTHONUNBUFFERED": "1",
                     "COMFYUI_DISTRIBUTED_SECRET_FILE": str(workdir / "secret.key"),
+                    "DISTRIBUTED_TEST_MEMORY_FILE": str(workdir / "memory.json"),
                     "DISTRIBUTED_TEST_SPEED_FILE": str(workdir / "speeds.json"),
                     "DISTRIBUTED_TEST_PNG_FILE": str(workdir / "png.json"),
                     "DISTRIBUTED_TEST_QUEUE_FILE": str(workdir / "queue6.json")}
@@ -233,6 +234,12 @@ class Cluster:
         """Emulated speed factor per instance name for the probe node; missing names run at 1."""
         ports = {i.name: i.port for i in self.instances}
         (self.workdir / "speeds.json").write_text(json.dumps({str(ports[n]): f for n, f in (speeds or {}).items()}))
+
+    def set_memory(self, most: dict | None = None) -> None:
+        """The most images per sampler run each instance (by name) may take before the test nodes
+        raise ComfyUI's out-of-memory error, as a GPU would; missing names have no limit."""
+        ports = {i.name: i.port for i in self.instances}
+        (self.workdir / "memory.json").write_text(json.dumps({str(ports[n]): m for n, m in (most or {}).items()}))
 
     def probes(self) -> list[dict]:
         if not self.probe_log.exists():

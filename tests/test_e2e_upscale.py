@@ -1,7 +1,8 @@
 """Distributed Tiled Upscale on real servers with a real (random-weight, SD1.5-shaped) checkpoint:
-the master with workers gives the master-alone result, workers take part, workers that die or
-freeze mid-upscale change nothing, frames of a batch and uneven sizes are tiled, and an interrupt on
-the master stops the workers."""
+batches of tiles give the tile-by-tile result within tolerance, the master with workers gives the
+master-alone result exactly, workers take part, workers that die or freeze mid-batch change nothing,
+frames of a batch and uneven sizes are tiled, a batch that does not fit in (simulated) GPU memory is
+split and retried, and an interrupt on the master stops the workers."""
 from __future__ import annotations
 
 import re
@@ -39,7 +40,7 @@ def sources(cluster):
 
 
 def upscale_workflow(images: list[str], upscale_by: float = 2.0, tile: int = 48, steps: int = 1,
-                     seed: int = 77) -> dict:
+                     seed: int = 77, tile_batch: int = 1) -> dict:
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a sharp photo", "clip": ["1", 1]}},
@@ -57,7 +58,7 @@ def upscale_workflow(images: list[str], upscale_by: float = 2.0, tile: int = 48,
         "image": source, "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "vae": ["1", 2],
         "upscale_by": upscale_by, "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
         "scheduler": "normal", "denoise": 0.35, "tile_width": tile, "tile_height": tile, "tile_padding": 16,
-        "mask_blur": 8}}
+        "mask_blur": 8, "tile_batch": tile_batch}}
     prompt["6"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "upscaled"}}
     return prompt
 
@@ -116,6 +117,12 @@ def share_states(live) -> dict[str, str]:
     return {s["name"]: s["state"] for j in jobs for s in j["shares"]}
 
 
+def identical(shared: np.ndarray, alone: np.ndarray) -> None:
+    assert shared.shape == alone.shape
+    difference = np.abs(shared - alone)
+    assert difference.max() == 0, f"max difference {difference.max()}/255, mean {difference.mean():.4f}/255"
+
+
 def test_workers_share_the_tiles_and_change_nothing(live, checkpoint, sources):
     prompt = upscale_workflow(sources[:1])
     use_workers(live, [False, False])
@@ -133,8 +140,29 @@ def test_workers_share_the_tiles_and_change_nothing(live, checkpoint, sources):
     assert tally[0].get("worker1", 0) + tally[0].get("worker2", 0) >= 1, f"no worker delivered a tile: {tally}"
 
 
+def test_batches_of_tiles_give_the_tile_by_tile_result_and_any_participants_the_same(live, checkpoint, sources):
+    one_by_one = upscale_workflow(sources[:1], tile=32)                # 16 tiles, one per sampler run
+    batched = upscale_workflow(sources[:1], tile=32, tile_batch=3)     # 6 batches, the last of 1 tile
+    use_workers(live, [False, False])
+    try:
+        alone_single = render(live, one_by_one)
+        alone = render(live, batched)
+        use_workers(live, [True, True])
+        start = log_size(live.master)
+        shared = render(live, batched)
+    finally:
+        free_memory(live)
+    compare(alone, alone_single)  # a batch's arithmetic differs from one tile's by float rounding only
+    identical(shared, alone)      # the batches do not depend on who rendered them
+    log = log_since(live.master, start)
+    tally = tallies(log)
+    assert len(tally) == 1 and sum(tally[0].values()) == 16, tally
+    assert tally[0].get("worker1", 0) + tally[0].get("worker2", 0) >= 3, f"no worker delivered a batch: {tally}"
+    assert "tiled upscale of 16 tiles in batches of 3" in log
+
+
 def test_a_worker_killed_and_one_frozen_mid_upscale_change_nothing(live, checkpoint, sources):
-    prompt = upscale_workflow(sources[:1], tile=32, steps=2)  # 16 tiles
+    prompt = upscale_workflow(sources[:1], tile=32, steps=2, tile_batch=2)  # 16 tiles in 8 batches
     use_workers(live, [False, False])
     killed, frozen = live.workers[1], live.workers[0]
     try:
@@ -151,7 +179,7 @@ def test_a_worker_killed_and_one_frozen_mid_upscale_change_nothing(live, checkpo
     finally:
         frozen.signal(signal.SIGCONT)
         free_memory(live)
-    compare(shared, alone)
+    identical(shared, alone)
     log = log_since(live.master, start)
     assert "[Distributed] worker2 failed" in log, log[-3000:]
     tally = tallies(log)
@@ -159,8 +187,9 @@ def test_a_worker_killed_and_one_frozen_mid_upscale_change_nothing(live, checkpo
 
 
 def test_frames_of_a_batch_and_an_uneven_size_are_tiled(live, checkpoint, sources):
-    video = upscale_workflow(sources[:3], tile=48)          # 3 frames of 128x128: 27 tiles
-    uneven = upscale_workflow(sources[3:], upscale_by=1.5, tile=32)  # 90x66: 3 x 3 tiles, cut at the edges
+    video = upscale_workflow(sources[:3], tile=48, tile_batch=4)     # 3 frames of 128x128: 27 tiles, batches
+    uneven = upscale_workflow(sources[3:], upscale_by=1.5, tile=32, tile_batch=4)  # of 4 across frames; 90x66:
+    # 3 x 3 tiles, cut at the edges
     use_workers(live, [True, False])  # master + one worker: two models in RAM are enough
     try:
         start = log_size(live.master)
@@ -170,13 +199,42 @@ def test_frames_of_a_batch_and_an_uneven_size_are_tiled(live, checkpoint, source
     finally:
         free_memory(live)
     assert alone_video.shape == (3, 128, 128, 3) and alone_uneven.shape == (1, 66, 90, 3)
-    compare(shared_video, alone_video)
-    compare(shared_uneven, alone_uneven)
+    identical(shared_video, alone_video)
+    identical(shared_uneven, alone_uneven)
     # each frame got its own tiles' noise: frames 0 and 1 start from different pictures and stay apart
     assert np.abs(alone_video[0] - alone_video[1]).mean() > 5
     tally = tallies(log_since(live.master, start))
     assert [sum(t.values()) for t in tally] == [27, 9], tally
     assert tally[0].get("worker1", 0) >= 1, tally
+
+
+def test_a_batch_too_large_for_gpu_memory_is_split_and_retried(live, checkpoint, sources):
+    """The test nodes make the sampler raise ComfyUI's out-of-memory error above 2 images on the
+    master and worker1: batches of 4 are split in two there, and the job still completes."""
+    prompt = upscale_workflow(sources[:1], tile=32, tile_batch=4)  # 16 tiles in 4 batches
+    use_workers(live, [False, False])
+    try:
+        in_twos = render(live, upscale_workflow(sources[:1], tile=32, tile_batch=2))
+        live.set_memory({"master": 2, "worker1": 2})
+        start = log_size(live.master)
+        alone = render(live, prompt)
+        alone_log = log_since(live.master, start)
+        use_workers(live, [True, False])
+        start = log_size(live.master)
+        shared = render(live, prompt)
+        shared_log = log_since(live.master, start)
+    finally:
+        live.set_memory()
+        free_memory(live)
+    # split in halves, a batch of 4 is rendered as the two batches of 2 that tile_batch 2 gives
+    identical(alone, in_twos)
+    identical(shared, in_twos)
+    assert "a batch of 4 tiles did not fit in GPU memory: split and retried" in alone_log, alone_log[-3000:]
+    assert "master: a batch of 4 tiles did not fit in GPU memory" in shared_log, shared_log[-3000:]
+    tally = tallies(shared_log)
+    assert len(tally) == 1 and sum(tally[0].values()) == 16, tally
+    if tally[0].get("worker1"):  # the worker took a batch: it split it too, and said so with the batch
+        assert "worker1: a batch of 4 tiles did not fit in GPU memory" in shared_log, shared_log[-3000:]
 
 
 def test_interrupting_the_master_stops_the_workers(live, checkpoint, sources):

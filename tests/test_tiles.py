@@ -30,7 +30,19 @@ def test_cores_cover_every_pixel_of_every_frame_once(frames, height, width, tw, 
     assert len(grid) == frames * -(-height // th) * -(-width // tw)
     for t in grid.tiles():
         assert 0 <= t.px0 <= t.x0 < t.x1 <= t.px1 <= width and 0 <= t.py0 <= t.y0 < t.y1 <= t.py1 <= height
-        assert t.x0 - t.px0 == min(pad, t.x0) and t.px1 - t.x1 == min(pad, width - t.x1)
+        # every tile renders at one size: its context is taken from inside the image at the edges
+        assert (t.py1 - t.py0, t.px1 - t.px0) == grid.padded_shape == (min(th + 2 * pad, height),
+                                                                        min(tw + 2 * pad, width))
+        assert t.x0 - t.px0 >= min(pad, t.x0) and t.px1 - t.x1 >= min(pad, width - t.x1)
+
+
+def test_an_edge_tile_takes_its_context_from_inside_the_image():
+    grid = Grid(1, 100, 70, 32, 32, 8, 8)  # the last column's core is 6 px wide
+    first, last = grid.tile(0), grid.tile(2)
+    assert (first.px0, first.px1) == (0, 48) and (first.py0, first.py1) == (0, 48)
+    assert (last.x0, last.x1) == (64, 70) and (last.px0, last.px1) == (22, 70)
+    middle = grid.tile(4)  # padded 8 px above and below; its 8 px on the right would leave the image
+    assert (middle.py0, middle.py1) == (24, 72) and (middle.px0, middle.px1) == (22, 70)
 
 
 def test_index_counts_frame_then_row_then_column():
@@ -104,6 +116,26 @@ def test_latent_padding_and_enlarged_size():
         tiles.enlarged_size(8, 8, 0)
 
 
+@pytest.mark.parametrize("count,size", [(16, 8), (27, 4), (5, 1), (3, 8), (64, 8)])
+def test_batches_cover_every_tile_once_in_order(count, size):
+    found = tiles.batches(count, size)
+    assert [i for batch in found for i in batch] == list(range(count))
+    assert all(len(batch) == size for batch in found[:-1]) and 1 <= len(found[-1]) <= size
+    assert found == tiles.batches(count, size)  # nothing else goes into them
+
+
+def test_frames_share_batches():
+    grid = Grid(3, 128, 128, 48, 48, 16, 8)  # 9 tiles a frame
+    frames_in = [{grid.tile(i).frame for i in batch} for batch in tiles.batches(len(grid), 4)]
+    assert frames_in[2] == {0, 1} and frames_in[4] == {1, 2} and len(frames_in) == 7
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "8"])
+def test_a_bad_tile_batch_is_named(bad):
+    with pytest.raises(TileError, match="tile_batch must be a whole number >= 1"):
+        tiles.batches(16, bad)
+
+
 def test_grid_round_trips_through_json():
     grid = Grid(3, 100, 70, 32, 48, 8, 2)
     assert Grid.from_dict(json.loads(json.dumps(grid.to_dict()))) == grid
@@ -111,43 +143,80 @@ def test_grid_round_trips_through_json():
 
 # --- the pool ------------------------------------------------------------------------------------
 
-def board_with_job(workers=("w1", "w2")) -> tuple[Board, UpscaleJob, Grid]:
+def board_with_job(workers=("w1", "w2"), tile_batch=1, size=64) -> tuple[Board, UpscaleJob, Grid]:
     board = Board()
     job = UpscaleJob(id="job1", prompt={}, nodes=["9"], config=None)
     for w in workers:
         job.workers[w] = WorkerShare(w, w)
     board.add(job)
-    grid = Grid(1, 64, 64, 32, 32, 8, 4)
-    assert board.publish("job1", "9", np.zeros((1, 64, 64, 3), np.float32), grid, {"seed": 1})
+    grid = Grid(1, size, size, 32, 32, 8, 4)
+    assert board.publish("job1", "9", np.zeros((1, size, size, 3), np.float32), grid, {"seed": 1}, tile_batch)
     return board, job, grid
 
 
-def test_leases_hand_out_each_tile_once_then_let_idle_participants_share_overdue_ones():
+def pixels(count: int, value: float = 1.0) -> np.ndarray:
+    return np.full((count, 48, 48, 3), value, np.float32)
+
+
+def test_leases_hand_out_each_batch_once_then_let_idle_participants_share_overdue_ones():
     board, job, grid = board_with_job()
     token = job.workers["w1"].token
-    first = [board.lease("job1", "9", "", 60, token=token).index for _ in range(2)]
+    first = [board.lease("job1", "9", "", 60, token=token).batch for _ in range(2)]
     assert first == [0, 1]
-    assert board.lease("job1", "9", "master", 60).index == 2
-    assert board.lease("job1", "9", "master", 60).index == 3
-    # pool empty, and no tile has finished yet: nothing counts as overdue, so the master waits
+    assert board.lease("job1", "9", "master", 60).batch == 2
+    assert board.lease("job1", "9", "master", 60).batch == 3
+    # pool empty, and no batch has finished yet: nothing counts as overdue, so the master waits
     assert board.lease("job1", "9", "master", 60).kind == "wait"
-    assert board.complete("job1", "9", 2, "master", np.ones((40, 40, 3), np.float32))  # a tile takes ~0 s
+    assert board.complete("job1", "9", 2, "master", pixels(1))  # a batch takes ~0 s
     time.sleep(0.01)
-    assert board.lease("job1", "9", "master", 60).index == 0  # w1's tiles are overdue: longest-held first
-    assert board.lease("job1", "9", "", 60, token=job.workers["w2"].token).index == 1  # tile 0 has two holders
-    assert board.complete("job1", "9", 0, "master", np.ones((40, 40, 3), np.float32))
-    assert not board.complete("job1", "9", 0, "w1", np.zeros((40, 40, 3), np.float32))  # first wins
+    assert board.lease("job1", "9", "master", 60).batch == 0  # w1's batches are overdue: longest-held first
+    assert board.lease("job1", "9", "", 60, token=job.workers["w2"].token).batch == 1  # batch 0 has two holders
+    assert board.complete("job1", "9", 0, "master", pixels(1))
+    assert not board.complete("job1", "9", 0, "w1", pixels(1, 0.0))  # first wins
+
+
+def test_a_batch_is_leased_and_delivered_whole():
+    board, job, grid = board_with_job(tile_batch=4, size=96)  # 9 tiles: batches of 4, 4 and 1
+    leases = [board.lease("job1", "9", "master", 60) for _ in range(3)]
+    assert [(lease.batch, lease.tiles) for lease in leases] == [(0, (0, 1, 2, 3)), (1, (4, 5, 6, 7)), (2, (8,))]
+    assert board.expected_shape("job1", "9", job.workers["w1"].token, 1) == ("w1", (4, 48, 48, 3))
+    with pytest.raises(Rejected, match="holds 4 tiles, not 3"):
+        board.complete("job1", "9", 1, "master", pixels(3))
+    with pytest.raises(Rejected, match="batch 3 is not a batch"):
+        board.complete("job1", "9", 3, "master", pixels(1))
+    for lease in leases:
+        board.complete("job1", "9", lease.batch, "master", pixels(len(lease.tiles), lease.batch))
+    results = board.results("job1", "9")
+    assert sorted(results) == list(range(9)) and results[5][0, 0, 0] == 1 and results[8][0, 0, 0] == 2
+
+
+def test_a_worker_gone_mid_batch_gives_the_whole_batch_back():
+    board, job, grid = board_with_job(tile_batch=4, size=96)
+    assert board.lease("job1", "9", "", 60, token=job.workers["w1"].token).tiles == (0, 1, 2, 3)
+    assert board.lease("job1", "9", "master", 60).tiles == (4, 5, 6, 7)
+    board.release("job1", "w1", "its process died")
+    again = board.lease("job1", "9", "master", 60)
+    assert (again.batch, again.tiles) == (0, (0, 1, 2, 3))
+
+
+def test_notices_name_the_participant_once():
+    board, job, grid = board_with_job()
+    participant, _shape = board.expected_shape("job1", "9", job.workers["w2"].token, 0)
+    board.notice("job1", participant, "a batch of 8 tiles did not fit")
+    board.notice("job1", participant, "a batch of 8 tiles did not fit")
+    board.notice("job1", "master", "a batch of 8 tiles did not fit")
+    assert job.notices == ["w2: a batch of 8 tiles did not fit", "master: a batch of 8 tiles did not fit"]
 
 
 def test_expired_and_released_leases_go_back_to_the_pool():
     board, job, grid = board_with_job()
     t1, t2 = job.workers["w1"].token, job.workers["w2"].token
-    assert board.lease("job1", "9", "", 0.05, token=t1).index == 0
-    assert board.lease("job1", "9", "", 60, token=t2).index == 1
+    assert board.lease("job1", "9", "", 0.05, token=t1).batch == 0
+    assert board.lease("job1", "9", "", 60, token=t2).batch == 1
     time.sleep(0.1)
-    assert board.lease("job1", "9", "master", 60).index == 0  # w1's lease ran out
+    assert board.lease("job1", "9", "master", 60).batch == 0  # w1's lease ran out
     board.release("job1", "w2", "its prompt failed")
-    assert board.lease("job1", "9", "master", 60).index == 1
+    assert board.lease("job1", "9", "master", 60).batch == 1
     assert job.workers["w2"].state == "failed" and "w2 failed: its prompt failed" in job.notices
     with pytest.raises(Rejected) as refused:
         board.lease("job1", "9", "", 60, token=t2)
@@ -155,11 +224,10 @@ def test_expired_and_released_leases_go_back_to_the_pool():
 
 
 def test_done_once_every_tile_is_in_and_the_results_are_complete():
-    board, job, grid = board_with_job(workers=("w1",))
-    for i in range(len(grid)):
-        lease = board.lease("job1", "9", "master", 60)
-        h, w = grid.tile(lease.index).padded_shape
-        board.complete("job1", "9", lease.index, "master", np.full((h, w, 3), lease.index, np.float32))
+    board, job, grid = board_with_job(workers=("w1",), tile_batch=3)
+    while (lease := board.lease("job1", "9", "master", 60)).kind == "batch":
+        board.complete("job1", "9", lease.batch, "master", pixels(len(lease.tiles), lease.batch))
+    assert lease.kind == "done"
     assert board.lease("job1", "9", "", 60, token=job.workers["w1"].token).kind == "done"
     assert sorted(board.results("job1", "9")) == list(range(len(grid)))
     assert job.summary()["done"] == len(grid) and job.summary()["units"] == len(grid)
@@ -179,7 +247,7 @@ def test_tokens_are_checked():
     with pytest.raises(Rejected) as unknown:
         board.image("job2", "9", job.workers["w1"].token)
     assert unknown.value.status == 404
-    assert board.expected_shape("job1", "9", job.workers["w2"].token, 3) == ("w2", (1, 40, 40, 3))
+    assert board.expected_shape("job1", "9", job.workers["w2"].token, 3) == ("w2", (1, 48, 48, 3))
 
 
 def test_ending_a_job_calls_back_once():

@@ -52,6 +52,34 @@ class DistributedTestProbe:
 NODE_CLASS_MAPPINGS = {"DistributedTestProbe": DistributedTestProbe}
 
 
+def _simulate_gpu_memory() -> None:
+    """Test-only: when DISTRIBUTED_TEST_MEMORY_FILE is set, ComfyUI's sampler raises the out-of-memory
+    error that a GPU would for a batch larger than the file gives for this instance ({"<port>": most
+    images per sampler run}; an instance not named there samples anything). The file is read at
+    every call, so that a test can set and clear the limit while the servers run."""
+    path = os.environ.get("DISTRIBUTED_TEST_MEMORY_FILE")
+    if not path:
+        return
+    import comfy.sample
+
+    sample = comfy.sample.sample
+
+    def limited(model, noise, *rest, **kwargs):
+        most = None
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                most = json.load(handle).get(str(args.port))
+        if most is not None and noise.shape[0] > most:
+            raise comfy.model_management.OOM_EXCEPTION(
+                f"simulated: a batch of {noise.shape[0]} does not fit (the test allows {most})")
+        return sample(model, noise, *rest, **kwargs)
+
+    comfy.sample.sample = limited
+
+
+_simulate_gpu_memory()
+
+
 class DistributedTestDecode:
     """A model-free stand-in for VAE Decode: one 8x8 image per latent, whose colour encodes the
     image's global batch index (blue: low byte, green: high byte), so tests can read order back."""
