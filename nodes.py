@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 import comfy.model_management
-import comfy.sample
 import comfy.utils
 
 from .distributed_core import comfy_internals, plan, spread, tiles, wire, workflow
@@ -405,7 +404,7 @@ def _enlarge(image: torch.Tensor, upscale_by: float, upscale_model) -> np.ndarra
     if upscale_model is not None:
         image = _with_upscale_model(upscale_model, image)
     if tuple(image.shape[1:3]) != (new_height, new_width):
-        on_device = image[..., :3].to(comfy.model_management.get_torch_device(), torch.float32).movedim(-1, 1)
+        on_device = image[..., :3].to(comfy_internals.compute_device(), torch.float32).movedim(-1, 1)
         image = comfy.utils.common_upscale(on_device, new_width, new_height, "bicubic", "disabled").movedim(1, -1)
     return _as_array(image[..., :3].clamp(0, 1))
 
@@ -422,7 +421,7 @@ def _render_batch(crops: np.ndarray, seeds: list[int], model, positive, negative
     # ComfyUI of early 2024 samples the VAE's latent distribution from torch's global CPU generator:
     # there each tile is encoded alone under its own seed, so that its encoding depends neither on
     # what ran before nor on the tiles beside it in the batch.
-    sampled = bool(getattr(getattr(getattr(vae, "first_stage_model", None), "regularization", None), "sample", False))
+    sampled = comfy_internals.vae_samples_latent(vae)
     parts = [(tensor[i:i + 1], seed) for i, seed in enumerate(seeds)] if sampled else [(tensor, seeds[0])]
     latents = []
     with torch.random.fork_rng(devices=[]):
@@ -430,10 +429,7 @@ def _render_batch(crops: np.ndarray, seeds: list[int], model, positive, negative
             torch.default_generator.manual_seed(seed)
             latents.append(vae.encode(pixels))
     latent = torch.cat(latents)
-    noise = torch.cat([comfy.sample.prepare_noise(latent[i:i + 1], seed) for i, seed in enumerate(seeds)])
-    samples = comfy.sample.sample(model, noise, params["steps"], params["cfg"], params["sampler_name"],
-                                  params["scheduler"], positive, negative, latent, denoise=params["denoise"],
-                                  disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seeds[0])
+    samples = comfy_internals.sample_batch(model, latent, seeds, params, positive, negative)
     decoded = vae.decode(samples)
     if decoded.dim() == 5:  # video VAEs give (batch, frames, h, w, c)
         decoded = decoded.reshape(-1, *decoded.shape[-3:])
@@ -459,11 +455,11 @@ class _Renderer:
             try:
                 rendered.append(self._render(part))
                 continue
-            except comfy.model_management.OOM_EXCEPTION:
+            except comfy_internals.out_of_memory_error():
                 if len(part) == 1:
                     raise
             # out of the except block, so that the failed attempt's tensors can be freed
-            comfy.model_management.soft_empty_cache()
+            comfy_internals.free_gpu_cache()
             half = (len(part) + 1) // 2
             self.most = half
             parts[:0] = [part[:half], part[half:]]

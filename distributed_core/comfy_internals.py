@@ -14,6 +14,8 @@ it among the modules ComfyUI has already loaded (``sys.modules``) by the time it
 | ``restore_hidden_prompt`` over ``execution.get_input_data`` | files of spread prompts embed the prompt as submitted | they embed the master's run of it |
 | ``running_prompt_id`` | a worker's credential is used only by the prompt it was queued in | a credential is taken by its key alone |
 | ``upscale_with_model`` | ComfyUI's own upscale-model node, V3 ``execute`` or V1 function | a clear error |
+| ``sample_batch`` over ``comfy.sample`` | the tiled upscale samples a batch of tiles, each under its own seed | one tile at a time through ``common_ksampler`` |
+| ``vae_samples_latent``, ``out_of_memory_error``, ``free_gpu_cache``, ``compute_device`` | the upscale's VAE encode, its out-of-memory retry, the enlarge on the GPU | the VAE's mean; torch's error; no cache freed; the CPU |
 | ``runs_partial_targets`` | plan only the Collectors a partial run reaches | every Collector planned |
 | ``server_args`` | the master's listen address and port | loopback and 8188 |
 
@@ -260,6 +262,76 @@ def upscale_with_model(upscale_model, image):
     else:
         result = getattr(node(), getattr(node, "FUNCTION", "upscale"))(upscale_model=upscale_model, image=image)
     return result[0]
+
+
+# --- sampling and GPU memory (the tiled upscale) ----------------------------------------------------
+
+def _sampler_functions():
+    """comfy.sample's prepare_noise and sample, where they take what common_ksampler has passed
+    them since 2023 (latent and seed; model ... latent_image with denoise, disable_pbar and seed)."""
+    sample = _module("comfy.sample")
+    prepare, run = getattr(sample, "prepare_noise", None), getattr(sample, "sample", None)
+    try:
+        parameters = inspect.signature(run).parameters.values()
+        inspect.signature(prepare)
+    except (TypeError, ValueError):
+        return None
+    names = {p.name for p in parameters}
+    if not ({"denoise", "disable_pbar", "seed"} <= names or any(p.kind is p.VAR_KEYWORD for p in parameters)):
+        return None
+    return prepare, run
+
+
+def sample_batch(model, latent, seeds: list[int], params: dict, positive, negative):
+    """Samples a batch of latents in one sampler run, the starting noise of each drawn from its own
+    seed alone (as common_ksampler draws a batch of one). Without comfy.sample in that shape, each
+    latent goes through ComfyUI's own common_ksampler on its own: the same images, one at a time."""
+    functions = _sampler_functions()
+    if functions is None:
+        ksampler = getattr(_module("nodes"), "common_ksampler")
+        return _torch().cat([
+            ksampler(model, seed, params["steps"], params["cfg"], params["sampler_name"], params["scheduler"],
+                     positive, negative, {"samples": latent[i:i + 1]}, denoise=params["denoise"])[0]["samples"]
+            for i, seed in enumerate(seeds)])
+    prepare, run = functions
+    torch = _torch()
+    noise = torch.cat([prepare(latent[i:i + 1], seed) for i, seed in enumerate(seeds)])
+    bar = getattr(_module("comfy.utils"), "PROGRESS_BAR_ENABLED", True)
+    return run(model, noise, params["steps"], params["cfg"], params["sampler_name"], params["scheduler"],
+               positive, negative, latent, denoise=params["denoise"], disable_pbar=not bar, seed=seeds[0])
+
+
+def vae_samples_latent(vae) -> bool:
+    """Whether this VAE draws its latent from a distribution when it encodes (ComfyUI of early
+    2024, from torch's global CPU generator) rather than taking its mean."""
+    regularization = getattr(getattr(vae, "first_stage_model", None), "regularization", None)
+    return bool(getattr(regularization, "sample", False))
+
+
+def out_of_memory_error() -> type[BaseException]:
+    """The exception ComfyUI raises when the GPU runs out of memory (OOM_EXCEPTION), else torch's."""
+    found = getattr(_module("comfy.model_management"), "OOM_EXCEPTION", None)
+    if isinstance(found, type) and issubclass(found, BaseException):
+        return found
+    return _torch().cuda.OutOfMemoryError
+
+
+def free_gpu_cache() -> None:
+    """Hands cached GPU memory back (ComfyUI's soft_empty_cache); nothing where it is missing."""
+    empty = getattr(_module("comfy.model_management"), "soft_empty_cache", None)
+    if callable(empty):
+        empty()
+
+
+def compute_device():
+    """The device ComfyUI renders on (get_torch_device), else the CPU."""
+    device = getattr(_module("comfy.model_management"), "get_torch_device", None)
+    return device() if callable(device) else _torch().device("cpu")
+
+
+def _torch():
+    import torch  # ComfyUI ships torch; imported here so that plain unit tests of this module need none
+    return torch
 
 
 # --- the server -------------------------------------------------------------------------------------

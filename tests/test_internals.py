@@ -157,3 +157,76 @@ def test_queue_items_are_read_by_their_stable_fields_only():
     six = five + ({"api_key_comfy_org": "x"},)
     assert comfy_internals.item_prompt(six) is six[2] and comfy_internals.item_outputs(six) == ["1"]
     assert comfy_internals.item_prompt((1, "p1")) is None and comfy_internals.item_outputs("x") is None
+
+
+PARAMS = {"steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 0.35}
+
+
+def _noise_of(latent, seed):  # comfy.sample.prepare_noise's shape: noise for a latent from one seed
+    import torch
+    return torch.full_like(latent, float(seed))
+
+
+def test_a_batch_is_sampled_in_one_run_with_each_latents_noise_from_its_own_seed(fake_modules):
+    import torch
+    runs = []
+
+    def sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+               denoise=1.0, disable_pbar=False, seed=None):
+        runs.append((noise.shape[0], seed, disable_pbar, denoise))
+        return latent_image + noise
+    fake_modules("comfy.sample", prepare_noise=_noise_of, sample=sample)
+    fake_modules("comfy.utils", PROGRESS_BAR_ENABLED=False)
+    out = comfy_internals.sample_batch("model", torch.zeros(3, 4, 2, 2), [5, 6, 7], PARAMS, "pos", "neg")
+    assert runs == [(3, 5, True, 0.35)]
+    assert [float(out[i].mean()) for i in range(3)] == [5.0, 6.0, 7.0]
+
+
+def test_a_wrapped_sampler_that_takes_keywords_is_still_used_in_batches(fake_modules):
+    import torch
+    sizes = []
+
+    def wrapped(model, noise, *rest, **kwargs):  # another extension's wrapper, without functools.wraps
+        sizes.append(noise.shape[0])
+        return noise
+    fake_modules("comfy.sample", prepare_noise=_noise_of, sample=wrapped)
+    comfy_internals.sample_batch("model", torch.zeros(2, 4, 2, 2), [1, 2], PARAMS, "pos", "neg")
+    assert sizes == [2]
+
+
+def test_without_comfy_sample_in_its_shape_each_latent_goes_through_common_ksampler(fake_modules):
+    import torch
+    calls = []
+
+    def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0):
+        calls.append((seed, latent["samples"].shape[0], denoise))
+        return ({"samples": latent["samples"] + seed},)
+    fake_modules("comfy.sample", sample=lambda model, noise: noise)  # an unknown shape
+    fake_modules("nodes", common_ksampler=common_ksampler)
+    out = comfy_internals.sample_batch("model", torch.zeros(2, 4, 2, 2), [3, 9], PARAMS, "pos", "neg")
+    assert calls == [(3, 1, 0.35), (9, 1, 0.35)]
+    assert [float(out[i].mean()) for i in range(2)] == [3.0, 9.0]
+
+
+def test_memory_touches_fall_back_to_torch_and_the_cpu(fake_modules):
+    import torch
+
+    class Oom(RuntimeError):
+        pass
+    emptied = []
+    fake_modules("comfy.model_management", OOM_EXCEPTION=Oom, soft_empty_cache=lambda: emptied.append(1),
+                 get_torch_device=lambda: "cuda:3")
+    assert comfy_internals.out_of_memory_error() is Oom
+    comfy_internals.free_gpu_cache()
+    assert emptied == [1] and comfy_internals.compute_device() == "cuda:3"
+    fake_modules("comfy.model_management")
+    assert comfy_internals.out_of_memory_error() is torch.cuda.OutOfMemoryError
+    comfy_internals.free_gpu_cache()
+    assert comfy_internals.compute_device() == torch.device("cpu")
+
+
+def test_the_vae_samples_its_latent_only_where_its_regularization_says_so():
+    sampled = types.SimpleNamespace(first_stage_model=types.SimpleNamespace(
+        regularization=types.SimpleNamespace(sample=True)))
+    assert comfy_internals.vae_samples_latent(sampled)
+    assert not comfy_internals.vae_samples_latent(types.SimpleNamespace(first_stage_model=object()))
