@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from .distributed_core import access, comfy_flags, comfy_internals, doctor, encode, launcher, spread, wire
+from .distributed_core import access, comfy_flags, comfy_internals, doctor, encode, launcher, spread, spread_queue, wire
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
-from .distributed_core.coordinator import Coordinator, refused, submitted
-from .distributed_core.jobs import JobState, JobStore, receive
+from .distributed_core.fleet import Fleet
+from .distributed_core.runtime import Runtime
+from .distributed_core.jobs import JobStore, receive
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -23,14 +24,7 @@ MAX_JSON_BODY = 1 << 20
 PROMPT_PATHS = ("/prompt", "/api/prompt")
 QUEUE_PATHS = ("/queue", "/api/queue")
 
-_coordinator: Coordinator | None = None
 WORKER_FIELDS = {"name", "host", "port", "device", "enabled", "extra_args"}
-
-
-def coordinator() -> Coordinator:
-    if _coordinator is None:
-        raise RuntimeError("ComfyUI-Distributed did not start: see the log at ComfyUI's start")
-    return _coordinator
 
 
 def listen_hosts() -> list[str]:
@@ -89,42 +83,39 @@ async def read_json(request: web.Request):
                                  content_type="application/json") from None
 
 
-def setup(server) -> Coordinator:
-    """Wire the extension into a running PromptServer; called once from __init__."""
-    global _coordinator
-
+def setup(server) -> Runtime:
+    """Wire the extension into a running PromptServer; called once from __init__, which hands the
+    runtime built here to the nodes as well."""
     def emit(job) -> None:
         server.send_sync("distributed_progress", job.summary())
 
     if encode.install() and comfy_internals.parallel_saves(encode.deferred_saves):
         log.info("[Distributed] PNG saves use %d threads", encode.workers())
-    store = JobStore(on_change=emit)
-    coord = Coordinator(store, config_file.load, own_address, input_dir,
-                        loopback_only=lambda: all(h in ("127.0.0.1", "localhost", "::1") for h in listen_hosts()),
-                        partial_execution=comfy_internals.runs_partial_targets())
-    _coordinator = coord
-    server.add_on_prompt_handler(coord.rewrite)
+    fleet = Fleet(config_file.load, own_address, input_dir,
+                  loopback_only=lambda: all(h in ("127.0.0.1", "localhost", "::1") for h in listen_hosts()))
+    runtime = Runtime(fleet, JobStore(on_change=emit), partial_execution=comfy_internals.runs_partial_targets())
+    server.add_on_prompt_handler(runtime.rewrite)
 
     async def begin(_app) -> None:  # the reachability checks run on the server's loop, once it runs
-        coord.begin()
+        fleet.begin()
     server.app.on_startup.append(begin)
     # first, before ComfyUI's own middlewares (set up before any extension loads)
     server.app.middlewares.insert(0, _access_middleware(access.load_or_create()))
-    server.app.middlewares.append(_prompt_middleware(coord))
+    server.app.middlewares.append(_prompt_middleware(runtime))
     processes = launcher.LocalProcesses()  # local workers this master started from the panel
-    _add_routes(server.routes, coord, processes)
-    _add_worker_routes(server.routes, coord, processes)
-    setup_spread(server, coord)
-    _add_spread_routes(server.routes, coord)
-    server.app.middlewares.append(_interrupt_middleware(coord))
-    coord.upscales.board.on_change = emit
-    _add_tile_routes(server.routes, coord)
-    _add_doctor_routes(server.routes, coord)
+    _add_routes(server.routes, runtime, processes)
+    _add_worker_routes(server.routes, processes)
+    setup_spread(server, runtime)
+    _add_spread_routes(server.routes, runtime)
+    server.app.middlewares.append(_interrupt_middleware(runtime))
+    runtime.upscales.board.on_change = emit
+    _add_tile_routes(server.routes, runtime)
+    _add_doctor_routes(server.routes, runtime.fleet)
     loaded = config_file.load()
     if loaded.error:
         log.warning("[Distributed] gpu_config problem: %s. Running with defaults; the file was left "
                     "as it is. Fix it, or save settings from the Distributed panel.", loaded.error)
-    return coord
+    return runtime
 
 
 def _guarded_paths(request: web.Request) -> list[str]:
@@ -172,58 +163,46 @@ def _access_middleware(secret: str):
     return middleware
 
 
-def _prompt_middleware(coord: Coordinator):
-    """Dispatch a job's workers only once the master has accepted its prompt, so that a prompt the
-    master rejects leaves nothing running on the workers."""
+def _prompt_middleware(runtime: Runtime):
+    """Each POST /prompt as one runtime.Submission: its jobs start once the master has accepted the
+    prompt, so that a prompt the master rejects leaves nothing running on the workers."""
 
     @web.middleware
     async def middleware(request: web.Request, handler):
         if request.method == "POST" and request.path in QUEUE_PATHS:
             response = await handler(request)
             if response.status == 200:  # prompts deleted or the queue cleared: their jobs end now
-                coord.master_queue_changed()
+                runtime.fleet.master_queue_changed()
             return response
         if request.method != "POST" or request.path not in PROMPT_PATHS:
             return await handler(request)
-        token, refusal, minting = submitted.set([]), refused.set([]), coord.vault.collecting()
+        submission = runtime.submission()
         try:
-            response = await handler(request)
+            with submission:
+                response = await handler(request)
         except BaseException:
-            for job_id in submitted.get() or []:
-                coord.drop(job_id, "the master could not take the prompt")
-            coord.vault.discard(coord.vault.collected(minting))
+            submission.abandoned("the master could not take the prompt")
             raise
-        finally:
-            planned, reasons = submitted.get() or [], refused.get() or []
-            submitted.reset(token)
-            refused.reset(refusal)
-        keys = coord.vault.collected(minting)  # credentials sealed in this prompt (on a worker)
-        if reasons and response.status == 400:  # ComfyUI's own shape, so its page shows the reason
-            coord.vault.discard(keys)
-            return web.json_response({"error": {"type": "distributed_refused", "message": reasons[0],
-                                                "details": reasons[0], "extra_info": {}},
+        if submission.refusal and response.status == 400:  # ComfyUI's own shape, so its page shows it
+            submission.abandoned(submission.refusal)
+            return web.json_response({"error": {"type": "distributed_refused", "message": submission.refusal,
+                                                "details": submission.refusal, "extra_info": {}},
                                       "node_errors": {}}, status=400)
         prompt_id = ""
-        if response.status == 200 and (planned or keys):
+        if response.status == 200 and (submission.planned or submission.keys):
             try:
                 prompt_id = str(json.loads(response.body)["prompt_id"])
             except (TypeError, ValueError, KeyError):
                 prompt_id = ""
-        if prompt_id:  # each credential is good for the one prompt it was queued in
-            coord.vault.bind(keys, prompt_id)
-        else:
-            coord.vault.discard(keys)
-        for job_id in planned:
-            if prompt_id:
-                coord.spawn(coord.start(job_id, prompt_id))
-            else:
-                coord.drop(job_id, "the master rejected the prompt")
+        submission.accepted(prompt_id)
         return response
 
     return middleware
 
 
-def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> None:
+def _add_routes(routes: web.RouteTableDef, runtime: Runtime, processes) -> None:
+    fleet = runtime.fleet
+
     @routes.get("/distributed/config")
     async def get_config(request: web.Request) -> web.Response:
         loaded = config_file.load()
@@ -247,14 +226,12 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
     @routes.get("/distributed/status")
     async def get_status(request: web.Request) -> web.Response:
         loaded = config_file.load()
-        instances = await coord.status(loaded.config)
+        instances = await fleet.status(loaded.config)
         for instance in instances:  # the panel offers Stop only for what this master started
             instance["managed"] = processes.is_running(instance["id"])
         return web.json_response({"instances": instances, "config_error": loaded.error,
                                   "mode": loaded.config.settings.mode,
-                                  "jobs": [job.summary() for job in coord.store.active()]
-                                  + [job.summary() for job in coord.upscales.board.active()],
-                                  "recent": coord.store.recent()})
+                                  **runtime.jobs()})
 
     @routes.get("/distributed/secret")
     async def get_secret(request: web.Request) -> web.Response:
@@ -264,25 +241,22 @@ def _add_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> Non
 
     @routes.post("/distributed/clear_vram")
     async def clear_vram(request: web.Request) -> web.Response:
-        results = await coord.broadcast(config_file.load().config, "free")
+        results = await fleet.broadcast(config_file.load().config, "free")
         return web.json_response({"results": results})
 
     @routes.post("/distributed/interrupt")
     async def interrupt(request: web.Request) -> web.Response:
-        for job in coord.store.active():
-            coord.end(job.id, JobState.CANCELLED, "interrupted from the Distributed panel")
-        if coord.spread is not None:
-            await coord.spread.withdraw_all("interrupted from the Distributed panel")
-        results = await coord.broadcast(config_file.load().config, "interrupt")
+        await runtime.interrupt_all("interrupted from the Distributed panel")
+        results = await fleet.broadcast(config_file.load().config, "interrupt")
         return web.json_response({"results": results})
 
     @routes.post("/distributed/result")
     async def post_result(request: web.Request) -> web.Response:
         try:
-            header = await receive(coord.store, request.content, request.content_length)
+            header = await receive(runtime.collectors.store, request.content, request.content_length)
         except wire.Rejected as exc:
             return error(exc.status, exc.message)
-        coord.result_arrived(header.job)
+        fleet.watcher.wake(header.job)  # its share's watch looks at once
         return web.json_response({"ok": True, "job": header.job, "unit": header.unit})
 
 
@@ -326,7 +300,7 @@ def _worker_fields(body) -> dict | web.Response:
     return body
 
 
-def _add_worker_routes(routes: web.RouteTableDef, coord: Coordinator, processes) -> None:
+def _add_worker_routes(routes: web.RouteTableDef, processes) -> None:
     def index_of(data: dict, worker_id: str) -> int | None:
         return next((i for i, w in enumerate(data["workers"]) if w["id"] == worker_id), None)
 
@@ -427,7 +401,7 @@ def _has_input(name: str) -> bool:
     return root in path.parents and path.is_file()
 
 
-def _add_doctor_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
+def _add_doctor_routes(routes: web.RouteTableDef, fleet: Fleet) -> None:
     @routes.post("/distributed/check")
     async def check(request: web.Request) -> web.Response:
         body = await read_json(request)
@@ -437,7 +411,7 @@ def _add_doctor_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
         if problem:
             return error(400, f'body must be {{}} or {{"prompt": <a prompt in ComfyUI\'s API format>}}: {problem}')
         config = config_file.load().config
-        instances = await doctor.check(coord, config, prompt or None, _has_input)
+        instances = await doctor.check(fleet, config, prompt or None, _has_input)
         return web.json_response({"instances": instances, "extension_version": doctor.extension_version()})
 
     @routes.post(doctor.REACH_BACK_PATH)
@@ -446,19 +420,11 @@ def _add_doctor_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
         url = body.get("url") if isinstance(body, dict) else None
         if doctor.reach_back_target(url) is None:
             return error(400, 'body must be {"url": "http://host:port"}: the master\'s address, nothing after it')
-        return web.json_response(await doctor.reach_back(coord.client, url))
+        return web.json_response(await doctor.reach_back(fleet.client, url))
 
 
 
 # --- the spread queue (distributed_core/spread.py) -------------------------------------------------
-
-def spread_state() -> spread.SpreadState:
-    """The spread queue's claims (for the receiver node and the saved prompt's metadata)."""
-    dispatcher = coordinator().spread
-    if dispatcher is None:
-        raise RuntimeError("ComfyUI-Distributed's spread queue did not start: see the log at ComfyUI's start")
-    return dispatcher.state
-
 
 def _return_type(class_type: str, index: int) -> str | None:
     """A node class's declared output type, read from ComfyUI's node mappings."""
@@ -472,54 +438,46 @@ def _return_type(class_type: str, index: int) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def setup_spread(server, coord: Coordinator) -> spread.Dispatcher | None:
+def setup_spread(server, runtime: Runtime) -> spread_queue.Dispatcher | None:
     """Install the spread queue on the master's ComfyUI queue (guarded: a queue shaped otherwise
     leaves ComfyUI's own queue alone, and the panel says why)."""
 
-    def on_plain_prompt(json_data: dict) -> dict:  # on a worker: keep sender tokens out of its queue
-        prompt = json_data.get("prompt")
-        sealed = spread.seal(prompt, coord.vault.keep)
-        if sealed is not prompt:
-            json_data["prompt"] = sealed
-        return json_data
-    coord.plain_prompt_hook = on_plain_prompt
-
     queue = getattr(server, "prompt_queue", None)
-    coord.spread_unsupported = comfy_internals.queue_problem(queue)
-    if coord.spread_unsupported:
-        log.warning("[Distributed] the spread queue is off: %s", coord.spread_unsupported)
+    runtime.spread_unsupported = comfy_internals.queue_problem(queue)
+    if runtime.spread_unsupported:
+        log.warning("[Distributed] the spread queue is off: %s", runtime.spread_unsupported)
         return None
-    state = spread.SpreadState(lock=queue.not_empty)
+    state = spread_queue.SpreadState(lock=queue.not_empty)
 
     def planner(item):
         return spread.split_item(item, _return_type)
 
     def active() -> bool:
-        return dispatcher.enabled() or any(c.participant != spread.MASTER_ID for c in state.claims.values())
+        return dispatcher.enabled() or any(c.participant != spread_queue.MASTER_ID for c in state.claims.values())
 
     tap = comfy_internals.QueueTap(queue, lambda items: state.pick_for_master(items, dispatcher.master_renders, planner),
                                    active, on_swap=state.swapped, refresh=lambda: dispatcher.refresh())
-    dispatcher = spread.Dispatcher(state, tap, planner, coord, config_file.load,
+    dispatcher = spread_queue.Dispatcher(state, tap, planner, runtime.fleet, config_file.load,
                                    emit=lambda summary: server.send_sync("distributed_spread", summary),
                                    config_path=config_file.config_path)
     tap.install()
     comfy_internals.wrap_put(queue, dispatcher.wake)
     if not comfy_internals.restore_hidden_prompt(state.original_prompt):
         log.warning("[Distributed] files of spread prompts embed the prompt the master ran, not the one submitted")
-    coord.spread = dispatcher
+    runtime.spread = dispatcher
 
     async def start(_app) -> None:
-        coord.spawn(dispatcher.run())
+        runtime.fleet.spawn(dispatcher.run())
     server.app.on_startup.append(start)
     return dispatcher
 
 
-def _add_spread_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
+def _add_spread_routes(routes: web.RouteTableDef, runtime: Runtime) -> None:
     @routes.post("/distributed/spread/result")
     async def post_spread_result(request: web.Request) -> web.Response:
-        dispatcher = coord.spread
+        dispatcher = runtime.spread
         if dispatcher is None:
-            return error(409, f"this master does not spread its queue: {coord.spread_unsupported}")
+            return error(409, f"this master does not spread its queue: {runtime.spread_unsupported}")
 
         def check(header: wire.ValueHeader) -> None:
             try:
@@ -540,16 +498,16 @@ def _add_spread_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
             return error(400, f"bad value frame: {exc}")
         except (LookupError, PermissionError, ValueError) as exc:
             return error(410, str(exc))
-        coord.result_arrived(header.prompt)  # its watch ends now
+        runtime.fleet.watcher.wake(header.prompt)  # its watch ends now
         dispatcher.wake()
         return web.json_response({"ok": True, "prompt_id": header.prompt})
 
     @routes.get("/distributed/spread")
     async def get_spread(request: web.Request) -> web.Response:
         """Who renders which queued prompt, and the last ones finished."""
-        dispatcher = coord.spread
+        dispatcher = runtime.spread
         if dispatcher is None:
-            return web.json_response({"supported": False, "reason": coord.spread_unsupported, "enabled": False,
+            return web.json_response({"supported": False, "reason": runtime.spread_unsupported, "enabled": False,
                                       "prompts": [], "recent": []})
         return web.json_response({"supported": True, "reason": "", "enabled": dispatcher.enabled(),
                                   "prompts": dispatcher.state.summary(), "recent": list(dispatcher.state.recent)})
@@ -558,20 +516,20 @@ def _add_spread_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
 INTERRUPT_PATHS = ("/interrupt", "/api/interrupt")
 
 
-def _interrupt_middleware(coord: Coordinator):
+def _interrupt_middleware(runtime: Runtime):
     """ComfyUI's POST /interrupt naming a prompt (the current frontend's cancel) that a worker
     renders: it is withdrawn there, and the master's run of it ends as interrupted."""
 
     @web.middleware
     async def middleware(request: web.Request, handler):
-        if request.method == "POST" and request.path in INTERRUPT_PATHS and coord.spread is not None:
+        if request.method == "POST" and request.path in INTERRUPT_PATHS and runtime.spread is not None:
             try:
                 body = json.loads(await request.read() or b"{}")  # aiohttp keeps the body for the handler
             except (ValueError, UnicodeDecodeError):
                 body = None
             prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
             if isinstance(prompt_id, str) and prompt_id:
-                await coord.spread.interrupt(prompt_id)
+                await runtime.spread.interrupt(prompt_id)
         return await handler(request)
 
     return middleware
@@ -582,11 +540,11 @@ NOTICE_HEADER = "X-Distributed-Notice"  # beside a rendered batch: what the work
 MAX_NOTICE = 500
 
 
-def _add_tile_routes(routes: web.RouteTableDef, coord: Coordinator) -> None:
+def _add_tile_routes(routes: web.RouteTableDef, runtime: Runtime) -> None:
     """What a worker's Distributed Tiled Upscale asks of the master: the enlarged image once, then
     leases of batches of tiles, then each rendered batch. Each request carries the job's tile token
     for that worker."""
-    board = coord.upscales.board
+    board = runtime.upscales.board
 
     async def identify(request: web.Request) -> tuple[str, str, str]:
         body = await read_json(request)

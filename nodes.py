@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 
 import numpy as np
@@ -13,16 +12,31 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from .distributed_core import comfy_internals, plan, spread, tiles, wire, workflow
+from .distributed_core import comfy_internals, plan, spread, spread_queue, tile_render, tiles, wire, workflow
 from .distributed_core.audio import AudioError, join as join_audio, per_part, sound as audio_part
 from .distributed_core.client import InstanceError, Interrupted, deliver
 from .distributed_core.jobs import JobFailed, JobState
+from .distributed_core.runtime import Runtime
+from .distributed_core.tile_render import as_array as _as_array
 from .distributed_core.upscale import Lease, UpscaleState
 from .distributed_core.vault import Refused
 
 log = logging.getLogger("comfyui-distributed")
 
 HIDDEN = {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}
+_runtime: Runtime | None = None  # handed over by the entry point once setup has built it
+
+
+def attach(runtime: Runtime | None) -> None:
+    """The entry point hands the nodes the runtime that setup built (distributed_core/runtime.py)."""
+    global _runtime
+    _runtime = runtime
+
+
+def runtime() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("ComfyUI-Distributed did not start: see the log at ComfyUI's start")
+    return _runtime
 WAIT_SLICE = 0.25  # how often a waiting Collector checks for an interrupt and updates its progress
 
 
@@ -99,10 +113,6 @@ def _paired(sounds: list, parts: int) -> list:
         raise RuntimeError(f"Multi-GPU Collector: {exc}") from None
 
 
-def _as_array(images: torch.Tensor) -> np.ndarray:
-    return images.detach().to("cpu", torch.float32).contiguous().numpy()
-
-
 def _as_tensor(value: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
 
@@ -123,10 +133,8 @@ def _assigned(field: dict | None, key: str, alone: list, node: str) -> list:
 def _unseal(field: dict, node: str) -> str:
     """The token that this instance's prompt hook moved out of a worker-role prompt, for the
     prompt that runs now only (see distributed_core/vault.py)."""
-    from .distributed_routes import coordinator
-
     try:
-        return coordinator().vault.take(field.get("sealed"), comfy_internals.running_prompt_id())
+        return runtime().vault.take(field.get("sealed"), comfy_internals.running_prompt_id())
     except RuntimeError:  # the extension did not start here, so nothing was sealed
         reason = "the extension did not start on this instance"
     except Refused as exc:
@@ -212,17 +220,15 @@ class MultiGPUCollector:
     @staticmethod
     def _gather(job: dict, batches: list, sounds: list | None, prompt, unique_id) -> tuple:
         """The master's Collector: its own images (and audio) go to the job, then it waits for the
-        workers'. It changes no job state itself: the event loop does what it asks (coord.from_thread)."""
-        from .distributed_routes import coordinator
-
-        coord = coordinator()
+        workers'. It changes no job state itself: the event loop does what it asks (fleet.from_thread)."""
+        on_loop, jobs = runtime().fleet.from_thread, runtime().collectors
         job_id, collector, chunks = job["job"], job["collector"], job["chunks"]
-        store = coord.store
+        store = jobs.store
         try:
             if chunks:
                 arrays = [_as_array(batch) for batch in _per_chunk(batches, chunks)]
                 own_sounds = None if sounds is None else _paired(sounds, len(chunks))
-                coord.from_thread(coord.local_share, job_id, collector, chunks, arrays, own_sounds)
+                on_loop(jobs.local_share, job_id, collector, chunks, arrays, own_sounds)
             known = store.get(job_id)
             total = len(known.units) if known else 0
             progress = comfy.utils.ProgressBar(total)
@@ -232,12 +238,12 @@ class MultiGPUCollector:
                 if complete:
                     break
                 comfy.model_management.throw_exception_if_processing_interrupted()
-            parts, gathered, notices = coord.from_thread(coord.collected, job_id, collector)
+            parts, gathered, notices = on_loop(jobs.collected, job_id, collector)
         except JobFailed as exc:
-            coord.from_thread(coord.end, job_id, JobState.FAILED, str(exc))
+            on_loop(jobs.end, job_id, JobState.FAILED, str(exc))
             raise RuntimeError(f"Multi-GPU Collector: {exc}") from None
         except BaseException:
-            coord.from_thread(coord.end, job_id, JobState.CANCELLED, "the master's Collector stopped")
+            on_loop(jobs.end, job_id, JobState.CANCELLED, "the master's Collector stopped")
             raise
         if notices:
             log.warning("[Distributed] job %s completed after recovering: %s", job_id[:8], "; ".join(notices))
@@ -370,11 +376,13 @@ class DistributedSpreadReceiver:
             field = None
         if not isinstance(field, dict) or "spread" not in field:
             raise RuntimeError("Spread receiver: this node only runs in a prompt the spread queue made.")
-        from .distributed_routes import spread_state
-
+        dispatcher = runtime().spread
+        if dispatcher is None:
+            raise RuntimeError("ComfyUI-Distributed's spread queue did not start here: see the log at ComfyUI's "
+                               f"start ({runtime().spread_unsupported})")
         try:
-            values = spread_state().take_values(str(field["spread"]), str(field["node"]))
-        except spread.Interrupted:  # ends as ComfyUI's own interrupt does
+            values = dispatcher.state.take_values(str(field["spread"]), str(field["node"]))
+        except spread_queue.Interrupted:  # ends as ComfyUI's own interrupt does
             comfy.model_management.interrupt_current_processing(True)
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise
@@ -407,70 +415,6 @@ def _enlarge(image: torch.Tensor, upscale_by: float, upscale_model) -> np.ndarra
         on_device = image[..., :3].to(comfy_internals.compute_device(), torch.float32).movedim(-1, 1)
         image = comfy.utils.common_upscale(on_device, new_width, new_height, "bicubic", "disabled").movedim(1, -1)
     return _as_array(image[..., :3].clamp(0, 1))
-
-
-def _render_batch(crops: np.ndarray, seeds: list[int], model, positive, negative, vae, params: dict) -> np.ndarray:
-    """Tiles of one padded size, (tiles, h, w, 3), as one img2img batch: VAE-encode them (edge-extended
-    to a multiple of 8), sample, decode, and cut back to the region. Each tile's starting noise comes
-    from its own seed alone, whichever tiles share its batch."""
-    height, width = crops.shape[1:3]
-    below, right = tiles.latent_padding(height, width)
-    tensor = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
-    if below or right:
-        tensor = torch.nn.functional.pad(tensor.movedim(-1, 1), (0, right, 0, below), mode="replicate").movedim(1, -1)
-    # ComfyUI of early 2024 samples the VAE's latent distribution from torch's global CPU generator:
-    # there each tile is encoded alone under its own seed, so that its encoding depends neither on
-    # what ran before nor on the tiles beside it in the batch.
-    sampled = comfy_internals.vae_samples_latent(vae)
-    parts = [(tensor[i:i + 1], seed) for i, seed in enumerate(seeds)] if sampled else [(tensor, seeds[0])]
-    latents = []
-    with torch.random.fork_rng(devices=[]):
-        for pixels, seed in parts:
-            torch.default_generator.manual_seed(seed)
-            latents.append(vae.encode(pixels))
-    latent = torch.cat(latents)
-    samples = comfy_internals.sample_batch(model, latent, seeds, params, positive, negative)
-    decoded = vae.decode(samples)
-    if decoded.dim() == 5:  # video VAEs give (batch, frames, h, w, c)
-        decoded = decoded.reshape(-1, *decoded.shape[-3:])
-    return _as_array(decoded[:, :height, :width, :3].clamp(0, 1))
-
-
-class _Renderer:
-    """Renders batches of one grid on this participant in parts as large as its GPU has shown to
-    hold: a part that runs out of GPU memory is halved and tried again, later batches start at the
-    size that fitted, and ``notice`` is told each time. Only a single tile that does not fit fails."""
-
-    def __init__(self, grid, enlarged: np.ndarray, params: dict, models: tuple, notice):
-        self.grid, self.enlarged, self.params, self.models, self.notice = grid, enlarged, params, models, notice
-        self.most: int | None = None  # the largest part known to fit, once one did not
-
-    def __call__(self, batch: tuple[int, ...]) -> np.ndarray:
-        step = self.most or len(batch)
-        parts = [batch[i:i + step] for i in range(0, len(batch), step)]
-        rendered = []
-        while parts:
-            part = parts.pop(0)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            try:
-                rendered.append(self._render(part))
-                continue
-            except comfy_internals.out_of_memory_error():
-                if len(part) == 1:
-                    raise
-            # out of the except block, so that the failed attempt's tensors can be freed
-            comfy_internals.free_gpu_cache()
-            half = (len(part) + 1) // 2
-            self.most = half
-            parts[:0] = [part[:half], part[half:]]
-            self.notice(f"a batch of {len(part)} tiles did not fit in GPU memory: split and retried, batches of "
-                        f"at most {half} tiles from now on (a lower tile_batch avoids the retries)")
-        return np.concatenate(rendered)
-
-    def _render(self, part: tuple[int, ...]) -> np.ndarray:
-        crops = np.stack([self.grid.crop(self.enlarged, index) for index in part])
-        seeds = [tiles.tile_seed(self.params["seed"], index) for index in part]
-        return _render_batch(crops, seeds, *self.models, self.params)
 
 
 class DistributedTiledUpscale:
@@ -545,8 +489,9 @@ class DistributedTiledUpscale:
         if role == "master":
             rendered = self._share(job, enlarged, grid, params, int(tile_batch), (model, positive, negative, vae))
         if rendered is None:  # alone: every batch here, in order
-            render = _Renderer(grid, enlarged, params, (model, positive, negative, vae),
-                               lambda text: log.warning("[Distributed] tiled upscale: %s", text))
+            render = tile_render.Renderer(grid, enlarged, params, (model, positive, negative, vae),
+                                         lambda text: log.warning("[Distributed] tiled upscale: %s", text),
+                                         _check_interrupt)
             progress = comfy.utils.ProgressBar(len(grid))
             rendered = {}
             for batch in batches:
@@ -563,14 +508,13 @@ class DistributedTiledUpscale:
     def _share(job: dict, enlarged: np.ndarray, grid, params: dict, tile_batch: int, models: tuple) -> dict | None:
         """Render batches from the job's pool beside the workers until all are in; None when the job
         is not open on this master (then the node renders alone)."""
-        from .distributed_routes import coordinator
-
-        board = coordinator().upscales.board
+        board = runtime().upscales.board
         job_id, node = job["job"], job["node"]
         if not board.publish(job_id, node, enlarged, grid, params, tile_batch):
             log.warning("[Distributed] upscale job %s is not open here; rendering every tile locally", job_id[:8])
             return None
-        render = _Renderer(grid, enlarged, params, models, lambda text: board.notice(job_id, plan.MASTER_ID, text))
+        render = tile_render.Renderer(grid, enlarged, params, models,
+                                      lambda text: board.notice(job_id, plan.MASTER_ID, text), _check_interrupt)
         lease_seconds = float(job.get("lease", 120))
         renders = bool(job.get("master_renders", True))
         progress = comfy.utils.ProgressBar(len(grid))
@@ -602,77 +546,16 @@ class DistributedTiledUpscale:
 
     @staticmethod
     def _work(job: dict, model, positive, negative, vae) -> None:
-        """Worker role: fetch the enlarged image once, then render leased batches until none are left."""
-        import requests
-
+        """Worker role: render leased batches for the master until none are left."""
         token = _unseal(job, "Distributed Tiled Upscale")
-        base = job["master_url"].rstrip("/") + "/distributed/tiles/"
-        ident = {"job": job["job"], "node": job["node"], "token": token}
-        patience = float(job.get("timeout", 120))
-        session = requests.Session()
-        interrupted = comfy.model_management.processing_interrupted
-
-        def ask(path: str, **kw):
-            """POST to the master, retrying while it cannot be reached (up to ``patience`` seconds);
-            None when the job is over."""
-            last_contact = time.monotonic()
-            while True:
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                try:
-                    resp = session.post(base + path, timeout=(5, max(30.0, patience)), **kw)
-                except requests.RequestException as exc:
-                    if time.monotonic() - last_contact > patience:
-                        raise RuntimeError(f"Distributed Tiled Upscale: cannot reach the master at {base} "
-                                           f"({type(exc).__name__}) for {patience:g} s") from None
-                    _pause(1.0, interrupted)
-                    continue
-                if resp.status_code == 410:
-                    return None
-                if resp.status_code >= 400:
-                    raise RuntimeError(f"Distributed Tiled Upscale: the master answered {resp.status_code}: "
-                                       f"{resp.text[:300]}")
-                return resp
-
-        while True:  # the enlarged image, once the master has it
-            resp = ask("image", json=ident)
-            if resp is None:
-                return
-            if resp.status_code == 200:
-                break
-            _pause(TILE_WAIT, interrupted)
-        _header, enlarged = wire.decode(resp.content)
-        info = json.loads(resp.headers["X-Distributed-Tiles"])
-        grid, params = tiles.Grid.from_dict(info["grid"]), info["params"]
-        notices: list[str] = []  # told to the master with the batch they are about
-        render = _Renderer(grid, enlarged, params, (model, positive, negative, vae), notices.append)
-        rendered = 0
-        while True:
-            resp = ask("lease", json=ident)
-            if resp is None:
-                break
-            answer = resp.json()
-            batch = answer.get("batch")
-            if batch is None:
-                if answer.get("done"):
-                    break
-                _pause(float(answer.get("wait", TILE_WAIT)), interrupted)
-                continue
-            pixels = render(tuple(answer["tiles"]))
-            parts = wire.frame(job["job"], job["node"], batch, 1, token, pixels, "float32")
-            headers = {"Content-Type": wire.CONTENT_TYPE}
-            if notices:
-                headers["X-Distributed-Notice"] = "; ".join(notices)[:500]
-                notices.clear()
-            if ask("result", data=b"".join(bytes(p) for p in parts), headers=headers) is None:
-                break
-            rendered += len(pixels)
-        log.info("[Distributed] rendered %d tiles of upscale job %s", rendered, job["job"][:8])
+        tile_render.work_for_master(
+            job, token, lambda grid, enlarged, params, notice: tile_render.Renderer(
+                grid, enlarged, params, (model, positive, negative, vae), notice, _check_interrupt),
+            _check_interrupt, comfy.model_management.processing_interrupted, TILE_WAIT)
 
 
-def _pause(seconds: float, interrupted) -> None:
-    end = time.monotonic() + seconds
-    while not interrupted() and time.monotonic() < end:
-        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+def _check_interrupt() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 NODE_CLASS_MAPPINGS = {

@@ -3,7 +3,7 @@ and said in words a user can act on.
 
 Plain logic on plain values: a prompt in ComfyUI's API format against an instance's ``/object_info``
 (what it lacks), version strings, the outcome of a reach-back, and the one sentence that tells the
-user what to do. The HTTP glue (distributed_routes.py) and the coordinator's pre-dispatch check
+user what to do. The HTTP glue (distributed_routes.py) and the fleet's pre-dispatch check (fleet.send)
 gather those values and call in here.
 """
 from __future__ import annotations
@@ -308,10 +308,10 @@ def worker_part(prompt: dict) -> dict:
     return {nid: node for nid, node in prompt.items() if nid in keep}
 
 
-async def check(coord, config, prompt: dict | None, master_has_input: Callable[[str], bool]) -> list[dict]:
+async def check(fleet, config, prompt: dict | None, master_has_input: Callable[[str], bool]) -> list[dict]:
     """Check the master and every enabled worker at once; see the README's "Worker doctor".
 
-    ``coord`` is the Coordinator (its HTTP clients, object_info cache and the master's addresses)."""
+    ``fleet`` is the master's fleet (fleet.py: its HTTP clients, object_info cache and addresses)."""
     from . import workflow
     from .client import PROBE, InstanceError
 
@@ -320,10 +320,10 @@ async def check(coord, config, prompt: dict | None, master_has_input: Callable[[
     lacking_inputs = missing_inputs(inputs, master_has_input)
 
     async def object_info(url: str) -> dict:
-        return await coord.object_infos.get(url, lambda: coord.client(url).object_info(PROBE))
+        return await fleet.object_infos.get(url, lambda: fleet.client(url).object_info(PROBE))
 
     async def master() -> dict:
-        client = coord.client(coord.own_url())
+        client = fleet.client(fleet.own_url())
         entry = {"id": "master", "name": "master", "role": "master", "url": client.url, "reachable": True,
                  "reach_back": None, "reach_back_url": "", "comfyui_version": "unknown",
                  "extension_version": own_version, "extension": True, "missing": [], "error": ""}
@@ -339,8 +339,8 @@ async def check(coord, config, prompt: dict | None, master_has_input: Callable[[
         return entry
 
     async def worker(w) -> dict:
-        client = coord.client(w.url)
-        back = coord.master_url_for(config, w)
+        client = fleet.client(w.url)
+        back = fleet.master_url_for(config, w)
         entry = {"id": w.id, "name": w.label, "role": "worker", "url": client.url, "reachable": False,
                  "reach_back": None, "reach_back_url": back + RESULT_PATH, "reach_back_error": "",
                  "comfyui_version": "unknown", "extension_version": "", "extension": False, "missing": [],
@@ -351,9 +351,9 @@ async def check(coord, config, prompt: dict | None, master_has_input: Callable[[
             entry["error"] = str(stats) if isinstance(stats, InstanceError) else type(stats).__name__
             entry["message"] = message(entry, own_version)
             if isinstance(stats, InstanceError):  # what the check saw, planning knows too
-                coord.reach.failed(w.url, str(stats), stats.refused)
+                fleet.reach.failed(w.url, str(stats), stats.refused)
             return entry
-        coord.reach.ok(w.url, stats if isinstance(stats, dict) else None)
+        fleet.reach.ok(w.url, stats if isinstance(stats, dict) else None)
         entry["reachable"] = True
         entry["comfyui_version"] = comfyui_version(stats)
         if isinstance(answer, dict):
@@ -373,7 +373,7 @@ async def check(coord, config, prompt: dict | None, master_has_input: Callable[[
                 entry["missing"] = lacking(part, info, inputs) + lacking_inputs
             else:
                 entry["error"] = f"its node list could not be read ({info}), so what it lacks is unknown"
-        if not w.is_local and not config.master.host and coord.loopback_only():
+        if not w.is_local and not config.master.host and fleet.loopback_only():
             entry["reach_back"] = False
             entry["reach_back_error"] = ("this master listens on 127.0.0.1 only; start it with --listen "
                                          "(the launcher does when a worker is remote)")

@@ -375,7 +375,7 @@ class JobStore(Ledger):
 
     def put_local(self, job_id: str, collector: str, first: int, count: int, images: np.ndarray,
                   sound: Sound | None = None) -> None:
-        """place_local, copy, record_local in one call (the coordinator copies off the event loop)."""
+        """place_local, copy, record_local in one call (Collector jobs copy off the event loop)."""
         view = self.place_local(job_id, collector, first, count, images.shape)
         if view is not None:
             view[...] = images

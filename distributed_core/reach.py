@@ -29,7 +29,7 @@ TICK = 0.5               # how often the monitor looks for checks that are due
 
 
 class Clock:
-    """Time as the coordinator sees it; tests give a fake one."""
+    """Time as the fleet sees it; tests give a fake one."""
 
     def now(self) -> float:
         return time.monotonic()

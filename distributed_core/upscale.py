@@ -31,7 +31,8 @@ import numpy as np
 
 from . import workflow
 from .wire import Rejected, same_token
-from .client import InstanceError
+from .fleet import Unusable
+from .watch import Watch
 from .jobs import Ledger
 from .plan import MASTER_ID
 from . import tiles
@@ -92,7 +93,7 @@ class WorkerShare:
     prompt_id: str = ""
     state: str = "waiting"   # waiting | queued | running | done | failed | cancelled
     error: str = ""
-    dispatched: float = 0.0  # the coordinator's clock when the worker accepted its prompt
+    dispatched: float = 0.0  # the fleet's clock when the worker accepted its prompt
 
 
 @dataclass
@@ -372,36 +373,34 @@ class Board(Ledger):
 
 
 class Upscales:
-    """Plans upscale jobs at submission and runs the workers' side of them on the event loop.
+    """Plans upscale jobs at submission and runs the workers' side of them on the event loop, with
+    the workers of the fleet (fleet.py)."""
 
-    ``coord`` is the Coordinator: its ``client``, ``master_url_for``, ``sync_inputs``, ``spawn``,
-    ``reach``, ``is_worker_instance``, ``own_url`` and ``partial_execution`` are used as they are."""
-
-    def __init__(self, coord):
-        self.coord = coord
+    def __init__(self, fleet):
+        self.fleet = fleet
         self.board = Board()
         self.board.on_end = self._ended
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # --- planning (synchronous, inside POST /prompt) ------------------------------------------
-    def plan(self, json_data: dict, prompt: Any, config, pending: list | None) -> Any:
-        """The prompt with every fresh upscale node in master role, when there is a worker to share
-        with; the prompt as it is otherwise (the node then renders every tile itself)."""
-        if not isinstance(prompt, dict):
-            return prompt
+    def rewrite(self, json_data: dict, prompt: dict, targets: list | None, pending: list | None) -> dict:
+        """The prompt hook's part for tiled upscales: every fresh upscale node in master role, when
+        there is a worker to share with; the prompt as it is otherwise (the node then renders every
+        tile itself)."""
         nodes = workflow.fresh_upscales(prompt)
-        targets = json_data.get("partial_execution_targets")
-        if nodes and self.coord.partial_execution and isinstance(targets, list):
+        if nodes and targets is not None:
             nodes = workflow.reached(prompt, nodes, targets)
-        if not nodes or self.coord.is_worker_instance(config):
-            return prompt
-        workers = [w for w in config.workers if w.enabled and not self.coord.reach.is_down(w.url)]
-        if not workers:
-            return prompt
+        if not nodes:
+            return json_data
+        config = self.fleet.config()
+        workers = self.fleet.usable(config)
+        if self.fleet.is_worker_instance(config) or not workers:
+            return json_data
         try:
             workflow.check_upscales(prompt, nodes)
         except workflow.WorkflowError as exc:
-            return workflow.with_fields(prompt, nodes, {"role": "error", "error": str(exc)})
+            json_data["prompt"] = workflow.with_fields(prompt, nodes, {"role": "error", "error": str(exc)})
+            return json_data
         job = UpscaleJob(id=uuid.uuid4().hex, prompt=prompt, nodes=nodes, config=config,
                          master_renders=config.master.enabled)
         for w in workers:
@@ -413,32 +412,27 @@ class Upscales:
                                                                 "master_renders": job.master_renders})
         self.board.add(job)
         if pending is not None:
-            pending.append(job.id)
+            pending.append((self, job.id))
         else:
-            asyncio.get_running_loop().call_soon(lambda: self.coord.spawn(self._start(job.id, "")))
-        return rewritten
+            asyncio.get_running_loop().call_soon(lambda: self.fleet.spawn(self.start(job.id, "")))
+        json_data["prompt"] = rewritten
+        return json_data
 
-    # --- hooks for the Coordinator ------------------------------------------------------------
-    def start(self, job_id: str, prompt_id: str) -> bool:
-        """The master accepted the prompt of ``job_id``; False when the job is not an upscale."""
-        if not self.board.is_open(job_id):
-            return False
-        self.coord.spawn(self._start(job_id, prompt_id))
-        return True
-
-    def drop(self, job_id: str, reason: str) -> bool:
-        return self.board.end(job_id, UpscaleState.CANCELLED, reason) is not None
+    def drop(self, job_id: str, reason: str) -> None:
+        """The master did not take the prompt that the job was planned for."""
+        self.board.end(job_id, UpscaleState.CANCELLED, reason)
 
     # --- running a job -----------------------------------------------------------------------
-    async def _start(self, job_id: str, prompt_id: str) -> None:
+    async def start(self, job_id: str, prompt_id: str) -> None:
+        """The master accepted the prompt of ``job_id``: send the workers theirs."""
         self.loop = asyncio.get_running_loop()
         job = self.board.update(job_id, lambda j: setattr(j, "prompt_id", prompt_id))
         if job is None:
             return
         for share in list(job.workers.values()):
-            self.coord.spawn(self._run_worker(job_id, share))
+            self.fleet.spawn(self._run_worker(job_id, share))
         if prompt_id:
-            self.coord.spawn(self._watch_master(job_id, prompt_id))
+            self.fleet.spawn(self._watch_master(job_id, prompt_id))
 
     async def _run_worker(self, job_id: str, share: WorkerShare) -> None:
         job = self.board.get(job_id)
@@ -446,32 +440,28 @@ class Upscales:
             return
         worker = job.config.worker(share.participant)
         fields = {"job": job_id, "token": share.token, "timeout": job.config.settings.job_timeout,
-                  "master_url": self.coord.master_url_for(job.config, worker)}
+                  "master_url": self.fleet.master_url_for(job.config, worker)}
         prompt = workflow.upscale_worker_prompt(job.prompt, job.nodes, fields)
-        client = self.coord.client(worker.url)
         try:
-            await self.coord.sync_inputs(client, prompt)
-            share.prompt_id = await client.post_prompt(prompt, CLIENT_ID)
-        except InstanceError as exc:
+            client, share.prompt_id = await self.fleet.send(worker, prompt, job.config, CLIENT_ID)
+        except Unusable as exc:
             self.board.release(job_id, share.participant, str(exc))
             return
-        share.dispatched = self.coord.clock.now()
+        share.dispatched = self.fleet.clock.now()
         self.board.update(job_id, lambda j: setattr(share, "state", "queued")
                           if share.state == "waiting" else None)
         if not self.board.is_open(job_id):  # ended while we were dispatching
-            await _quietly(client.withdraw(share.prompt_id))
+            await self.fleet.withdraw(worker.url, share.prompt_id, share.label)
             return
         await self._supervise(job_id, share, client, job.config.settings.job_timeout)
 
     async def _supervise(self, job_id: str, share: WorkerShare, client, timeout: float) -> None:
-        """Watch a worker's prompt while the job is open (the coordinator's one way of watching
-        worker prompts): an error, a lost prompt, a dead process or silence for ``timeout``
-        seconds puts its tiles back in the pool."""
-        from .coordinator import Watch
-
+        """Watch a worker's prompt while the job is open (the fleet's one way of watching worker
+        prompts): an error, a lost prompt, a dead process or silence for ``timeout`` seconds puts
+        its tiles back in the pool."""
         watched = Watch(client, share.prompt_id, share.dispatched, job_id, lambda: self.board.is_open(job_id),
                         lambda: False)
-        outcome, why = await self.coord.watch(watched, timeout)
+        outcome, why = await self.fleet.watch(watched, timeout)
         if outcome == "finished":
             self.board.update(job_id, lambda j: setattr(share, "state", "done"))
             self.board.release(job_id, share.participant, "its prompt ended")  # no-op once done
@@ -481,9 +471,9 @@ class Upscales:
     async def _watch_master(self, job_id: str, prompt_id: str) -> None:
         """End the job when the master's own prompt ends without the node finishing it (an error
         upstream, an interrupt, the prompt deleted from the queue)."""
-        coord = self.coord
-        entry = await coord.prompt_end(coord.client(coord.own_url()), prompt_id, coord.clock.now(), job_id,
-                                       lambda: self.board.is_open(job_id))
+        fleet = self.fleet
+        entry = await fleet.watcher.prompt_end(fleet.client(fleet.own_url()), prompt_id, fleet.clock.now(), job_id,
+                                               lambda: self.board.is_open(job_id))
         self.board.end(job_id, UpscaleState.CANCELLED,
                        "the master's prompt ended before the upscale finished" if entry
                        else "the prompt was removed from the master's queue")
@@ -498,13 +488,6 @@ class Upscales:
             if share.prompt_id and share.state == "cancelled":
                 url = job.config.worker(share.participant).url
                 self.loop.call_soon_threadsafe(
-                    lambda u=url, p=share.prompt_id: self.coord.spawn(_quietly(self.coord.client(u).withdraw(p))))
-
-
-async def _quietly(coro) -> None:
-    try:
-        await coro
-    except InstanceError:
-        pass
+                    lambda u=url, p=share.prompt_id, n=share.label: self.fleet.spawn(self.fleet.withdraw(u, p, n)))
 
 

@@ -237,16 +237,16 @@ def test_audio_counts_against_the_result_budget():
     assert info.value.status == 503
 
 
-# --- the coordinator: a mismatch fails the job ---------------------------------------------------------
+# --- Collector jobs: a mismatch fails the job ---------------------------------------------------------
 
 def test_audio_that_cannot_be_joined_fails_the_job_with_the_reason():
-    from distributed_core.coordinator import Coordinator
+    from runtimes import make_runtime
     store, job = audio_job(units=(0, 1))
-    coord = Coordinator(store, lambda: None, lambda: ("127.0.0.1", 8188))
+    jobs = make_runtime(None, None, store=store, load=lambda: None).collectors
     store.put_local("j", "4", 0, 1, images(0), audio.sound(wave(0), 24000))
     deliver(store, wire.frame("j", "4", 1, 1, token_for(job, 1), images(1), "float32", (wave(1), 44100)))
     with pytest.raises(JobFailed) as info:
-        coord.collected("j", "4")
+        jobs.collected("j", "4")
     message = str(info.value)
     assert "sample rates" in message and "24000 Hz" in message and "44100 Hz" in message
     assert "worker1 (unit 1)" in message and "master (unit 0)" in message
@@ -255,12 +255,12 @@ def test_audio_that_cannot_be_joined_fails_the_job_with_the_reason():
 
 
 def test_collected_hands_over_images_and_audio_together():
-    from distributed_core.coordinator import Coordinator
+    from runtimes import make_runtime
     store, job = audio_job(units=(0, 1))
-    coord = Coordinator(store, lambda: None, lambda: ("127.0.0.1", 8188))
+    jobs = make_runtime(None, None, store=store, load=lambda: None).collectors
     store.put_local("j", "4", 0, 1, images(0), audio.sound(wave(0), 24000))
     deliver(store, wire.frame("j", "4", 1, 1, token_for(job, 1), images(1), "float32", (wave(1), 24000)))
-    parts, sounds, _notices = coord.collected("j", "4")
+    parts, sounds, _notices = jobs.collected("j", "4")
     assert len(parts) == 1 and [s.source for s in sounds] == ["master (unit 0)", "worker1 (unit 1)"]
     assert store.recent()[0]["state"] == "done"
 
@@ -316,25 +316,19 @@ def test_split_mode_audio_must_come_from_the_split_batch():
     workflow.check_audio(with_audio(image_workflow(), source="none"), ["4"], ["4"], split=False)  # multiply: fine
 
 
-def test_the_coordinator_refuses_such_prompts_and_plans_audio_jobs(tmp_path):
+def test_the_prompt_hook_refuses_such_prompts_and_plans_audio_jobs(tmp_path):
     from distributed_core import config as config_file
-    from distributed_core.coordinator import Coordinator, refused, submitted
+    from runtimes import make_runtime, submit as submit_to
     config = config_file.parse({"master": {"port": 18188}, "workers": [{"id": "w1", "port": 18189}]})
-    coord = Coordinator(JobStore(), lambda: config_file.Loaded(config, tmp_path / "c.json"),
-                        lambda: ("127.0.0.1", 18188))
+    runtime = make_runtime(config, tmp_path)
+    jobs = runtime.collectors
 
     def submit(prompt):
-        pending, refusals = [], []
-        tokens = submitted.set(pending), refused.set(refusals)
-        try:
-            coord.rewrite({"prompt": prompt, "client_id": "t"})
-        finally:
-            submitted.reset(tokens[0])
-            refused.reset(tokens[1])
+        _data, pending, refusals = submit_to(runtime, prompt)
         return pending, refusals
     (job_id,), refusals = submit(with_audio(image_workflow(seed=5, batch=1)))
-    assert not refusals and coord.store.get(job_id).audio == {"4"}
+    assert not refusals and jobs.store.get(job_id).audio == {"4"}
     (plain,), _ = submit(image_workflow(seed=5, batch=1))
-    assert coord.store.get(plain).audio == set()
+    assert jobs.store.get(plain).audio == set()
     pending, refusals = submit(with_audio(split_workflow(batch=4), source="none"))
     assert not pending and "Distributed Empty Latent" in refusals[0]

@@ -802,7 +802,7 @@ def test_a_failed_share_is_divided_among_those_left():
 
 
 def test_execution_time_comes_from_history_timestamps():
-    from distributed_core.coordinator import execution_seconds, execution_started
+    from distributed_core.watch import execution_seconds, execution_started
     entry = {"status": {"messages": [["execution_start", {"prompt_id": "p", "timestamp": 1_000_000}],
                                      ["execution_cached", {"nodes": [], "timestamp": 1_000_100}],
                                      ["execution_success", {"prompt_id": "p", "timestamp": 1_002_500}]]}}
@@ -1043,10 +1043,10 @@ def test_only_collectors_that_run_are_planned():
     assert workflow.reached(CHAINED, ["3", "5"], ["6"]) == ["3", "5"]
     assert workflow.reached(CHAINED, ["3", "5"], ["7"]) == []  # a preview before the Collectors
     assert workflow.reached(CHAINED, ["3", "5"], ["3", "nope"]) == ["3"]
-    from distributed_core.coordinator import Coordinator
+    from runtimes import make_runtime
 
     def nothing_to_load():
         raise AssertionError("a prompt whose Collectors do not run needs no plan")
-    coord = Coordinator(JobStore(), nothing_to_load, lambda: ("127.0.0.1", 8188), partial_execution=True)
+    runtime = make_runtime(None, None, port=8188, load=nothing_to_load, partial_execution=True)
     data = {"prompt": CHAINED, "partial_execution_targets": ["7"]}
-    assert coord._rewrite(data) is data and data["prompt"] is CHAINED and not coord.store.active()
+    assert runtime._rewrite(data) is data and data["prompt"] is CHAINED and not runtime.collectors.store.active()

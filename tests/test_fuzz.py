@@ -435,37 +435,38 @@ def spoiled_prompts(draw):
     return prompt if draw(st.integers(0, 19)) else draw(ANY_VALUE)
 
 
-def _hook_coordinator(tmp_path):
-    from distributed_core import coordinator as coordinator_module
-    from distributed_core import plan
-    from distributed_core.jobs import JobStore
+def _hook_runtime(tmp_path):
+    from runtimes import make_runtime
 
     config = config_file.parse({"master": {"port": 18188}, "settings": {"job_timeout": 30},
                                 "workers": [{"id": "worker1", "port": 18189}, {"id": "worker2", "port": 18190}]})
-    coord = coordinator_module.Coordinator(JobStore(), lambda: config_file.Loaded(config, tmp_path / "c.json"),
-                                           lambda: ("127.0.0.1", 18188))
-    coord._throughput = plan.Throughput(tmp_path / "throughput.json")  # not the repo's throughput.json
-    return coord
+    return make_runtime(config, tmp_path)
 
 
-def _rewrite(coord, prompt) -> tuple[dict | None, BaseException | None, list[str], set[str]]:
+def _rewrite(runtime, prompt) -> tuple[dict | None, BaseException | None, list[str], set[str]]:
     """Run the hook as ComfyUI's POST /prompt does, inside the middleware's context: the rewritten
     request (or the exception), the jobs handed to the middleware, and jobs registered but not handed on."""
-    from distributed_core import coordinator as coordinator_module
-    before = {job.id for job in coord.store.active()}
-    pending: list[str] = []
-    token = coordinator_module.submitted.set(pending)
+    from distributed_core import runtime as runtime_module
+    store = runtime.collectors.store
+    before = {job.id for job in store.active()} | {job.id for job in runtime.upscales.board.active()}
+    pending: list = []
+    token = runtime_module.submitted.set(pending)
     result, error = None, None
     try:
-        result = coord.rewrite({"prompt": prompt, "client_id": "fuzz"})
+        result = runtime.rewrite({"prompt": prompt, "client_id": "fuzz"})
     except Exception as exc:  # noqa: BLE001 - what the hook lets out is the finding
         error = exc
     finally:
-        coordinator_module.submitted.reset(token)
-    orphans = {job.id for job in coord.store.active()} - before - set(pending)
-    for job_id in [*pending, *orphans]:  # what the middleware does when the master refuses the prompt
-        coord.drop(job_id, "fuzz")
-    return result, error, pending, orphans
+        runtime_module.submitted.reset(token)
+    handed = [job_id for _kind, job_id in pending]
+    orphans = ({job.id for job in store.active()} | {job.id for job in runtime.upscales.board.active()}) \
+        - before - set(handed)
+    for kind, job_id in pending:  # what the middleware does when the master refuses the prompt
+        kind.drop(job_id, "fuzz")
+    for job_id in orphans:
+        runtime.collectors.drop(job_id, "fuzz")
+        runtime.upscales.drop(job_id, "fuzz")
+    return result, error, handed, orphans
 
 
 def _where(exc: BaseException) -> str:
@@ -497,7 +498,7 @@ def test_fuzz_the_prompt_hook(tmp_path):
     a crash there is not fatal, but one after the job was registered leaves a job that nothing
     starts or ends: the panel shows it for ever and it holds the result budget's "oldest job" slot.
     The hook must never raise, and every job it registers must be handed to the middleware."""
-    coord = _hook_coordinator(tmp_path)
+    runtime = _hook_runtime(tmp_path)
     raised: dict[str, str] = {}
     leaked: dict[str, str] = {}
     outcomes: collections.Counter = collections.Counter()
@@ -508,7 +509,7 @@ def test_fuzz_the_prompt_hook(tmp_path):
     @given(prompt=spoiled_prompts())
     def fuzz(prompt):
         _tame_batch_sizes(prompt)
-        _result, error, pending, orphans = _rewrite(coord, prompt)
+        _result, error, pending, orphans = _rewrite(runtime, prompt)
         outcomes[_where(error) if error else ("planned" if pending else "left alone")] += 1
         example = json.dumps(prompt, allow_nan=True)[:400]
         if error is not None:
@@ -532,10 +533,10 @@ def test_prompt_hook_leaves_no_job_behind_when_a_node_is_not_an_object(tmp_path)
     """The shortest case the fuzz finds: a valid distributed workflow plus one node that is not an
     object. The hook registers the job, then fails rewriting the seed nodes, and the job stays."""
     from harness import image_workflow
-    coord = _hook_coordinator(tmp_path)
+    runtime = _hook_runtime(tmp_path)
     prompt = image_workflow(seed=1, batch=1)
     prompt["9"] = 5
-    _result, error, _pending, orphans = _rewrite(coord, prompt)
+    _result, error, _pending, orphans = _rewrite(runtime, prompt)
     assert not orphans, f"a job was left registered ({_where(error) if error else 'no exception'})"
     assert error is None, f"the hook raised {_where(error)}: {error}"
 
@@ -547,16 +548,16 @@ def test_prompt_hook_refuses_a_split_batch_beyond_the_nodes_maximum(tmp_path, ba
     the master tens of GB (the OS kills it), so anyone who can POST /prompt can take the master
     down. (Values that would allocate for real are not tried here; these fail at once.)"""
     from harness import split_workflow
-    coord = _hook_coordinator(tmp_path)
+    runtime = _hook_runtime(tmp_path)
     prompt = split_workflow(batch=2)
     prompt["1"]["inputs"]["batch_size"] = batch_size
-    from distributed_core import coordinator as coordinator_module
+    from distributed_core import runtime as runtime_module
     reasons: list[str] = []
-    token = coordinator_module.refused.set(reasons)
+    token = runtime_module.refused.set(reasons)
     try:
-        result, error, pending, orphans = _rewrite(coord, prompt)
+        result, error, pending, orphans = _rewrite(runtime, prompt)
     finally:
-        coordinator_module.refused.reset(token)
+        runtime_module.refused.reset(token)
     assert error is None, f"the hook raised {_where(error)}: {error}"
     assert not pending and not orphans, "a job was planned for a batch beyond the node's maximum"
     # refused before anything renders: POST /prompt answers 400 with the reason

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_core import comfy_internals, spread, wire
+from distributed_core import comfy_internals, spread, spread_queue, wire
 from distributed_core.plan import MASTER_ID
 
 TYPES = {("EmptyImage", 0): "IMAGE", ("KSampler", 0): "LATENT", ("VAEDecode", 0): "IMAGE",
@@ -92,7 +92,7 @@ def planner(it):
 
 
 def test_workers_claim_the_oldest_unclaimed_in_submission_order():
-    state = spread.SpreadState()
+    state = spread_queue.SpreadState()
     items = [item(3), item(1), item(2)]
     first = state.pick_for_worker(items, "w1", "w1", planner)
     second = state.pick_for_worker(items, "w2", "w2", planner)
@@ -101,7 +101,7 @@ def test_workers_claim_the_oldest_unclaimed_in_submission_order():
 
 
 def test_master_skips_prompts_workers_render_and_takes_the_next_unclaimed():
-    state = spread.SpreadState()
+    state = spread_queue.SpreadState()
     items = [item(1), item(2)]
     state.pick_for_worker(items, "w1", "w1", planner)
     queued, run = state.pick_for_master(items, lambda: True, planner)
@@ -111,14 +111,14 @@ def test_master_skips_prompts_workers_render_and_takes_the_next_unclaimed():
 
 
 def test_master_disabled_leaves_spread_prompts_to_workers_but_runs_plain_ones():
-    state = spread.SpreadState()
+    state = spread_queue.SpreadState()
     plain = item(2, prompt={"1": {"class_type": "MultiGPUCollector", "inputs": {}},
                             "7": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}})
     assert state.pick_for_master([item(1), plain], lambda: False, planner)[0] is plain
 
 
 def test_arrived_values_hand_the_master_the_receiver_version_and_restore_the_prompt():
-    state = spread.SpreadState()
+    state = spread_queue.SpreadState()
     items = [item(1)]
     claim, queued, _cut = state.pick_for_worker(items, "w1", "w1", planner)
     state.arrive("p1", claim.token, {"6": {0: ["image"]}})
@@ -132,7 +132,7 @@ def test_arrived_values_hand_the_master_the_receiver_version_and_restore_the_pro
 
 
 def test_frames_need_the_claims_token_and_a_claim_that_waits():
-    state = spread.SpreadState()
+    state = spread_queue.SpreadState()
     claim, _queued, _cut = state.pick_for_worker([item(1)], "w1", "w1", planner)
     for forged in ("forged", "\ud800abc"):
         with pytest.raises(PermissionError):
@@ -145,7 +145,7 @@ def test_frames_need_the_claims_token_and_a_claim_that_waits():
 
 
 def test_a_failed_worker_puts_the_prompt_back_and_does_not_take_it_again():
-    state = spread.SpreadState()
+    state = spread_queue.SpreadState()
     items = [item(1)]
     state.pick_for_worker(items, "w1", "w1", planner)
     assert state.requeue("p1", "w1", "gone")
@@ -155,7 +155,7 @@ def test_a_failed_worker_puts_the_prompt_back_and_does_not_take_it_again():
 
 
 def test_a_worker_error_fails_the_masters_run_with_its_message():
-    state = spread.SpreadState()
+    state = spread_queue.SpreadState()
     items = [item(1)]
     state.pick_for_worker(items, "w1", "w1", planner)
     state.fail("p1", "worker1: error in node 5 (KSampler): out of ink")
@@ -165,7 +165,7 @@ def test_a_worker_error_fails_the_masters_run_with_its_message():
 
 
 def test_prune_withdraws_deleted_prompts_that_a_worker_renders():
-    state = spread.SpreadState()
+    state = spread_queue.SpreadState()
     items = [item(1), item(2)]
     state.pick_for_worker(items, "w1", "w1", planner)
     state.pick_for_master(items, lambda: True, planner)
@@ -208,7 +208,7 @@ class FakeQueue:
 def make_tap(active=True, master=True):
     q = FakeQueue()
     assert comfy_internals.queue_problem(q) == ""
-    state = spread.SpreadState(lock=q.not_empty)
+    state = spread_queue.SpreadState(lock=q.not_empty)
     tap = comfy_internals.QueueTap(q, lambda items: state.pick_for_master(items, lambda: master, planner),
                                    lambda: active, on_swap=state.swapped)
     tap.install()

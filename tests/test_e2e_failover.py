@@ -1,4 +1,4 @@
-"""The coordinator against real servers: a first job with workers that are not running, failover
+"""Collector jobs and the fleet against real servers: a first job with workers that are not running, failover
 that follows the config as it is now, a cancel that leaves other clients' prompts alone, and many
 queued jobs without a false failover."""
 from __future__ import annotations

@@ -1,0 +1,277 @@
+"""The fleet: who the participants of this master are and how to use them. It knows nothing of any
+kind of job; Collector jobs, tiled upscales and the spread queue each use it the same way.
+
+It owns the participants (read from the config on every use, so that an edit counts at once), who
+can be reached (one background check per instance, reach.Reachability), an HTTP client per
+instance and what each instance's API offers, the watching of prompts (watch.Watcher), the one
+way a prompt is sent to a worker (``send``: checks, input files, the POST), withdrawing it, the
+background tasks on the server's loop, and the panel's status and broadcast.
+
+One owner for all of it: the server's event loop. ComfyUI's execution thread acts on it only
+through ``from_thread``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+import socket
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+
+from . import doctor, workflow
+from .client import InstanceClient, InstanceError
+from .config import Config, Loaded, Worker
+from .plan import MASTER_ID
+from .reach import Clock, Reachability
+from .watch import Watch, Watcher
+
+log = logging.getLogger("comfyui-distributed")
+
+
+class Unusable(Exception):
+    """A worker cannot take a prompt now; the message says why and what to do."""
+
+
+class Fleet:
+    def __init__(self, load_config: Callable[[], Loaded], own_address: Callable[[], tuple[str, int]],
+                 input_dir: Callable[[], Path] | None = None, loopback_only: Callable[[], bool] = lambda: False,
+                 client_factory: Callable[[str], Any] | None = None, clock: Clock | None = None):
+        self.load_config = load_config
+        self.own_address = own_address
+        self.input_dir = input_dir            # the master's input folder, for loaders' files
+        self.loopback_only = loopback_only    # the master listens on 127.0.0.1 alone
+        self.clock = clock or Clock()
+        self._client_factory = client_factory  # tests give a fake; else InstanceClient over HTTP
+        self.api_features: dict = {}  # what each instance's HTTP API offers (see InstanceClient)
+        self.reach = Reachability(self._watched_instances, self.client, self.clock)
+        self.watcher = Watcher(self.reach, self.clock)
+        self.object_infos = doctor.ObjectInfoCache()  # each worker's /object_info, for a short while
+        self.tasks: set[asyncio.Task] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, for calls from other threads
+        self._session: aiohttp.ClientSession | None = None
+        self._busy: list[Callable[[], set[str]]] = []
+
+    # --- who the participants are ---------------------------------------------------------------
+    def config(self) -> Config:
+        return self.load_config().config
+
+    def is_worker_instance(self, config: Config) -> bool:
+        """This instance is one of the config's local workers: it runs what it is sent, nothing more."""
+        _host, port = self.own_address()
+        return port != config.master.port and any(w.is_local and w.port == port for w in config.workers)
+
+    def usable(self, config: Config) -> list[Worker]:
+        """The enabled workers that the reachability checks do not see down."""
+        return [w for w in config.workers if w.enabled and not self.reach.is_down(w.url)]
+
+    def left_out(self, config: Config) -> dict[str, str]:
+        """Enabled workers seen down, by id: why."""
+        return {w.id: self.reach.why(w.url) for w in config.workers if w.enabled and self.reach.is_down(w.url)}
+
+    def own_url(self) -> str:
+        host, port = self.own_address()
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def master_url_for(self, config: Config, worker: Worker) -> str:
+        """The address a worker uses to reach this master: configured, or loopback for local workers,
+        or the address of the interface that routes to a remote worker."""
+        _host, port = self.own_address()
+        host = config.master.host
+        if not host:
+            host = "127.0.0.1" if worker.is_local else _route_address(worker.host)
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def _watched_instances(self) -> list[tuple[str, bool]]:
+        """What the reachability checks watch: this master and every worker of the current config
+        (none on an instance that is itself a worker)."""
+        config = self.config()
+        if self.is_worker_instance(config):
+            return []
+        return [(self.own_url(), True)] + [(w.url, w.enabled) for w in config.workers]
+
+    def add_busy(self, source: Callable[[], set[str]]) -> None:
+        """A kind of job declares the workers it keeps busy with work that must not wait behind
+        other work (Collector shares): ``busy()`` gathers them for whoever hands out work."""
+        self._busy.append(source)
+
+    def busy(self) -> set[str]:
+        return set().union(*(source() for source in self._busy)) if self._busy else set()
+
+    # --- talking to them ---------------------------------------------------------------------------
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    def client(self, url: str) -> InstanceClient:
+        if self._client_factory is not None:
+            return self._client_factory(url)
+        return InstanceClient(self.session(), url, self.api_features)
+
+    async def send(self, worker: Worker, prompt: dict, config: Config, client_id: str,
+                   check_nodes: bool = False) -> tuple[InstanceClient, str]:
+        """The one way a prompt goes to a worker: (its client, the prompt id it was queued under).
+        A remote worker of a master that listens on loopback alone is refused; with
+        ``check_nodes``, so is one that lacks a node class or model the prompt needs; the files the
+        prompt's loaders read are uploaded where the worker lacks them. Raises Unusable, with why."""
+        client = self.client(worker.url)
+        if not worker.is_local and not config.master.host and self.loopback_only():
+            raise Unusable(f"it is on another machine ({worker.host}) but this master listens on 127.0.0.1 "
+                           "only; start the master with --listen (the launcher does when a worker is remote), "
+                           "or set master.host")
+        try:
+            if check_nodes:
+                lacks = await self._lacks(worker, client, prompt)
+                if lacks:
+                    raise Unusable(doctor.lack_reason(lacks))
+            await self.sync_inputs(client, prompt)
+            prompt_id = await client.post_prompt(prompt, client_id)
+        except InstanceError as exc:
+            self.reach.failed(worker.url, str(exc), exc.refused)
+            raise Unusable(str(exc)) from None
+        self.reach.ok(worker.url)
+        return client, prompt_id
+
+    async def _lacks(self, worker: Worker, client: InstanceClient, prompt: dict) -> list[dict]:
+        files = workflow.input_files(prompt)
+        lacks = doctor.blocking(prompt, await self.object_infos.get(worker.url, client.object_info), files)
+        if lacks:  # a list from before a model was copied there must not keep the worker out
+            self.object_infos.forget(worker.url)
+            lacks = doctor.blocking(prompt, await self.object_infos.get(worker.url, client.object_info), files)
+        return lacks
+
+    async def sync_inputs(self, client: InstanceClient, prompt: dict) -> None:
+        """Upload the files the prompt's loaders read to a worker that lacks them (or holds a
+        different file by that name), from the master's input folder."""
+        if self.input_dir is None:
+            return
+        root = self.input_dir().resolve()
+        for name in workflow.input_files(prompt):
+            path = (root / name).resolve()
+            if root not in path.parents or not path.is_file():
+                continue  # not ours to send; the worker's own validation will name what is missing
+            data, digest = await asyncio.get_running_loop().run_in_executor(None, _read_hashed, path)
+            # the size first, which costs nothing; then the content, read back through /view
+            if await client.input_size(name) == len(data) and await client.input_digest(name, len(data)) == digest:
+                continue
+            await client.upload_input(name, data)
+            log.info("[Distributed] uploaded input %s to %s", name, client.url)
+
+    async def watch(self, watched: Watch, timeout: float) -> tuple[str, str]:
+        return await self.watcher.watch(watched, timeout)
+
+    async def withdraw(self, url: str, prompt_id: str, label: str = "") -> None:
+        """Take a prompt back from an instance (deleted while queued, interrupted while running);
+        a failure is logged, not raised."""
+        try:
+            await self.client(url).withdraw(prompt_id)
+        except InstanceError as exc:
+            log.info("[Distributed] could not withdraw %s's prompt: %s", label or url, exc)
+
+    def master_queue_changed(self) -> None:
+        """Someone deleted prompts from the master's queue or cleared it (POST /queue): read it
+        again now rather than at its next reading, so that a deleted job's workers stop at once."""
+        self.watcher.queue_changed(self.own_url())
+
+    # --- tasks on the server's loop ----------------------------------------------------------------
+    def begin(self) -> None:
+        """On the server's loop once it runs: start the reachability checks."""
+        self.loop = asyncio.get_running_loop()
+        self.reach.start()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("[Distributed] internal error", exc_info=task.exception())
+
+    async def settle(self) -> None:
+        """Until no task of ours is left running (tests)."""
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+
+    def from_thread(self, fn: Callable, *args, timeout: float = 60.0) -> Any:
+        """Run ``fn(*args)`` (a function or coroutine function) on the event loop and wait for its
+        result: the only way ComfyUI's execution thread acts on a job."""
+        async def call():
+            result = fn(*args)
+            return await result if inspect.isawaitable(result) else result
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(timeout)
+
+    async def close(self) -> None:
+        await self.reach.stop()
+        for task in list(self.tasks):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    # --- the panel's operations --------------------------------------------------------------------
+    def instances(self, config: Config) -> list[dict]:
+        master = {"id": MASTER_ID, "name": "master", "role": "master", "url": self.own_url(),
+                  "enabled": config.master.enabled, "device": config.master.device}
+        return [master] + [{"id": w.id, "name": w.label, "role": "worker", "url": w.url,
+                            "enabled": w.enabled, "device": w.device, "host": w.host, "port": w.port,
+                            "extra_args": w.extra_args} for w in config.workers]
+
+    async def status(self, config: Config) -> list[dict]:
+        """Every instance as the reachability checks last saw it. Reading it changes nothing;
+        only an instance with no answer yet (the first moments after a start) is waited for, a
+        few seconds at most."""
+        infos = self.instances(config)
+        self.begin()  # normally started with the server already
+        await self.reach.settled([i["url"] for i in infos], timeout=3.0)
+        return [self._status_row(info) for info in infos]
+
+    def _status_row(self, info: dict) -> dict:
+        seen = self.reach.get(info["url"])
+        view = seen.view() if seen is not None else {"reach": "unknown", "error": "", "queue": None,
+                                                     "device_name": None, "vram_total": None, "vram_free": None}
+        reach = view.pop("reach")
+        if not info["enabled"]:
+            state = "disabled"
+        elif reach == "up":
+            state = "busy" if view["queue"] else "online"
+        else:
+            state = "offline" if reach == "down" else "unknown"
+        return {**info, **view, "state": state,
+                "checked_ago": None if seen is None or seen.last_ok is None
+                else round(self.clock.now() - seen.last_ok, 1)}
+
+    async def broadcast(self, config: Config, action: str) -> list[dict]:
+        """POST /free or /interrupt to the master and every enabled worker; answer per instance."""
+        async def one(info: dict) -> dict:
+            client = self.client(info["url"])
+            try:
+                await (client.free() if action == "free" else client.interrupt())
+                return {"id": info["id"], "name": info["name"], "ok": True, "error": ""}
+            except InstanceError as exc:
+                return {"id": info["id"], "name": info["name"], "ok": False, "error": str(exc)}
+        targets = [i for i in self.instances(config) if i["role"] == "master" or i["enabled"]]
+        return list(await asyncio.gather(*(one(i) for i in targets)))
+
+
+def _read_hashed(path: Path) -> tuple[bytes, str]:
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _route_address(remote_host: str) -> str:
+    """The local address the OS would use to reach a remote host (a UDP connect sends nothing)."""
+    try:
+        family = socket.AF_INET6 if ":" in remote_host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((remote_host, 9))
+            return probe.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
