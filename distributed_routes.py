@@ -438,38 +438,17 @@ def _return_type(class_type: str, index: int) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def setup_spread(server, runtime: Runtime) -> spread_queue.Dispatcher | None:
+def setup_spread(server, runtime: Runtime) -> None:
     """Install the spread queue on the master's ComfyUI queue (guarded: a queue shaped otherwise
     leaves ComfyUI's own queue alone, and the panel says why)."""
-
-    queue = getattr(server, "prompt_queue", None)
-    runtime.spread_unsupported = comfy_internals.queue_problem(queue)
-    if runtime.spread_unsupported:
-        log.warning("[Distributed] the spread queue is off: %s", runtime.spread_unsupported)
-        return None
-    state = spread_queue.SpreadState(lock=queue.not_empty)
-
-    def planner(item):
-        return spread.split_item(item, _return_type)
-
-    def active() -> bool:
-        return dispatcher.enabled() or any(c.participant != spread_queue.MASTER_ID for c in state.claims.values())
-
-    tap = comfy_internals.QueueTap(queue, lambda items: state.pick_for_master(items, dispatcher.master_renders, planner),
-                                   active, on_swap=state.swapped, refresh=lambda: dispatcher.refresh())
-    dispatcher = spread_queue.Dispatcher(state, tap, planner, runtime.fleet, config_file.load,
-                                   emit=lambda summary: server.send_sync("distributed_spread", summary),
-                                   config_path=config_file.config_path)
-    tap.install()
-    comfy_internals.wrap_put(queue, dispatcher.wake)
-    if not comfy_internals.restore_hidden_prompt(state.original_prompt):
-        log.warning("[Distributed] files of spread prompts embed the prompt the master ran, not the one submitted")
-    runtime.spread = dispatcher
+    runtime.spread, runtime.spread_unsupported = spread_queue.install(
+        getattr(server, "prompt_queue", None), runtime.fleet, _return_type, config_file.load,
+        emit=lambda summary: server.send_sync("distributed_spread", summary), config_path=config_file.config_path)
 
     async def start(_app) -> None:
-        runtime.fleet.spawn(dispatcher.run())
+        if runtime.spread is not None:
+            runtime.fleet.spawn(runtime.spread.run())
     server.app.on_startup.append(start)
-    return dispatcher
 
 
 def _add_spread_routes(routes: web.RouteTableDef, runtime: Runtime) -> None:

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import wire
+from . import comfy_internals
 from .comfy_internals import item_prompt
 from .fleet import Unusable
 from .plan import MASTER_ID
-from .spread import Split
+from .spread import Split, split_item
 from .watch import Watch
 
 log = logging.getLogger("comfyui-distributed")
@@ -451,3 +452,29 @@ class Dispatcher:
         for claim in claims:
             self.state.fail(claim.prompt_id, f"interrupted: {reason}")
             await self.withdraw(claim, reason)
+
+
+def install(queue, fleet, return_type: Callable[[str, int], str | None], load_config: Callable,
+            emit: Callable[[dict], None], config_path: Callable[[], Any]) -> tuple[Dispatcher | None, str]:
+    """The spread queue over the master's ComfyUI queue: (its Dispatcher, "") once installed, or
+    (None, why not) for a queue of another shape, which is then left as it is."""
+    problem = comfy_internals.queue_problem(queue)
+    if problem:
+        log.warning("[Distributed] the spread queue is off: %s", problem)
+        return None, problem
+    state = SpreadState(lock=queue.not_empty)
+
+    def planner(item):
+        return split_item(item, return_type)
+
+    def active() -> bool:
+        return dispatcher.enabled() or any(c.participant != MASTER_ID for c in state.claims.values())
+
+    tap = comfy_internals.QueueTap(queue, lambda items: state.pick_for_master(items, dispatcher.master_renders, planner),
+                                   active, on_swap=state.swapped, refresh=lambda: dispatcher.refresh())
+    dispatcher = Dispatcher(state, tap, planner, fleet, load_config, emit=emit, config_path=config_path)
+    tap.install()
+    comfy_internals.wrap_put(queue, dispatcher.wake)
+    if not comfy_internals.restore_hidden_prompt(state.original_prompt):
+        log.warning("[Distributed] files of spread prompts embed the prompt the master ran, not the one submitted")
+    return dispatcher, ""

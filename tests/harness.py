@@ -226,6 +226,14 @@ class Cluster:
             instance.wait_ready()
         return self
 
+    def wait_checked(self, timeout: float = 60) -> None:
+        """Until the master's reachability checks have seen every enabled worker answer (a job
+        queued before that plans out a worker still starting)."""
+        def every_worker_seen() -> bool:
+            rows = self.master.get("/distributed/status").json()["instances"]
+            return all(r["state"] in ("online", "busy", "disabled") for r in rows if r["role"] == "worker")
+        wait_until(every_worker_seen, timeout, interval=0.25, what="the master's checks seeing every worker")
+
     def stop(self) -> None:
         for instance in self.instances:
             instance.stop()

@@ -34,6 +34,7 @@ def main() -> int:
         cluster.reset_config(config)
         try:
             cluster.start()
+            cluster.wait_checked()
             worker = cluster.workers[0]
             direct, distributed = [], []
             for run in range(args.runs + 1):  # the first of each warms up
