@@ -12,15 +12,25 @@ counters, metadata and bytes stay exactly what the node itself makes, since the 
 them; only the encodes overlap. Saves on other threads, to open files, or in other formats are
 left alone. The node returns once its files are whole, as in ComfyUI, so its history entry, the
 queue, the jobs API and the asset catalogue see every file complete.
+
+One large image (a tiled upscale's result: 4 to 16 megapixels) would still be one encode on one
+core. An 8-bit RGB or RGBA image of at least STRIP_PIXELS, saved with nothing but ComfyUI's
+``pnginfo`` and ``compress_level``, is therefore encoded in horizontal strips on every core
+(``png_in_strips``): each strip Paeth-filtered and deflated apart, flushed to a byte boundary,
+the streams joined into one zlib stream. The file holds the same pixels and the same text chunks,
+in other bytes; any PNG reader reads it as one image.
 """
 from __future__ import annotations
 
 import functools
 import os
+import struct
 import threading
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
+import numpy as np
 from PIL import Image
 
 DISABLE_VARIABLE = "COMFYUI_DISTRIBUTED_SERIAL_SAVE"  # set to 1 to keep ComfyUI's one-at-a-time saving
@@ -29,6 +39,9 @@ _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _save: Callable = Image.Image.save  # Pillow's own, kept before any wrapping
+_strip_pool: ThreadPoolExecutor | None = None  # apart from _pool, whose threads wait for the strips
+STRIP_PIXELS = 1 << 21  # images of at least this many pixels are encoded in strips on every core
+STRIP_ROWS = 128
 
 
 def workers() -> int:
@@ -53,9 +66,78 @@ def _is_png_file(fp, format_name: str | None) -> bool:
     return os.fspath(fp).lower().endswith(".png")
 
 
+def _strips_executor() -> ThreadPoolExecutor:
+    global _strip_pool
+    with _pool_lock:
+        if _strip_pool is None:
+            _strip_pool = ThreadPoolExecutor(workers(), thread_name_prefix="distributed-png-strip")
+        return _strip_pool
+
+
+def _in_strips(image: Image.Image, params: dict) -> bool:
+    return (image.mode in ("RGB", "RGBA") and image.width * image.height >= STRIP_PIXELS and workers() > 1
+            and set(params) <= {"pnginfo", "compress_level"} and not image.info.get("icc_profile"))
+
+
+def _filtered_strip(pixels: np.ndarray, first: int, last: int) -> bytes:
+    """Rows first..last-1 of an (h, w, c) uint8 array, each Paeth-filtered (PNG filter type 4)
+    against the row above it (none above the first row of the image) and led by its filter byte."""
+    rows = pixels[first:last].astype(np.int16)
+    up = pixels[first - 1:last - 1].astype(np.int16) if first else None
+    if up is None:
+        up = np.zeros_like(rows)
+        up[1:] = rows[:-1]
+    left = np.zeros_like(rows)
+    left[:, 1:] = rows[:, :-1]
+    up_left = np.zeros_like(rows)
+    up_left[:, 1:] = up[:, :-1]
+    estimate = left + up - up_left
+    to_left, to_up, to_up_left = np.abs(estimate - left), np.abs(estimate - up), np.abs(estimate - up_left)
+    predicted = np.where((to_left <= to_up) & (to_left <= to_up_left), left, np.where(to_up <= to_up_left, up, up_left))
+    filtered = ((rows - predicted) & 0xFF).astype(np.uint8).reshape(last - first, -1)
+    return np.concatenate([np.full((last - first, 1), 4, np.uint8), filtered], axis=1).tobytes()
+
+
+def _deflated_strip(pixels: np.ndarray, first: int, last: int, level: int, final: bool) -> tuple[bytes, bytes]:
+    raw = _filtered_strip(pixels, first, last)
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return raw, compressor.compress(raw) + compressor.flush(zlib.Z_FINISH if final else zlib.Z_FULL_FLUSH)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_in_strips(image: Image.Image, pnginfo=None, compress_level: int = 6) -> bytes:
+    """The PNG file of an 8-bit RGB or RGBA image, its strips filtered and deflated in parallel;
+    pnginfo's chunks (ComfyUI's prompt and workflow text) as Pillow would place them."""
+    pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    bounds = [(r, min(r + STRIP_ROWS, height)) for r in range(0, height, STRIP_ROWS)]
+    level = max(0, min(9, int(compress_level)))
+    strips = list(_strips_executor().map(
+        lambda b: _deflated_strip(pixels, b[0], b[1], level, b[1] == height), bounds))
+    checksum = 1
+    for raw, _packed in strips:
+        checksum = zlib.adler32(raw, checksum)
+    stream = b"\x78\x9c" + b"".join(packed for _raw, packed in strips) + struct.pack(">I", checksum & 0xFFFFFFFF)
+    before, after = [], []
+    for entry in getattr(pnginfo, "chunks", None) or []:
+        kind, data, after_idat = (entry + (False,))[:3]
+        (after if after_idat else before).append(_chunk(kind, data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 6 if image.mode == "RGBA" else 2, 0, 0, 0)
+    return b"".join([b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", header), *before, _chunk(b"IDAT", stream), *after,
+                     _chunk(b"IEND", b"")])
+
+
 def _write(image: Image.Image, fp, format_name, params: dict) -> None:
     try:
-        _save(image, fp, format_name, **params)
+        if _in_strips(image, params):
+            data = png_in_strips(image, **params)
+            with open(fp, "wb") as handle:
+                handle.write(data)
+        else:
+            _save(image, fp, format_name, **params)
     except OSError as exc:
         raise OSError(exc.errno, f"could not write {os.path.basename(os.fspath(fp))}: {exc.strerror or exc}") from exc
 

@@ -66,6 +66,46 @@ def test_files_are_byte_for_byte_what_a_serial_save_writes(installed, tmp_path):
     assert [p.read_bytes() for p in parallel] == [p.read_bytes() for p in serial]
 
 
+def smooth(width: int, height: int, channels: int = 3) -> np.ndarray:
+    """A picture with gradients and noise, as an upscale gives: what the Paeth filter is for."""
+    rng = np.random.default_rng(width + channels)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)), (x + y) % 256][:channels]
+                    + [np.full_like(x, 200)] * (channels - 3), axis=-1)
+    return np.clip(base + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode,channels", [("RGB", 3), ("RGBA", 4)])
+def test_a_large_image_is_encoded_in_strips_to_the_same_pixels_and_text(installed, tmp_path, mode, channels):
+    pixels = smooth(1531, 1377, channels)  # above STRIP_PIXELS, rows not a multiple of the strip
+    assert pixels.shape[0] * pixels.shape[1] >= encode.STRIP_PIXELS and pixels.shape[0] % encode.STRIP_ROWS
+    info = PngInfo()
+    info.add_text("prompt", json.dumps({"3": {"class_type": "KSampler"}}))
+    info.add_text("workflow", "{}")
+    image = Image.fromarray(pixels, mode)
+    assert encode._in_strips(image, {"pnginfo": info, "compress_level": 4})
+    path = tmp_path / "big_00001_.png"
+    encode.deferred_saves(lambda: image.save(path, pnginfo=info, compress_level=4))()
+    with Image.open(path) as back:
+        back.load()
+        assert back.mode == mode and back.text == {"prompt": '{"3": {"class_type": "KSampler"}}', "workflow": "{}"}
+        assert np.array_equal(np.asarray(back), pixels)
+    serial = io.BytesIO()
+    encode._save(image, serial, "PNG", pnginfo=info, compress_level=4)
+    assert path.read_bytes() != serial.getvalue()  # the strip encoder wrote it, not Pillow
+    assert len(path.read_bytes()) < 1.25 * len(serial.getvalue())  # at most a little larger (one filter)
+
+
+def test_images_the_strips_do_not_cover_go_to_pillow(installed):
+    small = Image.fromarray(smooth(64, 64))
+    big = Image.fromarray(smooth(1600, 1400))
+    assert not encode._in_strips(small, {"compress_level": 4})
+    assert not encode._in_strips(big.convert("L"), {"compress_level": 4})
+    assert not encode._in_strips(big, {"compress_level": 4, "optimize": True})
+    big.info["icc_profile"] = b"profile"
+    assert not encode._in_strips(big, {"compress_level": 4})
+
+
 def test_an_encoding_error_reaches_the_caller_after_every_file_is_done(installed, tmp_path):
     def batch_with_a_bad_folder():
         save_batch(tmp_path, 3)
