@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from .distributed_core import access, comfy_flags, comfy_internals, doctor, encode, launcher, spread, spread_queue, wire
+from .distributed_core import access, comfy_flags, comfy_internals, doctor, encode, local_instances, spread, spread_queue, wire
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.fleet import Fleet
@@ -102,7 +102,7 @@ def setup(server) -> Runtime:
     # first, before ComfyUI's own middlewares (set up before any extension loads)
     server.app.middlewares.insert(0, _access_middleware(access.load_or_create()))
     server.app.middlewares.append(_prompt_middleware(runtime))
-    processes = launcher.LocalProcesses()  # local workers this master started from the panel
+    processes = local_instances.LocalProcesses()  # local workers this master started from the panel
     _add_routes(server.routes, runtime, processes)
     _add_worker_routes(server.routes, processes)
     setup_spread(server, runtime)
@@ -366,12 +366,12 @@ def _add_worker_routes(routes: web.RouteTableDef, processes) -> None:
         # Asking nvidia-smi which NUMA node each GPU is on takes a moment: off the event loop. The
         # process itself starts from the loop's thread, which lives as long as ComfyUI (see LocalProcesses).
         placements = await asyncio.get_running_loop().run_in_executor(
-            None, launcher.cpu_placements, config, on_cpu)
+            None, local_instances.cpu_placements, config, on_cpu)
         try:
             pid = processes.start_worker(config, worker, comfy_folder(), sys.executable,
                                          cpu=on_cpu, config_file=Path(named) if named else None,
                                          placements=placements, master_args=sys.argv[1:])
-        except launcher.LauncherError as exc:
+        except local_instances.LauncherError as exc:
             return error(409, str(exc))
         return web.json_response({"ok": True, "pid": pid})
 
@@ -388,7 +388,7 @@ def _add_worker_routes(routes: web.RouteTableDef, processes) -> None:
         worker_id = request.match_info["worker_id"]
         try:
             lines = int(request.query.get("lines", "200"))
-            text = launcher.read_log_tail(worker_id, lines)
+            text = local_instances.read_log_tail(worker_id, lines)
         except ValueError as exc:
             return error(400, str(exc))
         return web.json_response({"id": worker_id, "log": text, "running": processes.is_running(worker_id)})

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from distributed_core import config, cpus, gpus, launcher  # noqa: E402
+from distributed_core import config, cpus, gpus, local_instances  # noqa: E402
 
 # Two sockets of 8 cores with hyperthreads, numbered as Linux numbers them: core k is CPUs k and k+16.
 TWO_SOCKETS = cpus.Machine(
@@ -68,7 +68,7 @@ def test_config_overrides_keep_their_cores_and_the_rest_is_shared_out():
                                     {"id": "w2", "port": 8190, "device": 2, "cpus": "off"},
                                     {"id": "w3", "port": 8191, "device": 3},
                                     {"id": "far", "host": "10.9.9.9", "port": 8188, "device": 0}]})
-    placed = launcher.cpu_placements(cfg, machine=cpus.Machine(cpus=tuple(range(8))))
+    placed = local_instances.cpu_placements(cfg, machine=cpus.Machine(cpus=tuple(range(8))))
     assert placed["master"] == ([0, 1], 3)
     assert placed["w1"] == ([2, 3, 4], 3) and placed["w3"] == ([5, 6, 7], 3)
     assert placed["w2"] == ([], 0)       # "off": not pinned, pools left to ComfyUI
@@ -110,6 +110,6 @@ def test_parse_bus_ids_skips_what_is_not_a_bus_id():
 
 
 def test_instance_env_caps_every_thread_pool():
-    env = launcher.instance_env(1, False, None, threads=6)
+    env = local_instances.instance_env(1, False, None, threads=6)
     assert all(env[name] == "6" for name in cpus.THREAD_VARIABLES)
-    assert not set(cpus.THREAD_VARIABLES) & set(launcher.instance_env(1, False, None))
+    assert not set(cpus.THREAD_VARIABLES) & set(local_instances.instance_env(1, False, None))

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from distributed_core import config, gpus, launcher  # noqa: E402
+from distributed_core import config, gpus, launcher, local_instances  # noqa: E402
 from comfy_shapes import ANSWERING_SERVER  # noqa: E402
 
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="uses POSIX shell scripts and signals")
@@ -208,7 +208,7 @@ def test_config_from_gpus_without_a_gpu_is_a_cpu_setup():
     parsed = config.parse(gpus.config_from_gpus([]))
     assert parsed.master.device is None
     assert [(w.port, w.device, w.extra_args) for w in parsed.workers] == [(8189, None, "--cpu"), (8190, None, "--cpu")]
-    master = launcher.master_instance(parsed, "python")
+    master = local_instances.master_instance(parsed, "python")
     assert master.argv[-1] == "--cpu" and "CUDA_VISIBLE_DEVICES" not in master.env
 
 
@@ -220,32 +220,32 @@ def test_detect_gpus_without_nvidia_smi_is_empty(monkeypatch, tmp_path):
 # --- command building ---------------------------------------------------------------------------
 
 def test_build_command_splits_extra_args_into_words():
-    argv = launcher.build_command("/venv/bin/python", "127.0.0.1", 8190, "--lowvram  --preview-method auto")
+    argv = local_instances.build_command("/venv/bin/python", "127.0.0.1", 8190, "--lowvram  --preview-method auto")
     assert argv == ["/venv/bin/python", "main.py", "--listen", "127.0.0.1", "--port", "8190",
                     "--lowvram", "--preview-method", "auto"]
 
 
 def test_build_command_adds_cpu_once():
-    assert launcher.build_command("py", "127.0.0.1", 1, "--cpu --lowvram", cpu=True).count("--cpu") == 1
-    assert launcher.build_command("py", "127.0.0.1", 1, "", cpu=True)[-1] == "--cpu"
-    assert "--cpu" not in launcher.build_command("py", "127.0.0.1", 1, "")
+    assert local_instances.build_command("py", "127.0.0.1", 1, "--cpu --lowvram", cpu=True).count("--cpu") == 1
+    assert local_instances.build_command("py", "127.0.0.1", 1, "", cpu=True)[-1] == "--cpu"
+    assert "--cpu" not in local_instances.build_command("py", "127.0.0.1", 1, "")
 
 
 def test_instance_env_pins_the_device_except_on_cpu(tmp_path):
-    pinned = launcher.instance_env(2, False, None)
+    pinned = local_instances.instance_env(2, False, None)
     assert (pinned["CUDA_VISIBLE_DEVICES"], pinned["CUDA_DEVICE_ORDER"]) == ("2", "PCI_BUS_ID")
-    assert "CUDA_VISIBLE_DEVICES" not in launcher.instance_env(2, True, None)
-    assert "CUDA_VISIBLE_DEVICES" not in launcher.instance_env(None, False, None)
-    assert launcher.instance_env(None, False, tmp_path / "c.json")[config.ENV_VAR] == str(tmp_path / "c.json")
+    assert "CUDA_VISIBLE_DEVICES" not in local_instances.instance_env(2, True, None)
+    assert "CUDA_VISIBLE_DEVICES" not in local_instances.instance_env(None, False, None)
+    assert local_instances.instance_env(None, False, tmp_path / "c.json")[config.ENV_VAR] == str(tmp_path / "c.json")
 
 
 def test_master_listens_on_all_addresses_only_for_remote_workers():
     local = config.parse({"workers": [{"port": 8189}]})
     remote = config.parse({"workers": [{"port": 8189}, {"port": 8188, "host": "192.168.1.20"}]})
-    assert launcher.master_instance(local, "py").argv[2:4] == ["--listen", "127.0.0.1"]
-    assert launcher.master_instance(remote, "py").argv[2:4] == ["--listen", "0.0.0.0"]
-    assert launcher.worker_instance(remote, remote.workers[0], "py").argv[2:4] == ["--listen", "127.0.0.1"]
-    assert not launcher.worker_instance(remote, remote.workers[1], "py").local
+    assert local_instances.master_instance(local, "py").argv[2:4] == ["--listen", "127.0.0.1"]
+    assert local_instances.master_instance(remote, "py").argv[2:4] == ["--listen", "0.0.0.0"]
+    assert local_instances.worker_instance(remote, remote.workers[0], "py").argv[2:4] == ["--listen", "127.0.0.1"]
+    assert not local_instances.worker_instance(remote, remote.workers[1], "py").local
 
 
 def test_start_worker_runs_the_built_words_without_a_shell(monkeypatch, tmp_path):
@@ -260,11 +260,11 @@ def test_start_worker_runs_the_built_words_without_a_shell(monkeypatch, tmp_path
         def poll(self):
             return None
 
-    monkeypatch.setattr(launcher, "LOG_DIR", tmp_path / "logs")
-    monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(local_instances, "LOG_DIR", tmp_path / "logs")
+    monkeypatch.setattr(local_instances.subprocess, "Popen", FakePopen)
     parsed = config.parse({"workers": [{"id": "w3", "port": 8191, "device": 3,
                                         "extra_args": "--lowvram --preview-method auto"}]})
-    pid = launcher.LocalProcesses().start_worker(parsed, parsed.workers[0], tmp_path, python="/py")
+    pid = local_instances.LocalProcesses().start_worker(parsed, parsed.workers[0], tmp_path, python="/py")
     argv, kwargs = calls[0]
     assert pid == 4242
     assert argv == ["/py", "main.py", "--listen", "127.0.0.1", "--port", "8191",
@@ -278,37 +278,37 @@ def test_start_worker_runs_the_built_words_without_a_shell(monkeypatch, tmp_path
 @pytest.mark.parametrize("bad_id", ["../secret", "a/b", "..", "", "x.log", "a b", "w\n1"])
 def test_log_ids_outside_the_safe_set_are_refused(bad_id):
     with pytest.raises(ValueError):
-        launcher.log_path(bad_id)
+        local_instances.log_path(bad_id)
     with pytest.raises(ValueError):
-        launcher.read_log_tail(bad_id)
+        local_instances.read_log_tail(bad_id)
 
 
 def test_read_log_tail(monkeypatch, tmp_path):
-    monkeypatch.setattr(launcher, "LOG_DIR", tmp_path)
-    assert launcher.read_log_tail("worker1") == ""
+    monkeypatch.setattr(local_instances, "LOG_DIR", tmp_path)
+    assert local_instances.read_log_tail("worker1") == ""
     (tmp_path / "worker1.log").write_text("".join(f"line {i}\n" for i in range(5000)), encoding="utf-8")
-    assert launcher.read_log_tail("worker1", 3) == "line 4997\nline 4998\nline 4999"
+    assert local_instances.read_log_tail("worker1", 3) == "line 4997\nline 4998\nline 4999"
 
 
 @POSIX_ONLY
 def test_local_processes_start_and_stop_only_their_own(monkeypatch, tmp_path):
-    monkeypatch.setattr(launcher, "LOG_DIR", tmp_path / "logs")
+    monkeypatch.setattr(local_instances, "LOG_DIR", tmp_path / "logs")
     stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                 "print('ready', flush=True); time.sleep(300)")
-    instance = launcher.Instance("stubborn", "stubborn", 1, "http://127.0.0.1:1",
+    instance = local_instances.Instance("stubborn", "stubborn", 1, "http://127.0.0.1:1",
                                  argv=[sys.executable, "-c", stubborn])
-    processes = launcher.LocalProcesses()
+    processes = local_instances.LocalProcesses()
     pid = processes.start(instance, tmp_path)
     try:
         assert processes.is_running("stubborn") and not processes.is_running("other")
         assert os.getsid(pid) == pid  # own session, so its whole group can be stopped
-        with pytest.raises(launcher.LauncherError):
+        with pytest.raises(local_instances.LauncherError):
             processes.start(instance, tmp_path)
-        wait_until(lambda: "ready" in launcher.read_log_tail("stubborn"), 60, "the child to start")
+        wait_until(lambda: "ready" in local_instances.read_log_tail("stubborn"), 60, "the child to start")
         assert not processes.stop_worker("other")
         assert processes.stop_worker("stubborn", grace_s=0.5)  # ignores SIGTERM, so it gets killed
         assert not processes.is_running("stubborn") and not alive(pid)
-        assert "sleep(300)" in launcher.read_log_tail("stubborn")  # the command heads the log
+        assert "sleep(300)" in local_instances.read_log_tail("stubborn")  # the command heads the log
     finally:
         if alive(pid):
             os.killpg(pid, signal.SIGKILL)
@@ -354,10 +354,10 @@ def test_find_comfyui_order(monkeypatch, tmp_path):
     monkeypatch.setattr(config, "EXTENSION_DIR", tmp_path / "elsewhere" / "ComfyUI-Distributed")
     assert launcher.find_comfyui(None)[0] == from_env.resolve()
     monkeypatch.delenv("COMFYUI_ROOT")
-    with pytest.raises(launcher.LauncherError) as error:
+    with pytest.raises(local_instances.LauncherError) as error:
         launcher.find_comfyui(None)
     assert all(option in str(error.value) for option in ("custom_nodes", "COMFYUI_ROOT", "--comfyui"))
-    with pytest.raises(launcher.LauncherError, match="--comfyui"):
+    with pytest.raises(local_instances.LauncherError, match="--comfyui"):
         launcher.find_comfyui(str(tmp_path / "missing"))
 
 
@@ -435,7 +435,7 @@ def expected_storage(tree: Path, worker_id: str) -> list[str]:
     if '"--disable-assets"' in text:
         return ["--disable-assets"]
     if '"--database-url"' in text:
-        return ["--database-url", f"sqlite:///{(launcher.STATE_DIR / f'{worker_id}.db').as_posix()}"]
+        return ["--database-url", f"sqlite:///{(local_instances.STATE_DIR / f'{worker_id}.db').as_posix()}"]
     return []
 
 
@@ -489,10 +489,10 @@ def test_a_worker_started_from_the_panel_gets_the_same_storage_flags(monkeypatch
         def poll(self):
             return None
 
-    monkeypatch.setattr(launcher, "LOG_DIR", tmp_path / "logs")
-    monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(local_instances, "LOG_DIR", tmp_path / "logs")
+    monkeypatch.setattr(local_instances.subprocess, "Popen", FakePopen)
     parsed = config.parse({"workers": [{"id": "w3", "port": 8191, "extra_args": "--lowvram"}]})
-    launcher.LocalProcesses().start_worker(parsed, parsed.workers[0], comfy_038(tmp_path), python="/py")
+    local_instances.LocalProcesses().start_worker(parsed, parsed.workers[0], comfy_038(tmp_path), python="/py")
     assert calls[0][6:] == ["--lowvram", "--disable-assets"]
 
 
@@ -506,7 +506,7 @@ def test_a_master_and_workers_of_one_0_38_folder_all_stay_up(tmp_path, launch, o
     tree = comfy_038(tmp_path, flags)
     ports = free_ports(3)
     path = storage_setup(tmp_path, ports, ["", ""])
-    databases = [launcher.STATE_DIR / f"{w}.db" for w in ("w1", "w2")]
+    databases = [local_instances.STATE_DIR / f"{w}.db" for w in ("w1", "w2")]
     for database in databases:
         database.unlink(missing_ok=True)
     try:
@@ -515,7 +515,7 @@ def test_a_master_and_workers_of_one_0_38_folder_all_stay_up(tmp_path, launch, o
         assert sorted(pids) == ["master", "w1", "w2"]
         wait_until(lambda: all(answers(port) for port in ports), 60, "every instance to answer")
         for instance_id in pids:
-            log = launcher.read_log_tail(instance_id)
+            log = local_instances.read_log_tail(instance_id)
             assert "ASSETS_STARTUP_FAILED" not in log, log
             assert (offers in log) == (instance_id != "master"), log
         assert all(alive(pid) for pid in pids.values())
@@ -528,10 +528,10 @@ def test_a_master_and_workers_of_one_0_38_folder_all_stay_up(tmp_path, launch, o
 
 def test_a_worker_started_by_the_master_gets_the_masters_own_folder_flags():
     conf = config.parse({"master": {"port": 9400}, "workers": [{"id": "w", "port": 9401}]})
-    instance = launcher.worker_instance(conf, conf.workers[0], "py",
+    instance = local_instances.worker_instance(conf, conf.workers[0], "py",
                                         master_args=["--port", "9400", "--extra-model-paths-config", "x.yaml"])
     assert instance.argv[6:] == ["--extra-model-paths-config", "x.yaml"]
-    assert launcher.master_folder_args([], "") == []
+    assert local_instances.master_folder_args([], "") == []
 
 
 def test_broken_config_is_an_error_not_defaults(tmp_path, comfy_stub):
@@ -679,7 +679,7 @@ def test_launcher_leaves_a_running_instance_alone_and_sigterm_stops_the_rest(tmp
         assert sorted(pids) == ["master", "w1"]
         assert re.search(r"^w2 .* already running", output, re.M)
         assert all(answers(port) for port in ports)
-        worker_log = launcher.read_log_tail("w1")
+        worker_log = local_instances.read_log_tail("w1")
         assert '["--listen", "127.0.0.1", "--port", "%d", "--lowvram", "--cpu"]' % ports[1] in worker_log
         assert f"CUDA None CONFIG {path.resolve()}" in worker_log
         process.send_signal(signal.SIGTERM)
@@ -697,7 +697,7 @@ def test_workers_stop_when_the_master_dies(tmp_path, fake_comfy, launch):
     path, ports = fake_setup(tmp_path)
     process, out = launch("--config", str(path), "--comfyui", str(fake_comfy))
     pids = started_pids(wait_for_output(process, out, "Running.", 120))
-    assert launcher.read_log_tail("w2").count("CUDA 2 ") == 1
+    assert local_instances.read_log_tail("w2").count("CUDA 2 ") == 1
     os.kill(pids["master"], signal.SIGKILL)
     assert process.wait(60) != 0
     assert "master exited" in out.read_text(encoding="utf-8")
@@ -759,7 +759,7 @@ def test_real_comfyui_on_cpu_master_and_two_workers_answer_and_sigterm_stops_the
 
 
 def test_a_bare_cors_flag_is_dropped_but_an_origin_is_kept():
-    from distributed_core.launcher import build_command
+    from distributed_core.local_instances import build_command
     assert "--enable-cors-header" not in build_command("py", "127.0.0.1", 8189, "--enable-cors-header --lowvram")
     assert "--enable-cors-header" not in build_command("py", "127.0.0.1", 8189, "--lowvram --enable-cors-header")
     kept = build_command("py", "127.0.0.1", 8189, "--enable-cors-header http://studio.lan:8188")
