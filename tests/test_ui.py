@@ -223,6 +223,40 @@ def test_add_edit_and_remove_a_worker(live, comfy):
     expect(card).to_have_count(0, timeout=TIMEOUT)
 
 
+def test_a_worker_is_added_and_edited_by_its_url_with_a_hidden_header(live, comfy):
+    panel = comfy.open_panel()
+    panel.locator(".cdist-add-worker").click()
+    form = panel.locator(".cdist-worker-form")
+    form.locator(".cdist-field-name").fill("pod")
+    form.locator(".cdist-field-url").fill("https://pod-8188.proxy.example.net/comfy")
+    form.locator(".cdist-field-headers").fill("X-Proxy-Token: abc123")
+    form.locator(".cdist-submit").click()
+    expect(form).to_have_count(0)
+    added = harness.wait_until(lambda: [w for w in config_on_disk(live)["workers"] if w["name"] == "pod"], 30,
+                               what="the worker by url on disk")[0]
+    assert added["url"] == "https://pod-8188.proxy.example.net/comfy" and "port" not in added
+    assert added["headers"] == {"X-Proxy-Token": "abc123"}
+    card = comfy.card(added["id"])
+    expect(card).to_have_attribute("data-state", "offline", timeout=TIMEOUT)  # nothing answers there
+    expect(card.locator(".cdist-start")).to_be_hidden()  # a worker by url is started where it runs
+    assert "abc123" not in panel.inner_text()
+
+    card.locator(".cdist-edit").click()
+    expect(card.locator(".cdist-field-headers")).to_have_value("X-Proxy-Token: (hidden)")
+    expect(card.locator(".cdist-field-url")).to_have_value("https://pod-8188.proxy.example.net/comfy")
+    card.locator(".cdist-field-name").fill("pod-renamed")
+    card.locator(".cdist-submit").click()
+    harness.wait_until(lambda: any(w["name"] == "pod-renamed" for w in config_on_disk(live)["workers"]), 30,
+                       what="the rename on disk")
+    edited = next(w for w in config_on_disk(live)["workers"] if w["id"] == added["id"])
+    assert edited["headers"] == {"X-Proxy-Token": "abc123"}  # the hidden value kept what it was
+
+    card.locator(".cdist-edit").click()
+    card.locator(".cdist-field-url").fill("not a url")
+    card.locator(".cdist-submit").click()
+    expect(card.locator(".cdist-error-url")).to_contain_text("http:// or https://")
+
+
 def test_detect_gpus_lists_the_masters_gpus(live, comfy):
     gpus = live.master.get("/distributed/gpus").json()["gpus"]
     panel = comfy.open_panel()

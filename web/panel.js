@@ -7,6 +7,7 @@ const POLL_MS = 3000;
 const JOBS_SHOWN = 3;
 const GIB = 1024 ** 3;
 const LOCAL_HOSTS = ["127.0.0.1", "localhost", "::1", "0.0.0.0"];
+const HIDDEN = "(hidden)"; // a header value as the master shows it; sent back, it keeps what it is
 const SHELL_CHARS = /[;|&`$<>\\"'(){}*?!#]/g; // the server refuses these in extra args
 const JOB_ACTIVE = ["planned", "running"];
 
@@ -687,7 +688,7 @@ class InstanceCard {
     this.error.hidden = !(info.error && info.state === "offline");
     this.error.textContent = info.error || "";
     if (this.startButton) {
-      const local = LOCAL_HOSTS.includes(info.host);
+      const local = LOCAL_HOSTS.includes(info.host) && !info.address;
       const running = info.state !== "offline" && !info.error;
       this.startButton.hidden = !local || running;
       // Stop only what this master started: anything else is stopped where it was started.
@@ -722,9 +723,10 @@ class InstanceCard {
       this.editor?.remove();
       this.editor = null;
     };
-    const { name, host, port, device, extra_args } = this.info;
+    const { name, host, port, device, extra_args, address, ca_bundle, header_names } = this.info;
     this.editor = workerForm({
-      values: { name, host, port, device, extra_args },
+      values: address ? { name, url: address, device, extra_args, ca_bundle, headers: shownHeaders(header_names) }
+        : { name, host, port, device, extra_args, ca_bundle, headers: shownHeaders(header_names) },
       submitText: "Save",
       gpus: this.panel.gpus,
       onSubmit: async (fields) => {
@@ -792,6 +794,9 @@ const WORKER_FIELDS = [
   { key: "name", label: "Name", type: "text", placeholder: "e.g. gpu1" },
   { key: "host", label: "Host", type: "text", placeholder: "127.0.0.1" },
   { key: "port", label: "Port", type: "number", placeholder: "e.g. 8189" },
+  { key: "url", label: "Or URL", type: "text", placeholder: "https://pod-8188.proxy.example.net (in place of host and port)" },
+  { key: "ca_bundle", label: "CA file", type: "text", placeholder: "on the master, for a self-signed https worker" },
+  { key: "headers", label: "Headers", type: "text", placeholder: "Name: value; Other: value (sent with every request, never shown)" },
   { key: "device", label: "GPU", type: "number", placeholder: "index; empty: not pinned" },
   { key: "extra_args", label: "Extra args", type: "text", placeholder: "e.g. --lowvram" },
 ];
@@ -857,20 +862,45 @@ function workerForm({ values, submitText, gpus, onSubmit, onCancel }) {
 function readWorkerFields(inputs) {
   const text = (key) => inputs[key].value.trim();
   const number = (key) => (text(key) === "" ? null : Number(text(key)));
-  return { name: text("name"), host: text("host") || "127.0.0.1", port: number("port"),
-    device: number("device"), extra_args: text("extra_args") };
+  const common = { name: text("name"), device: number("device"), extra_args: text("extra_args"),
+    ca_bundle: text("ca_bundle"), headers: readHeaders(text("headers")) };
+  // A worker is where its URL says, or at host and port; an empty URL clears one set before.
+  if (text("url")) return { ...common, url: text("url") };
+  return { ...common, url: "", host: text("host") || "127.0.0.1", port: number("port") };
+}
+
+// "Name: value; Other: value" -> {Name: "value", Other: "value"}; null for text that is not that.
+function readHeaders(line) {
+  const headers = {};
+  for (const part of line.split(";").map((p) => p.trim()).filter(Boolean)) {
+    const at = part.indexOf(":");
+    if (at < 1) return null;
+    headers[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+  }
+  return headers;
+}
+
+function shownHeaders(names) {
+  return (names || []).map((name) => `${name}: ${HIDDEN}`).join("; ");
 }
 
 // The obvious mistakes, caught before a request; the server checks everything again.
 function checkWorkerFields(fields, inputs) {
   const problems = {};
   if (fields.name.length > 64) problems.name = "name: at most 64 characters";
-  if (!/^[A-Za-z0-9.:_-]+$/.test(fields.host)) problems.host = "host: must be a host name or IP address";
-  if (inputs.port.validity.badInput || fields.port === null) {
-    problems.port = "port: required, a whole number from 1 to 65535";
-  } else if (!Number.isInteger(fields.port) || fields.port < 1 || fields.port > 65535) {
-    problems.port = `port: must be a whole number from 1 to 65535, got ${inputs.port.value}`;
+  if (fields.url) {
+    if (!/^https?:\/\/[^\s/?#]+/.test(fields.url)) {
+      problems.url = "url: must be an http:// or https:// address such as https://pod-8188.proxy.example.net";
+    }
+  } else {
+    if (!/^[A-Za-z0-9.:_-]+$/.test(fields.host)) problems.host = "host: must be a host name or IP address";
+    if (inputs.port.validity.badInput || fields.port === null) {
+      problems.port = "port: required, a whole number from 1 to 65535 (or give a URL)";
+    } else if (!Number.isInteger(fields.port) || fields.port < 1 || fields.port > 65535) {
+      problems.port = `port: must be a whole number from 1 to 65535, got ${inputs.port.value}`;
+    }
   }
+  if (fields.headers === null) problems.headers = "headers: write them as Name: value; Other: value";
   if (inputs.device.validity.badInput
       || (fields.device !== null && !(Number.isInteger(fields.device) && fields.device >= 0 && fields.device <= 1023))) {
     problems.device = "GPU: a GPU index from 0 to 1023, or empty";
