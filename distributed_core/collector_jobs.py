@@ -299,7 +299,7 @@ class CollectorJobs:
             parts = plan.split_units(missing, [(w.id, rates.rate(job_plan.signature, w.id)) for w in candidates])
             for worker_id, units in parts.items():
                 worker = current.worker(worker_id)
-                retry = Share(worker_id, worker.label, units, url=worker.url)
+                retry = Share(worker_id, f"{worker.label} (for {failed.label})", units, url=worker.url)
                 self.store.update(job_id, lambda j, r=retry: j.shares.__setitem__(f"{r.participant}#{len(j.shares)}", r))
                 log.warning("[Distributed] units %s go to %s instead", plan.chunks_of(units), retry.label)
                 self.fleet.spawn(self.run_share(job_id, retry, 0.0, worker))
@@ -307,7 +307,7 @@ class CollectorJobs:
         load = {w.id: sum(len(s.units) for s in job.shares.values()
                           if s.participant == w.id and s.state != "failed") for w in candidates}
         target = min(candidates, key=lambda w: load[w.id])
-        retry = Share(target.id, target.label, missing, url=target.url)
+        retry = Share(target.id, f"{target.label} (for {failed.label})", missing, url=target.url)
         self.store.update(job_id, lambda j: j.shares.__setitem__(f"{target.id}#{len(j.shares)}", retry))
         log.warning("[Distributed] units %s go to %s instead", missing, target.label)
         self.fleet.spawn(self.run_share(job_id, retry, 0.0, target))

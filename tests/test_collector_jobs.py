@@ -95,6 +95,8 @@ def test_a_failed_share_goes_to_a_worker_that_is_left(tmp_path):
         assert sorted(units_of(p) for p in h.worker_prompts(W1)) == [[1], [2]]
         job = h.jobs.store.get(job_id)
         assert job.shares["w2"].state == "failed"
+        rescue = [s for key, s in job.shares.items() if key.startswith("w1#")]
+        assert [s.label for s in rescue] == ["w1 (for w2)"]  # the rescued slot says whose it was
         h.jobs.end(job_id, JobState.CANCELLED, "test")
     run(main())
 
