@@ -404,7 +404,8 @@ def _add_worker_routes(routes: web.RouteTableDef, processes) -> None:
             text = local_instances.read_log_tail(worker_id, lines)
         except ValueError as exc:
             return error(400, str(exc))
-        return web.json_response({"id": worker_id, "log": text, "running": processes.is_running(worker_id)})
+        return web.json_response({"id": worker_id, "log": text, "running": processes.is_running(worker_id),
+                                  "path": str(local_instances.log_path(worker_id))})
 
 
 def _has_input(name: str) -> bool:

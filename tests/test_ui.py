@@ -324,14 +324,27 @@ def test_start_a_local_worker_view_its_log_and_stop_it(live, comfy, tmp_path):
     expect(card.locator(".cdist-stop")).to_be_hidden()
     try:
         card.locator(".cdist-start").click()
+        # at once: starting, with Stop the only button that applies
+        expect(card).to_have_attribute("data-transition", "starting", timeout=TIMEOUT)
+        expect(card.locator(".cdist-state")).to_have_text("starting…")
+        expect(card.locator(".cdist-start")).to_be_hidden()
+        expect(card.locator(".cdist-stop")).to_be_visible()
         expect(card).to_have_attribute("data-state", "online", timeout=240_000)  # a whole ComfyUI starts
+        expect(card).not_to_have_attribute("data-transition", "starting")
+        expect(card.locator(".cdist-state")).to_have_text("online")
         expect(card.locator(".cdist-start")).to_be_hidden()
         card.locator(".cdist-log-button").click()
         expect(card.locator(".cdist-log")).to_contain_text(str(port), timeout=TIMEOUT)
         comfy.screenshot(f"worker-log-{comfy.ui}", tmp_path)
+        card.locator(".cdist-log-button").click()  # closed
         card.locator(".cdist-stop").click()
+        expect(card.locator(".cdist-state")).to_have_text("stopping…", timeout=TIMEOUT)
+        expect(card.locator(".cdist-stop")).to_be_hidden()
         expect(card).to_have_attribute("data-state", "offline", timeout=60_000)
+        expect(card.locator(".cdist-state")).to_have_text("offline")
         expect(card.locator(".cdist-start")).to_be_visible()
+        expect(card.locator(".cdist-gpu-name")).to_have_text("GPU unknown")  # nothing stale shown
+        expect(card.locator(".cdist-vram-text")).to_have_text("VRAM unknown")
         expect(panel.locator(".cdist-message, .cdist-error").filter(has_text="Could not")).to_have_count(0)
     finally:
         live.master.post(f"/distributed/workers/{worker['id']}/stop", timeout=60)  # 409 if already stopped
@@ -343,6 +356,8 @@ def test_stop_is_offered_only_for_workers_this_master_started(live, comfy):
     expect(card).to_have_attribute("data-state", "online", timeout=TIMEOUT)
     expect(card.locator(".cdist-stop")).to_be_hidden()
     expect(card.locator(".cdist-start")).to_be_hidden()
+    card.locator(".cdist-log-button").click()  # its log is where it was started: the card says so
+    expect(card.locator(".cdist-log")).to_contain_text("this master did not start worker1", timeout=TIMEOUT)
 
 
 def test_the_api_secret_is_shown_for_scripts_and_remote_machines(live, comfy):

@@ -669,17 +669,25 @@ class InstanceCard {
     this.info = info;
     this.root.dataset.state = info.state;
     this.name.textContent = info.name;
-    this.stateLabel.textContent = info.state;
+    // After Start or Stop, "starting…" or "stopping…" until the checks see it so (or a while passes)
+    const up = info.state === "online" || info.state === "busy";
+    if (this.transition && (Date.now() > this.transition.until
+        || (this.transition.kind === "starting" ? up : info.state === "offline"))) this.transition = null;
+    if (this.transition) this.root.dataset.transition = this.transition.kind;
+    else delete this.root.dataset.transition;
+    this.stateLabel.textContent = this.transition ? `${this.transition.kind}…` : info.state;
     const details = [info.url];
     if (info.device !== null && info.device !== undefined) details.push(`GPU ${info.device}`);
     if (info.extra_args) details.push(info.extra_args);
     this.url.textContent = details.join(" · ");
     if (!this.saving) this.enable.checked = info.enabled;
     this.enable.setAttribute("aria-label", `${info.name} takes part in jobs`);
-    this.gpu.textContent = info.device_name ? gpuLabel(info.device_name) : "GPU unknown";
-    this.gpu.title = info.device_name || "";
-    this.queue.textContent = info.queue === null || info.queue === undefined ? "" : `queue ${info.queue}`;
-    const hasVram = Boolean(info.vram_total);
+    // what an offline instance last reported is stale: not shown as if it were now
+    const current = info.state !== "offline";
+    this.gpu.textContent = current && info.device_name ? gpuLabel(info.device_name) : "GPU unknown";
+    this.gpu.title = current ? info.device_name || "" : "";
+    this.queue.textContent = !current || info.queue === null || info.queue === undefined ? "" : `queue ${info.queue}`;
+    const hasVram = current && Boolean(info.vram_total);
     const used = hasVram ? info.vram_total - (info.vram_free ?? 0) : 0;
     this.vramBar.style.width = hasVram ? `${((used / info.vram_total) * 100).toFixed(1)}%` : "0%";
     this.vramText.textContent = hasVram
@@ -690,9 +698,9 @@ class InstanceCard {
     if (this.startButton) {
       const local = LOCAL_HOSTS.includes(info.host) && !info.address;
       const running = info.state !== "offline" && !info.error;
-      this.startButton.hidden = !local || running;
+      this.startButton.hidden = !local || running || Boolean(this.transition);
       // Stop only what this master started: anything else is stopped where it was started.
-      this.stopButton.hidden = !info.managed;
+      this.stopButton.hidden = !info.managed || this.transition?.kind === "stopping";
     }
   }
 
@@ -741,6 +749,8 @@ class InstanceCard {
 
   async startStop(action) {
     const answer = action === "start" ? await master.startWorker(this.id) : await master.stopWorker(this.id);
+    this.transition = { kind: action === "start" ? "starting" : "stopping", until: Date.now() + (action === "start" ? 300_000 : 30_000) };
+    this.update({ ...this.info, managed: action === "start" });
     this.panel.notify(action === "start" ? `${this.info.name} is starting (pid ${answer.pid})`
       : `${this.info.name} was stopped`, "info");
     this.panel.refresh();
@@ -763,7 +773,11 @@ class InstanceCard {
     const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
     try {
       const answer = await master.workerLog(this.id);
-      log.textContent = answer.log || "(the log is empty)";
+      log.textContent = answer.log || (answer.running
+        ? `(nothing logged yet; the log is ${answer.path})`
+        : `(this master did not start ${this.info.name}: its log is where it was started, such as the `
+          + "terminal or service that runs it; workers started with Start or the launcher log to "
+          + `${answer.path})`);
       delete log.dataset.error;
     } catch (err) {
       log.textContent = `Cannot read the log: ${describe(err)}`;
