@@ -24,7 +24,7 @@ MAX_JSON_BODY = 1 << 20
 PROMPT_PATHS = ("/prompt", "/api/prompt")
 QUEUE_PATHS = ("/queue", "/api/queue")
 
-WORKER_FIELDS = {"name", "host", "port", "device", "enabled", "extra_args"}
+WORKER_FIELDS = {"name", "host", "port", "url", "ca_bundle", "headers", "device", "enabled", "extra_args"}
 
 
 def listen_hosts() -> list[str]:
@@ -206,22 +206,23 @@ def _add_routes(routes: web.RouteTableDef, runtime: Runtime, processes) -> None:
     @routes.get("/distributed/config")
     async def get_config(request: web.Request) -> web.Response:
         loaded = config_file.load()
-        return web.json_response({"config": loaded.config.to_dict(), "path": str(loaded.path),
+        return web.json_response({"config": config_file.public_dict(loaded.config), "path": str(loaded.path),
                                   "error": loaded.error})
 
     @routes.post("/distributed/config")
     async def post_config(request: web.Request) -> web.Response:
         data = await read_json(request)
-        try:
-            new = config_file.parse(data)
-        except config_file.ConfigError as exc:
-            return error(400, "invalid config: " + "; ".join(exc.errors), errors=exc.errors)
         async with config_lock:
-            refused = access.changed_extra_args_errors(config_file.load().config, new, comfy_flags.read(comfy_folder()))
+            old = config_file.load().config
+            try:  # header values shown as hidden keep what they are
+                new = config_file.parse(config_file.keep_hidden(data, old))
+            except config_file.ConfigError as exc:
+                return error(400, "invalid config: " + "; ".join(exc.errors), errors=exc.errors)
+            refused = access.changed_extra_args_errors(old, new, comfy_flags.read(comfy_folder()))
             if refused:
                 return error(400, "invalid config: " + "; ".join(refused), errors=refused)
             path = await asyncio.get_running_loop().run_in_executor(None, config_file.save, new)
-        return web.json_response({"config": new.to_dict(), "path": str(path), "error": ""})
+        return web.json_response({"config": config_file.public_dict(new), "path": str(path), "error": ""})
 
     @routes.get("/distributed/status")
     async def get_status(request: web.Request) -> web.Response:
@@ -286,8 +287,9 @@ async def _save_changed(change) -> web.Response:
             return error(400, "; ".join(errors), errors=errors)
         await asyncio.get_running_loop().run_in_executor(None, config_file.save, new)
     worker = new.worker(outcome) if outcome else None
-    return web.json_response({"config": new.to_dict(),
-                              "worker": worker and next(w for w in new.to_dict()["workers"] if w["id"] == worker.id)})
+    shown = config_file.public_dict(new)
+    return web.json_response({"config": shown,
+                              "worker": worker and next(w for w in shown["workers"] if w["id"] == worker.id)})
 
 
 def _worker_fields(body) -> dict | web.Response:
@@ -335,7 +337,18 @@ def _add_worker_routes(routes: web.RouteTableDef, processes) -> None:
             i = index_of(data, worker_id)
             if i is None:
                 return not_found(worker_id)
-            data["workers"][i].update(fields)
+            worker = data["workers"][i]
+            if fields.get("url"):  # given by address now: host and port no longer apply, and back
+                worker.pop("host", None)
+                worker.pop("port", None)
+            elif "host" in fields or "port" in fields or fields.get("url") == "":
+                worker.pop("url", None)
+            if isinstance(fields.get("headers"), dict):  # a value shown as hidden keeps what it is
+                before = worker.get("headers") or {}
+                fields["headers"] = {name: before.get(name, value) if value == config_file.HIDDEN else value
+                                     for name, value in fields["headers"].items()
+                                     if value != config_file.HIDDEN or name in before}
+            worker.update({key: value for key, value in fields.items() if not (key == "url" and value == "")})
             return worker_id
         return await _save_changed(change)
 
@@ -391,7 +404,8 @@ def _add_worker_routes(routes: web.RouteTableDef, processes) -> None:
             text = local_instances.read_log_tail(worker_id, lines)
         except ValueError as exc:
             return error(400, str(exc))
-        return web.json_response({"id": worker_id, "log": text, "running": processes.is_running(worker_id)})
+        return web.json_response({"id": worker_id, "log": text, "running": processes.is_running(worker_id),
+                                  "path": str(local_instances.log_path(worker_id))})
 
 
 def _has_input(name: str) -> bool:

@@ -8,11 +8,14 @@ import asyncio
 import hashlib
 import json
 import time
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import aiohttp
 
 from . import wire
+
+if TYPE_CHECKING:
+    import ssl
 
 QUICK = aiohttp.ClientTimeout(total=3, sock_connect=2)     # status polls: a frozen worker is noticed fast
 DISPATCH = aiohttp.ClientTimeout(total=10, sock_connect=3)  # a prompt can take a moment to validate
@@ -44,9 +47,31 @@ def describe(url: str, exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, asyncio.TimeoutError):
         return f"{url} did not answer in time (frozen, overloaded, or a firewall dropping packets)"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"{url}: its https certificate was not accepted: {_certificate_reason(exc)}"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return (f"{url}: the https connection failed ({getattr(exc, 'os_error', None) or exc}); "
+                "is it https at all there (http:// instead?), and does the proxy accept TLS?")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect to {url}: {_connect_reason(exc.os_error)}; is that ComfyUI instance running?"
     return f"{url}: {type(exc).__name__}: {exc}"
+
+
+def _certificate_reason(exc: "aiohttp.ClientConnectorCertificateError") -> str:
+    """Why a certificate was refused, in words, with what to do."""
+    error = getattr(exc, "certificate_error", None)
+    text = str(getattr(error, "verify_message", "") or error or exc).lower()
+    if "hostname mismatch" in text or "ip address mismatch" in text or "doesn't match" in text:
+        return ("it was issued for another host name than the one in the worker's url; use the name the "
+                "certificate names, or a certificate for this name")
+    if "expired" in text:
+        return "it has expired; renew the certificate on the worker's proxy"
+    if "not yet valid" in text:
+        return "it is not valid yet (is a clock wrong?)"
+    if "self-signed" in text or "self signed" in text or "unable to get local issuer" in text:
+        return ("it is signed by a CA that this master does not know (self-signed?); give the CA file as "
+                "the worker's ca_bundle")
+    return f"{text or 'verification failed'}; check the certificate, or give its CA as the worker's ca_bundle"
 
 
 def _connect_reason(error: OSError | None) -> str:
@@ -72,17 +97,31 @@ def _connect_reason(error: OSError | None) -> str:
 class InstanceClient:
     """One ComfyUI instance, seen through its HTTP API."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, features: dict | None = None):
+    def __init__(self, session: aiohttp.ClientSession, url: str, features: dict | None = None,
+                 tls: "ssl.SSLContext | None" = None, headers: dict[str, str] | None = None, problem: str = ""):
         self.session = session
         self.url = url.rstrip("/")
+        self.tls = tls              # verifies an https worker's certificate (its CA file); None: the system's
+        self.headers = dict(headers or {})  # sent with every request (a proxy's token); never in a message
+        self.problem = problem      # why no request can be made (its CA file cannot be read)
         # what was learned of each instance's API, shared by the clients of one owner:
         # instance URL -> (it has the jobs API, time.monotonic() when that was asked)
         self.features = features if features is not None else {}
 
+    def _extras(self, headers: dict[str, str] | None = None) -> dict:
+        """What every request to this instance carries: its TLS check and its headers."""
+        if self.problem:
+            raise InstanceError(f"{self.url}: {self.problem}")
+        extras: dict = {"headers": {**self.headers, **(headers or {})}} if self.headers or headers else {}
+        if self.tls is not None:
+            extras["ssl"] = self.tls
+        return extras
+
     async def _request(self, method: str, path: str, timeout: aiohttp.ClientTimeout,
                        body: Any = None) -> Any:
         try:
-            async with self.session.request(method, self.url + path, json=body, timeout=timeout) as resp:
+            async with self.session.request(method, self.url + path, json=body, timeout=timeout,
+                                            **self._extras()) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
                     raise InstanceError(f"{self.url}{path} answered {resp.status}: {_error_text(text)}",
@@ -136,7 +175,7 @@ class InstanceClient:
         params = {"filename": filename, "subfolder": subfolder, "type": "input"}
         try:
             async with self.session.get(self.url + "/view", params=params, timeout=QUICK,
-                                        headers={"Range": "bytes=0-0"}) as resp:
+                                        **self._extras({"Range": "bytes=0-0"})) as resp:
                 if resp.status == 404:
                     return None
                 if resp.status not in (200, 206):
@@ -153,7 +192,8 @@ class InstanceClient:
         params = {"filename": filename, "subfolder": subfolder, "type": "input"}
         digest = hashlib.sha256()
         try:
-            async with self.session.get(self.url + "/view", params=params, timeout=transfer_timeout(size)) as resp:
+            async with self.session.get(self.url + "/view", params=params, timeout=transfer_timeout(size),
+                                        **self._extras()) as resp:
                 if resp.status == 404:
                     return None
                 if resp.status != 200:
@@ -172,7 +212,7 @@ class InstanceClient:
         form.add_field("type", "input")
         form.add_field("overwrite", "true")
         try:
-            async with self.session.post(self.url + "/upload/image", data=form,
+            async with self.session.post(self.url + "/upload/image", data=form, **self._extras(),
                                          timeout=transfer_timeout(len(data))) as resp:
                 if resp.status != 200:
                     raise InstanceError(f"{self.url} refused the upload of input {name}: "
@@ -191,7 +231,7 @@ class InstanceClient:
         """Ask the instance's extension to call ``master_url``'s result address back (see doctor.py);
         None when it has no such route (no extension there, or an older one)."""
         try:
-            async with self.session.post(self.url + "/distributed/reach_back", json={"url": master_url},
+            async with self.session.post(self.url + "/distributed/reach_back", json={"url": master_url}, **self._extras(),
                                          timeout=PROBE) as resp:
                 text = await resp.text()
                 if resp.status == 404:
@@ -208,7 +248,8 @@ class InstanceClient:
         """POST an empty body to this (master's) result address: its extension refuses the empty frame
         with a JSON error, which shows that the address reaches it. (status, JSON body, error)."""
         try:
-            async with self.session.post(self.url + "/distributed/result", data=b"", timeout=KNOCK) as resp:
+            async with self.session.post(self.url + "/distributed/result", data=b"", timeout=KNOCK,
+                                         **self._extras()) as resp:
                 text = await resp.text()
                 try:
                     body = json.loads(text)

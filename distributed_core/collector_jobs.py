@@ -255,8 +255,12 @@ class CollectorJobs:
                 return share.state == "done"
             return not job.missing_units(share.units)
 
+        def running() -> None:  # its prompt started there: the panel shows it rendering, not queued
+            self.store.update(job_id, lambda j: setattr(share, "state", "running") if share.state == "queued" else None)
+
         outcome, why = await self.fleet.watch(Watch(client, share.prompt_id, share.dispatched, job_id,
-                                              lambda: self.active(job_id), delivered, FINISHED_GRACE), timeout)
+                                                    lambda: self.active(job_id), delivered, FINISHED_GRACE,
+                                                    on_running=running), timeout)
         if outcome == "delivered":
             self.store.update(job_id, lambda j: setattr(share, "state", "done"))
             return True
@@ -299,16 +303,16 @@ class CollectorJobs:
             parts = plan.split_units(missing, [(w.id, rates.rate(job_plan.signature, w.id)) for w in candidates])
             for worker_id, units in parts.items():
                 worker = current.worker(worker_id)
-                retry = Share(worker_id, worker.label, units, url=worker.url)
-                self.store.update(job_id, lambda j, r=retry: j.shares.__setitem__(f"{r.participant}#{len(j.shares)}", r))
+                retry = Share(worker_id, f"{worker.label} (for {failed.label})", units, url=worker.url)
+                self.store.update(job_id, lambda j, r=retry: _rescue(j, r, failed))
                 log.warning("[Distributed] units %s go to %s instead", plan.chunks_of(units), retry.label)
                 self.fleet.spawn(self.run_share(job_id, retry, 0.0, worker))
             return
         load = {w.id: sum(len(s.units) for s in job.shares.values()
                           if s.participant == w.id and s.state != "failed") for w in candidates}
         target = min(candidates, key=lambda w: load[w.id])
-        retry = Share(target.id, target.label, missing, url=target.url)
-        self.store.update(job_id, lambda j: j.shares.__setitem__(f"{target.id}#{len(j.shares)}", retry))
+        retry = Share(target.id, f"{target.label} (for {failed.label})", missing, url=target.url)
+        self.store.update(job_id, lambda j: _rescue(j, retry, failed))
         log.warning("[Distributed] units %s go to %s instead", missing, target.label)
         self.fleet.spawn(self.run_share(job_id, retry, 0.0, target))
 
@@ -371,15 +375,19 @@ def plan_job(prompt: dict, collectors: list[str], config: Config, left_out: dict
     for share in job.shares.values():
         share.url = workers[share.participant].url if share.participant in workers else ""
     for participant, why in left_out.items():
-        took = "its seed slot goes to the others" if batch is None else "its part of the batch goes to the others"
-        job.notices.append(f"{labels[participant]} ({workers[participant].url}) was left out, "
-                           f"unreachable: {why}; {took}")
+        job.notices.append(f"{labels[participant]} ({workers[participant].url}) was left out, unreachable: "
+                           f"{why}. The others render its images; the job goes on.")
     return job, assignment.get(plan.MASTER_ID, []), fanned
 
 
 def job_signature(job: Job, prompt: dict, fanned: list[str]) -> str:
     """What a split job's speeds are learned under ('' in multiply mode)."""
     return plan.signature(prompt, workflow.upstream(prompt, fanned)) if job.split else ""
+
+
+def _rescue(job: Job, retry: Share, failed: Share) -> None:
+    job.shares[f"{retry.participant}#{len(job.shares)}"] = retry
+    job.notices.append(f"{retry.label.split(' (for ')[0]} renders {failed.label}'s images instead; the job goes on.")
 
 
 def _set_running(job: Job, prompt_id: str) -> None:

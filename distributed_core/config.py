@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import cpus as cpus_module
 
@@ -28,6 +30,9 @@ MODES = ("parallel", "staggered")
 TRANSPORTS = ("auto", "float32", "uint8", "png")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 MAX_WORKERS = 256
+HIDDEN = "(hidden)"  # a header value as the panel and GET /distributed/config show it
+MAX_HEADERS = 16
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "master": {"port": 8188, "device": 0, "enabled": True},
@@ -68,15 +73,30 @@ class Worker:
     name: str = ""
     cpus: str = ""        # as Master.cpus
     threads: int = 0      # as Master.threads
+    # An address of its own (http or https, a path prefix for reverse proxies) in place of host and
+    # port; such a worker is never started by the launcher. ca_bundle: a CA file to verify its https
+    # certificate with (the system's CAs otherwise); headers: sent with every request to it (a
+    # proxy's token), never logged or shown.
+    address: str = ""
+    ca_bundle: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
+        if self.address:
+            return self.address
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
     @property
-    def is_local(self) -> bool:
+    def on_this_machine(self) -> bool:
+        """Its host is this machine (a worker by url may be a proxy here in front of one)."""
         return self.host in LOCAL_HOSTS
+
+    @property
+    def is_local(self) -> bool:
+        """A ComfyUI on this machine at host:port, which the launcher and the panel start."""
+        return not self.address and self.on_this_machine
 
     @property
     def label(self) -> str:
@@ -97,7 +117,7 @@ class Settings:
     def transport_for(self, worker: "Worker") -> str:
         if self.transport != "auto":
             return self.transport
-        return "float32" if worker.is_local else "uint8"
+        return "float32" if worker.on_this_machine else "uint8"
 
 
 @dataclass
@@ -119,8 +139,9 @@ class Config:
         return {
             "master": {**master, **_cpu_fields(self.master)},
             "workers": [
-                {"id": w.id, "name": w.name, "host": w.host, "port": w.port, "device": w.device,
-                 "enabled": w.enabled, "extra_args": w.extra_args, **_cpu_fields(w)}
+                {"id": w.id, "name": w.name, **({} if w.address else {"host": w.host, "port": w.port}),
+                 "device": w.device, "enabled": w.enabled, "extra_args": w.extra_args, **_cpu_fields(w),
+                 **_address_fields(w)}
                 for w in self.workers
             ],
             "settings": {"stagger_delay": self.settings.stagger_delay,
@@ -134,6 +155,43 @@ def _cpu_fields(instance: Master | Worker) -> dict[str, Any]:
     """Written only when set, so that a config without overrides stays as short as it was."""
     return {**({"cpus": instance.cpus} if instance.cpus else {}),
             **({"threads": instance.threads} if instance.threads else {})}
+
+
+def _address_fields(worker: Worker) -> dict[str, Any]:
+    """Written only when set: a worker by URL, its CA file and its headers (in clear, in the file
+    only; see public_dict)."""
+    return {**({"url": worker.address} if worker.address else {}),
+            **({"ca_bundle": worker.ca_bundle} if worker.ca_bundle else {}),
+            **({"headers": dict(worker.headers)} if worker.headers else {})}
+
+
+def public_dict(config: Config) -> dict[str, Any]:
+    """The config as the panel and GET /distributed/config show it: header values hidden."""
+    data = config.to_dict()
+    for worker in data["workers"]:
+        if "headers" in worker:
+            worker["headers"] = {name: HIDDEN for name in worker["headers"]}
+    return data
+
+
+def keep_hidden(new: dict[str, Any], old: Config) -> dict[str, Any]:
+    """A config posted back by the panel: each header value it shows as hidden takes the value
+    that the same worker's header has now (a header it does not name is dropped)."""
+    if not isinstance(new, dict) or not isinstance(new.get("workers"), list):
+        return new
+    for worker in new["workers"]:
+        headers = worker.get("headers") if isinstance(worker, dict) else None
+        if not isinstance(headers, dict):
+            continue
+        before = old.worker(worker.get("id")) if isinstance(worker.get("id"), str) else None
+        for name, value in list(headers.items()):
+            if value == HIDDEN:
+                kept = before.headers.get(name) if before is not None else None
+                if kept is None:
+                    headers.pop(name)
+                else:
+                    headers[name] = kept
+    return new
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -201,6 +259,52 @@ def _host(obj: dict, key: str, where: str, errors: list[str], default: str) -> s
     return value
 
 
+def _address(obj: dict, where: str, errors: list[str]) -> str:
+    """A worker's own address: http(s)://host[:port][/path prefix], without credentials, query or
+    fragment; "" where none is given (host and port then say where it is)."""
+    value = _str(obj, "url", where, errors, "", max_len=2000).strip()
+    if not value:
+        return ""
+    try:
+        split = urlsplit(value)
+        split.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        split = None
+    problem = ""
+    if split is None or split.scheme not in ("http", "https") or not split.hostname:
+        problem = "must be an http:// or https:// address such as https://pod-8188.proxy.example.net"
+    elif split.username or split.password:
+        problem = "must not carry a user name or password; put a proxy's credentials in headers"
+    elif split.query or split.fragment:
+        problem = "must not have a query or fragment (a path prefix such as /comfy is fine)"
+    elif not set(split.hostname) <= _HOST_CHARS:
+        problem = "has a host name that is not one"
+    elif "host" in obj or "port" in obj:
+        problem = "give either url or host and port, not both"
+    if problem:
+        errors.append(f"{where}.url: {problem}, got {_shown(value)}")
+        return ""
+    return value.rstrip("/")
+
+
+def _headers(obj: dict, where: str, errors: list[str]) -> dict[str, str]:
+    value = obj.get("headers", {})
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_HEADERS:
+        errors.append(f"{where}.headers: must be an object of at most {MAX_HEADERS} header names and values")
+        return {}
+    headers = {}
+    for name, text in value.items():
+        if not _HEADER_NAME.fullmatch(name) or name.lower() in ("host", "content-length", "transfer-encoding"):
+            errors.append(f"{where}.headers: {_shown(name)} is not a header name that may be set here")
+        elif not isinstance(text, str) or len(text) > 4096 or any(ord(c) < 32 or ord(c) == 127 for c in text):
+            errors.append(f"{where}.headers.{name}: must be text of at most 4096 characters on one line")
+        else:
+            headers[name] = text
+    return headers
+
+
 def _extra_args(obj: dict, where: str, errors: list[str]) -> str:
     value = _str(obj, "extra_args", where, errors, "", max_len=1000)
     # Arguments never pass through a shell, but refuse what only makes sense to one: it is
@@ -258,21 +362,27 @@ def parse(data: Any) -> Config:
         if not isinstance(w, dict):
             errors.append(f"{where}: must be an object")
             continue
-        _check_keys(w, {"id", "name", "host", "port", "device", "enabled", "extra_args", "cpus", "threads"},
-                    where, errors)
+        _check_keys(w, {"id", "name", "host", "port", "device", "enabled", "extra_args", "cpus", "threads",
+                        "url", "ca_bundle", "headers"}, where, errors)
         worker_id = _str(w, "id", where, errors, "", max_len=64) or f"worker{i + 1}"
         if not set(worker_id) <= _ID_CHARS:
             errors.append(f"{where}.id: use letters, digits, '-' and '_' only")
+        address = _address(w, where, errors)
+        split = urlsplit(address) if address else None
         workers.append(Worker(
             id=worker_id,
-            port=_int(w, "port", where, errors, 8189, 1, 65535),
+            port=split.port or (443 if split.scheme == "https" else 80) if split else
+            _int(w, "port", where, errors, 8189, 1, 65535),
             device=_int(w, "device", where, errors, None, 0, 1023, nullable=True),
             enabled=_bool(w, "enabled", where, errors, True),
             extra_args=_extra_args(w, where, errors),
-            host=_host(w, "host", where, errors, "127.0.0.1") or "127.0.0.1",
+            host=split.hostname if split else _host(w, "host", where, errors, "127.0.0.1") or "127.0.0.1",
             name=_str(w, "name", where, errors, "", max_len=64),
             cpus=_cpus(w, where, errors),
             threads=_int(w, "threads", where, errors, 0, 0, 4096),
+            address=address,
+            ca_bundle=_str(w, "ca_bundle", where, errors, "", max_len=4096),
+            headers=_headers(w, where, errors),
         ))
 
     s = data.get("settings", {})
@@ -299,7 +409,7 @@ def parse(data: Any) -> Config:
         if w.id in seen_ids:
             errors.append(f"workers[{i}].id: {w.id!r} is used by another worker")
         seen_ids.add(w.id)
-        address = ("127.0.0.1" if w.is_local else w.host, w.port)
+        address = w.url if w.address else ("127.0.0.1" if w.is_local else w.host, w.port)
         if address in seen_addresses:
             errors.append(f"workers[{i}].port: {w.port} on {w.host} is already used by the master "
                           "or another worker")

@@ -373,7 +373,7 @@ async def check(fleet, config, prompt: dict | None, master_has_input: Callable[[
                 entry["missing"] = lacking(part, info, inputs) + lacking_inputs
             else:
                 entry["error"] = f"its node list could not be read ({info}), so what it lacks is unknown"
-        if not w.is_local and not config.master.host and fleet.loopback_only():
+        if not w.on_this_machine and not config.master.host and fleet.loopback_only():
             entry["reach_back"] = False
             entry["reach_back_error"] = ("this master listens on 127.0.0.1 only; start it with --listen "
                                          "(the launcher does when a worker is remote)")

@@ -17,6 +17,7 @@ import hashlib
 import inspect
 import logging
 import socket
+import ssl
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +55,7 @@ class Fleet:
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, for calls from other threads
         self._session: aiohttp.ClientSession | None = None
         self._busy: list[Callable[[], set[str]]] = []
+        self._tls_contexts: dict[str, ssl.SSLContext] = {}
 
     # --- who the participants are ---------------------------------------------------------------
     def config(self) -> Config:
@@ -84,7 +86,7 @@ class Fleet:
         _host, port = self.own_address()
         host = config.master.host
         if not host:
-            host = "127.0.0.1" if worker.is_local else _route_address(worker.host)
+            host = "127.0.0.1" if worker.on_this_machine else _route_address(worker.host)
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def _watched_instances(self) -> list[tuple[str, bool]]:
@@ -110,9 +112,35 @@ class Fleet:
         return self._session
 
     def client(self, url: str) -> InstanceClient:
+        """The client of one instance: a worker of the config is reached with its CA file and
+        headers (a worker given by url, behind an https proxy)."""
         if self._client_factory is not None:
             return self._client_factory(url)
-        return InstanceClient(self.session(), url, self.api_features)
+        worker = next((w for w in self.config().workers if w.url == url.rstrip("/")), None)
+        if worker is None or not (worker.ca_bundle or worker.headers):
+            return InstanceClient(self.session(), url, self.api_features)
+        try:
+            tls, problem = self._tls(worker.ca_bundle), ""
+        except ValueError as exc:
+            tls, problem = None, str(exc)
+        return InstanceClient(self.session(), url, self.api_features, tls=tls, headers=worker.headers,
+                              problem=problem)
+
+    def _tls(self, ca_bundle: str) -> "ssl.SSLContext | None":
+        """A context that verifies certificates against ``ca_bundle`` (made once per file); None
+        for the system's CAs. Raises ValueError, with why, for a file that is not a CA file."""
+        if not ca_bundle:
+            return None
+        context = self._tls_contexts.get(ca_bundle)
+        if context is None:
+            context = ssl.create_default_context()
+            try:
+                context.load_verify_locations(cafile=ca_bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"its ca_bundle {ca_bundle} cannot be read as a CA file ({exc}); "
+                                 "give the path of a PEM file on the master") from None
+            self._tls_contexts[ca_bundle] = context
+        return context
 
     async def send(self, worker: Worker, prompt: dict, config: Config, client_id: str,
                    check_nodes: bool = False) -> tuple[InstanceClient, str]:
@@ -121,7 +149,7 @@ class Fleet:
         ``check_nodes``, so is one that lacks a node class or model the prompt needs; the files the
         prompt's loaders read are uploaded where the worker lacks them. Raises Unusable, with why."""
         client = self.client(worker.url)
-        if not worker.is_local and not config.master.host and self.loopback_only():
+        if not worker.on_this_machine and not config.master.host and self.loopback_only():
             raise Unusable(f"it is on another machine ({worker.host}) but this master listens on 127.0.0.1 "
                            "only; start the master with --listen (the launcher does when a worker is remote), "
                            "or set master.host")
@@ -222,7 +250,8 @@ class Fleet:
                   "enabled": config.master.enabled, "device": config.master.device}
         return [master] + [{"id": w.id, "name": w.label, "role": "worker", "url": w.url,
                             "enabled": w.enabled, "device": w.device, "host": w.host, "port": w.port,
-                            "extra_args": w.extra_args} for w in config.workers]
+                            "extra_args": w.extra_args, "address": w.address, "ca_bundle": w.ca_bundle,
+                            "header_names": sorted(w.headers)} for w in config.workers]
 
     async def status(self, config: Config) -> list[dict]:
         """Every instance as the reachability checks last saw it. Reading it changes nothing;

@@ -193,7 +193,7 @@ def master_instance(config: cfg.Config, python: str, cpu: bool = False, config_f
     # interface, because ComfyUI before 2025 takes one --listen address and a browser on this machine
     # still uses 127.0.0.1. The extension's routes do not rely on it: a request from another machine
     # needs the secret whatever address it came to (see access.py). ComfyUI's own API is open there.
-    listen = "0.0.0.0" if any(not w.is_local for w in config.workers) else "127.0.0.1"
+    listen = "0.0.0.0" if any(not w.on_this_machine for w in config.workers) else "127.0.0.1"
     port, device = config.master.port, config.master.device
     cpu = cpu or "--cpu" in shlex.split(config.master.extra_args)
     pinned, threads = (placements or {}).get(MASTER_ID, ([], 0))

@@ -95,6 +95,8 @@ def test_a_failed_share_goes_to_a_worker_that_is_left(tmp_path):
         assert sorted(units_of(p) for p in h.worker_prompts(W1)) == [[1], [2]]
         job = h.jobs.store.get(job_id)
         assert job.shares["w2"].state == "failed"
+        rescue = [s for key, s in job.shares.items() if key.startswith("w1#")]
+        assert [s.label for s in rescue] == ["w1 (for w2)"]  # the rescued slot says whose it was
         h.jobs.end(job_id, JobState.CANCELLED, "test")
     run(main())
 
@@ -248,4 +250,37 @@ def test_the_master_share_is_put_in_place_on_the_loop(tmp_path, split):
         h.jobs.end(job_id, JobState.CANCELLED, "test")
         with pytest.raises(Exception):
             await h.jobs.local_share(job_id, "4", chunks, arrays)  # the job has ended
+    run(main())
+
+
+def test_a_share_shows_running_once_its_prompt_runs_there(tmp_path):
+    async def main():
+        h = Harness(tmp_path, config_with(("w1", 18189, True)))
+        await h.checked()
+        job_id = await h.started()
+        await until(lambda: h.world[W1].prompts)
+        (prompt_id,) = h.world[W1].prompts
+        await until(lambda: h.jobs.store.get(job_id).shares["w1"].state == "queued")
+        h.world[W1].pending.remove(prompt_id)
+        h.world[W1].running.append(prompt_id)  # ComfyUI took it from its queue
+        await until(lambda: h.jobs.store.get(job_id).shares["w1"].state == "running")
+        h.jobs.end(job_id, JobState.CANCELLED, "test")
+    run(main())
+
+
+def test_notices_say_who_renders_a_failed_workers_images_and_that_the_job_goes_on(tmp_path):
+    async def main():
+        h = Harness(tmp_path, config_with(("w1", 18189, True), ("w2", 18190, True), ("w3", 18191, True)))
+        h.world[W3].up = False
+        await h.checked()
+        job_id = await h.started()
+        await until(lambda: h.world[W2].prompts and h.world[W1].prompts)
+        (failing,) = h.world[W2].prompts
+        h.world[W2].finish(failing, status="error")
+        await until(lambda: len(h.world[W1].prompts) == 2)
+        notices = h.jobs.store.get(job_id).notices
+        assert any(n.startswith("w3 (http://127.0.0.1:18191) was left out, unreachable: ")
+                   and n.endswith("The others render its images; the job goes on.") for n in notices), notices
+        assert "w1 renders w2's images instead; the job goes on." in notices, notices
+        h.jobs.end(job_id, JobState.CANCELLED, "test")
     run(main())

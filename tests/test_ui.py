@@ -223,6 +223,40 @@ def test_add_edit_and_remove_a_worker(live, comfy):
     expect(card).to_have_count(0, timeout=TIMEOUT)
 
 
+def test_a_worker_is_added_and_edited_by_its_url_with_a_hidden_header(live, comfy):
+    panel = comfy.open_panel()
+    panel.locator(".cdist-add-worker").click()
+    form = panel.locator(".cdist-worker-form")
+    form.locator(".cdist-field-name").fill("pod")
+    form.locator(".cdist-field-url").fill("https://pod-8188.proxy.example.net/comfy")
+    form.locator(".cdist-field-headers").fill("X-Proxy-Token: abc123")
+    form.locator(".cdist-submit").click()
+    expect(form).to_have_count(0)
+    added = harness.wait_until(lambda: [w for w in config_on_disk(live)["workers"] if w["name"] == "pod"], 30,
+                               what="the worker by url on disk")[0]
+    assert added["url"] == "https://pod-8188.proxy.example.net/comfy" and "port" not in added
+    assert added["headers"] == {"X-Proxy-Token": "abc123"}
+    card = comfy.card(added["id"])
+    expect(card).to_have_attribute("data-state", "offline", timeout=TIMEOUT)  # nothing answers there
+    expect(card.locator(".cdist-start")).to_be_hidden()  # a worker by url is started where it runs
+    assert "abc123" not in panel.inner_text()
+
+    card.locator(".cdist-edit").click()
+    expect(card.locator(".cdist-field-headers")).to_have_value("X-Proxy-Token: (hidden)")
+    expect(card.locator(".cdist-field-url")).to_have_value("https://pod-8188.proxy.example.net/comfy")
+    card.locator(".cdist-field-name").fill("pod-renamed")
+    card.locator(".cdist-submit").click()
+    harness.wait_until(lambda: any(w["name"] == "pod-renamed" for w in config_on_disk(live)["workers"]), 30,
+                       what="the rename on disk")
+    edited = next(w for w in config_on_disk(live)["workers"] if w["id"] == added["id"])
+    assert edited["headers"] == {"X-Proxy-Token": "abc123"}  # the hidden value kept what it was
+
+    card.locator(".cdist-edit").click()
+    card.locator(".cdist-field-url").fill("not a url")
+    card.locator(".cdist-submit").click()
+    expect(card.locator(".cdist-error-url")).to_contain_text("http:// or https://")
+
+
 def test_detect_gpus_lists_the_masters_gpus(live, comfy):
     gpus = live.master.get("/distributed/gpus").json()["gpus"]
     panel = comfy.open_panel()
@@ -290,14 +324,27 @@ def test_start_a_local_worker_view_its_log_and_stop_it(live, comfy, tmp_path):
     expect(card.locator(".cdist-stop")).to_be_hidden()
     try:
         card.locator(".cdist-start").click()
+        # at once: starting, with Stop the only button that applies
+        expect(card).to_have_attribute("data-transition", "starting", timeout=TIMEOUT)
+        expect(card.locator(".cdist-state")).to_have_text("starting…")
+        expect(card.locator(".cdist-start")).to_be_hidden()
+        expect(card.locator(".cdist-stop")).to_be_visible()
         expect(card).to_have_attribute("data-state", "online", timeout=240_000)  # a whole ComfyUI starts
+        expect(card).not_to_have_attribute("data-transition", "starting")
+        expect(card.locator(".cdist-state")).to_have_text("online")
         expect(card.locator(".cdist-start")).to_be_hidden()
         card.locator(".cdist-log-button").click()
         expect(card.locator(".cdist-log")).to_contain_text(str(port), timeout=TIMEOUT)
         comfy.screenshot(f"worker-log-{comfy.ui}", tmp_path)
+        card.locator(".cdist-log-button").click()  # closed
         card.locator(".cdist-stop").click()
+        expect(card.locator(".cdist-state")).to_have_text("stopping…", timeout=TIMEOUT)
+        expect(card.locator(".cdist-stop")).to_be_hidden()
         expect(card).to_have_attribute("data-state", "offline", timeout=60_000)
+        expect(card.locator(".cdist-state")).to_have_text("offline")
         expect(card.locator(".cdist-start")).to_be_visible()
+        expect(card.locator(".cdist-gpu-name")).to_have_text("GPU unknown")  # nothing stale shown
+        expect(card.locator(".cdist-vram-text")).to_have_text("VRAM unknown")
         expect(panel.locator(".cdist-message, .cdist-error").filter(has_text="Could not")).to_have_count(0)
     finally:
         live.master.post(f"/distributed/workers/{worker['id']}/stop", timeout=60)  # 409 if already stopped
@@ -309,6 +356,8 @@ def test_stop_is_offered_only_for_workers_this_master_started(live, comfy):
     expect(card).to_have_attribute("data-state", "online", timeout=TIMEOUT)
     expect(card.locator(".cdist-stop")).to_be_hidden()
     expect(card.locator(".cdist-start")).to_be_hidden()
+    card.locator(".cdist-log-button").click()  # its log is where it was started: the card says so
+    expect(card.locator(".cdist-log")).to_contain_text("this master did not start worker1", timeout=TIMEOUT)
 
 
 def test_the_api_secret_is_shown_for_scripts_and_remote_machines(live, comfy):

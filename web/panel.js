@@ -7,6 +7,7 @@ const POLL_MS = 3000;
 const JOBS_SHOWN = 3;
 const GIB = 1024 ** 3;
 const LOCAL_HOSTS = ["127.0.0.1", "localhost", "::1", "0.0.0.0"];
+const HIDDEN = "(hidden)"; // a header value as the master shows it; sent back, it keeps what it is
 const SHELL_CHARS = /[;|&`$<>\\"'(){}*?!#]/g; // the server refuses these in extra args
 const JOB_ACTIVE = ["planned", "running"];
 
@@ -668,17 +669,25 @@ class InstanceCard {
     this.info = info;
     this.root.dataset.state = info.state;
     this.name.textContent = info.name;
-    this.stateLabel.textContent = info.state;
+    // After Start or Stop, "starting…" or "stopping…" until the checks see it so (or a while passes)
+    const up = info.state === "online" || info.state === "busy";
+    if (this.transition && (Date.now() > this.transition.until
+        || (this.transition.kind === "starting" ? up : info.state === "offline"))) this.transition = null;
+    if (this.transition) this.root.dataset.transition = this.transition.kind;
+    else delete this.root.dataset.transition;
+    this.stateLabel.textContent = this.transition ? `${this.transition.kind}…` : info.state;
     const details = [info.url];
     if (info.device !== null && info.device !== undefined) details.push(`GPU ${info.device}`);
     if (info.extra_args) details.push(info.extra_args);
     this.url.textContent = details.join(" · ");
     if (!this.saving) this.enable.checked = info.enabled;
     this.enable.setAttribute("aria-label", `${info.name} takes part in jobs`);
-    this.gpu.textContent = info.device_name ? gpuLabel(info.device_name) : "GPU unknown";
-    this.gpu.title = info.device_name || "";
-    this.queue.textContent = info.queue === null || info.queue === undefined ? "" : `queue ${info.queue}`;
-    const hasVram = Boolean(info.vram_total);
+    // what an offline instance last reported is stale: not shown as if it were now
+    const current = info.state !== "offline";
+    this.gpu.textContent = current && info.device_name ? gpuLabel(info.device_name) : "GPU unknown";
+    this.gpu.title = current ? info.device_name || "" : "";
+    this.queue.textContent = !current || info.queue === null || info.queue === undefined ? "" : `queue ${info.queue}`;
+    const hasVram = current && Boolean(info.vram_total);
     const used = hasVram ? info.vram_total - (info.vram_free ?? 0) : 0;
     this.vramBar.style.width = hasVram ? `${((used / info.vram_total) * 100).toFixed(1)}%` : "0%";
     this.vramText.textContent = hasVram
@@ -687,11 +696,11 @@ class InstanceCard {
     this.error.hidden = !(info.error && info.state === "offline");
     this.error.textContent = info.error || "";
     if (this.startButton) {
-      const local = LOCAL_HOSTS.includes(info.host);
+      const local = LOCAL_HOSTS.includes(info.host) && !info.address;
       const running = info.state !== "offline" && !info.error;
-      this.startButton.hidden = !local || running;
+      this.startButton.hidden = !local || running || Boolean(this.transition);
       // Stop only what this master started: anything else is stopped where it was started.
-      this.stopButton.hidden = !info.managed;
+      this.stopButton.hidden = !info.managed || this.transition?.kind === "stopping";
     }
   }
 
@@ -722,9 +731,10 @@ class InstanceCard {
       this.editor?.remove();
       this.editor = null;
     };
-    const { name, host, port, device, extra_args } = this.info;
+    const { name, host, port, device, extra_args, address, ca_bundle, header_names } = this.info;
     this.editor = workerForm({
-      values: { name, host, port, device, extra_args },
+      values: address ? { name, url: address, device, extra_args, ca_bundle, headers: shownHeaders(header_names) }
+        : { name, host, port, device, extra_args, ca_bundle, headers: shownHeaders(header_names) },
       submitText: "Save",
       gpus: this.panel.gpus,
       onSubmit: async (fields) => {
@@ -739,6 +749,8 @@ class InstanceCard {
 
   async startStop(action) {
     const answer = action === "start" ? await master.startWorker(this.id) : await master.stopWorker(this.id);
+    this.transition = { kind: action === "start" ? "starting" : "stopping", until: Date.now() + (action === "start" ? 300_000 : 30_000) };
+    this.update({ ...this.info, managed: action === "start" });
     this.panel.notify(action === "start" ? `${this.info.name} is starting (pid ${answer.pid})`
       : `${this.info.name} was stopped`, "info");
     this.panel.refresh();
@@ -761,7 +773,11 @@ class InstanceCard {
     const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
     try {
       const answer = await master.workerLog(this.id);
-      log.textContent = answer.log || "(the log is empty)";
+      log.textContent = answer.log || (answer.running
+        ? `(nothing logged yet; the log is ${answer.path})`
+        : `(this master did not start ${this.info.name}: its log is where it was started, such as the `
+          + "terminal or service that runs it; workers started with Start or the launcher log to "
+          + `${answer.path})`);
       delete log.dataset.error;
     } catch (err) {
       log.textContent = `Cannot read the log: ${describe(err)}`;
@@ -792,6 +808,9 @@ const WORKER_FIELDS = [
   { key: "name", label: "Name", type: "text", placeholder: "e.g. gpu1" },
   { key: "host", label: "Host", type: "text", placeholder: "127.0.0.1" },
   { key: "port", label: "Port", type: "number", placeholder: "e.g. 8189" },
+  { key: "url", label: "Or URL", type: "text", placeholder: "https://pod-8188.proxy.example.net (in place of host and port)" },
+  { key: "ca_bundle", label: "CA file", type: "text", placeholder: "on the master, for a self-signed https worker" },
+  { key: "headers", label: "Headers", type: "text", placeholder: "Name: value; Other: value (sent with every request, never shown)" },
   { key: "device", label: "GPU", type: "number", placeholder: "index; empty: not pinned" },
   { key: "extra_args", label: "Extra args", type: "text", placeholder: "e.g. --lowvram" },
 ];
@@ -857,20 +876,45 @@ function workerForm({ values, submitText, gpus, onSubmit, onCancel }) {
 function readWorkerFields(inputs) {
   const text = (key) => inputs[key].value.trim();
   const number = (key) => (text(key) === "" ? null : Number(text(key)));
-  return { name: text("name"), host: text("host") || "127.0.0.1", port: number("port"),
-    device: number("device"), extra_args: text("extra_args") };
+  const common = { name: text("name"), device: number("device"), extra_args: text("extra_args"),
+    ca_bundle: text("ca_bundle"), headers: readHeaders(text("headers")) };
+  // A worker is where its URL says, or at host and port; an empty URL clears one set before.
+  if (text("url")) return { ...common, url: text("url") };
+  return { ...common, url: "", host: text("host") || "127.0.0.1", port: number("port") };
+}
+
+// "Name: value; Other: value" -> {Name: "value", Other: "value"}; null for text that is not that.
+function readHeaders(line) {
+  const headers = {};
+  for (const part of line.split(";").map((p) => p.trim()).filter(Boolean)) {
+    const at = part.indexOf(":");
+    if (at < 1) return null;
+    headers[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+  }
+  return headers;
+}
+
+function shownHeaders(names) {
+  return (names || []).map((name) => `${name}: ${HIDDEN}`).join("; ");
 }
 
 // The obvious mistakes, caught before a request; the server checks everything again.
 function checkWorkerFields(fields, inputs) {
   const problems = {};
   if (fields.name.length > 64) problems.name = "name: at most 64 characters";
-  if (!/^[A-Za-z0-9.:_-]+$/.test(fields.host)) problems.host = "host: must be a host name or IP address";
-  if (inputs.port.validity.badInput || fields.port === null) {
-    problems.port = "port: required, a whole number from 1 to 65535";
-  } else if (!Number.isInteger(fields.port) || fields.port < 1 || fields.port > 65535) {
-    problems.port = `port: must be a whole number from 1 to 65535, got ${inputs.port.value}`;
+  if (fields.url) {
+    if (!/^https?:\/\/[^\s/?#]+/.test(fields.url)) {
+      problems.url = "url: must be an http:// or https:// address such as https://pod-8188.proxy.example.net";
+    }
+  } else {
+    if (!/^[A-Za-z0-9.:_-]+$/.test(fields.host)) problems.host = "host: must be a host name or IP address";
+    if (inputs.port.validity.badInput || fields.port === null) {
+      problems.port = "port: required, a whole number from 1 to 65535 (or give a URL)";
+    } else if (!Number.isInteger(fields.port) || fields.port < 1 || fields.port > 65535) {
+      problems.port = `port: must be a whole number from 1 to 65535, got ${inputs.port.value}`;
+    }
   }
+  if (fields.headers === null) problems.headers = "headers: write them as Name: value; Other: value";
   if (inputs.device.validity.badInput
       || (fields.device !== null && !(Number.isInteger(fields.device) && fields.device >= 0 && fields.device <= 1023))) {
     problems.device = "GPU: a GPU index from 0 to 1023, or empty";
