@@ -385,13 +385,32 @@ def test_opening_and_closing_the_panel_stops_polling_and_logs_no_errors(live, co
     # the fixture then fails the test on any console error or page error
 
 
+def real_toasts_for_an_error_and_a_left_out_worker(live, comfy):
+    """On the current frontend: an error and a left-out worker reach the user as its own toasts."""
+    panel = comfy.open_panel()
+    expect(panel.locator('.cdist-instance[data-state="online"]')).to_have_count(3, timeout=TIMEOUT)
+    panel.locator('.cdist-instance[data-id="worker1"] .cdist-stop').evaluate("button => button.click()")
+    toasts = comfy.page.locator(".p-toast-message")
+    expect(toasts.filter(has_text="not started from this master")).to_have_count(1, timeout=TIMEOUT)
+    config = live.default_config()
+    config["workers"].append({"id": "ghost", "name": "ghost", "port": harness.free_port(), "enabled": True})
+    live.reset_config(config)
+    expect(comfy.card("ghost")).to_have_attribute("data-state", "offline", timeout=TIMEOUT)
+    run_job(live, seed=14, batch=1)
+    left_out = toasts.filter(has_text="ghost")
+    expect(left_out).to_have_count(1, timeout=TIMEOUT)
+    expect(left_out).to_contain_text("left out")
+    expect(left_out).to_contain_text("the job goes on")
+
+
 def test_the_sidebar_tab_path_with_a_stand_in_extension_manager(live, comfy):
     """The current frontend's path, where only the legacy UI runs: a stand-in app.extensionManager
     records the tab and the toasts, and our extension's setup() runs again to take that path."""
     comfy.page.locator(f"{LEGACY_BUTTON}, {SIDEBAR_BUTTON}").first.wait_for(timeout=60_000)
-    if not comfy.page.locator(LEGACY_BUTTON).count():
-        pytest.skip("the current frontend is here: the other tests use its real sidebar tab")
     comfy.expected_statuses = {409}  # the Stop below is refused on purpose, to raise a toast
+    if not comfy.page.locator(LEGACY_BUTTON).count():  # the current frontend: its own toasts
+        real_toasts_for_an_error_and_a_left_out_worker(live, comfy)
+        return
     tab = comfy.page.evaluate("""async () => {
         const { app } = await import("/scripts/app.js");
         window.cdistToasts = [];
