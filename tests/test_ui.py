@@ -521,6 +521,13 @@ def test_the_check_button_checks_every_worker_with_the_current_workflow(live, co
     ghost = box.locator('.cdist-check-item[data-id="ghost"]')
     expect(ghost).to_have_attribute("data-ok", "false")
     expect(ghost.locator(".cdist-check-reachable")).to_have_text("no")
+    # not a dash and an address run together: what could not be checked says why
+    expect(ghost.locator(".cdist-check-reaches")).to_have_text("not checked: the master cannot reach it")
+    reaches = box.locator('.cdist-check-item[data-id="worker1"] .cdist-check-reaches')
+    assert reaches.evaluate("d => d.querySelectorAll('wbr').length") >= 3  # wraps after / . : only
+    height, viewport = box.evaluate("b => [b.getBoundingClientRect().height, window.innerHeight]")
+    assert 0.2 * viewport <= height <= 0.5 * viewport, (height, viewport)  # long: it scrolls in its box
+    expect(ghost).to_be_visible()  # scrolled to inside the box, not cut off
     expect(ghost.locator(".cdist-check-message")).to_contain_text("nothing listens on that port")
     expect(ghost.locator(".cdist-check-message")).to_contain_text("start it")
     # the current workflow went with the check, in the API format

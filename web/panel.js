@@ -586,8 +586,9 @@ function checkView(i, masterVersion) {
   const ok = checkOk(i, masterVersion);
   const facts = [
     ["Reachable", i.role === "master" ? "this is the master" : yesNo(i.reachable), i.reachable === false],
-    ["Reaches the master", i.role === "master" ? "—" : yesNo(i.reach_back)
-      + (i.reach_back_url && i.role !== "master" ? ` (${i.reach_back_url})` : ""), i.reach_back === false],
+    ["Reaches the master", i.role === "master" ? "—"
+      : i.reachable === false ? "not checked: the master cannot reach it"
+        : yesNo(i.reach_back) + (i.reach_back_url ? ` (${i.reach_back_url})` : ""), i.reach_back === false],
     ["ComfyUI", i.comfyui_version || "unknown", false],
     ["Extension", i.extension_version || (i.reachable ? "not installed" : "—"),
       i.role !== "master" && i.reachable && i.extension_version !== masterVersion],
@@ -600,12 +601,20 @@ function checkView(i, masterVersion) {
     ]),
     h("dl.cdist-check-facts", {}, facts.flatMap(([label, value, bad]) => [
       h("dt", { text: label }),
-      h(`dd.cdist-check-${label.split(" ")[0].toLowerCase()}`, { text: value, "data-bad": String(bad) }),
+      h(`dd.cdist-check-${label.split(" ")[0].toLowerCase()}`, { "data-bad": String(bad) }, breakable(value)),
     ])),
     missing.length > 0 ? h("ul.cdist-check-missing", {}, missing.map((m) => h("li", {
       "data-kind": m.kind, text: missingText(m) }))) : null,
     h("div.cdist-check-message", { text: i.message }),
   ]);
+}
+
+// Text whose addresses may wrap only after "/", ".", ":" or "?" (not in the middle of a word).
+function breakable(text) {
+  const parts = [];
+  for (const piece of String(text).split(/(?<=[/.:?])/)) parts.push(piece, h("wbr"));
+  parts.pop();
+  return parts;
 }
 
 function missingText(m) {
