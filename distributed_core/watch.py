@@ -20,6 +20,7 @@ MAX_POLL_SECONDS = 15.0  # ...and the one furthest back
 QUEUE_MAX_AGE = 10.0    # an instance's whole queue (to find a prompt it lost) is read at most this often
 REFUSALS_MEAN_GONE = 3  # checks in a row refused: the worker's process has died
 FINISHED_GRACE = 5.0    # results are posted before a prompt ends: a finished prompt gets this long more
+SHORT_QUEUE = 4         # a queue this long is read every second for a prompt whose start is awaited
 
 @dataclass
 class _Queue:
@@ -77,6 +78,12 @@ class Watcher:
         if entry is not None:
             entry.tried_at = float("-inf")
         self.wake_all()
+
+    def _short_queue(self, url: str) -> bool:
+        """The instance's queue, as its reachability check last counted it, holds a few prompts at
+        most (or has not been counted yet)."""
+        seen = self.reach.get(url)
+        return seen is None or seen.queue is None or seen.queue <= SHORT_QUEUE
 
     async def nap(self, key: str, seconds: float) -> None:
         """Sleep until ``wake(key)`` or ``seconds`` pass. Callers check their condition just
@@ -172,8 +179,11 @@ class Watcher:
                     watched.on_running()
                 if where == "unfinished":  # no jobs API: the queue tells pending and running apart
                     # whoever wants to know when it starts has the queue read every second until
-                    # then (a spread prompt: one per worker); otherwise rarely, to find a lost one
-                    wants_running = watched.on_running is not None and not running_seen
+                    # then, while that queue is short (a spread prompt: one per worker; a Collector
+                    # share near the head); otherwise rarely, to find a lost one: a long queue is
+                    # a large answer, and its prompts start one after another anyway
+                    wants_running = watched.on_running is not None and not running_seen \
+                        and self._short_queue(client.url)
                     since = self.clock.now() - POLL_SECONDS if wants_running else watched.dispatched
                     queue = await self.queue_reading(client, max(since, watched.dispatched),
                                                  POLL_SECONDS if wants_running else QUEUE_MAX_AGE)
