@@ -247,9 +247,13 @@ class Panel {
     }
     for (const job of status.jobs || []) this.showJob(job, false);
     // A job that the master no longer lists has ended; drop it if its last event was missed.
+    // It keeps its place with the final state that the master's recent jobs give it, if they do.
     const listed = new Set((status.jobs || []).map((j) => j.job_id));
+    const ended = new Map((status.recent || []).map((j) => [j.job_id, j]));
     for (const [id, entry] of this.jobs) {
-      if (JOB_ACTIVE.includes(entry.summary.state) && !listed.has(id) && entry.seenAt < startedAt) this.jobs.delete(id);
+      if (!JOB_ACTIVE.includes(entry.summary.state) || listed.has(id) || entry.seenAt >= startedAt) continue;
+      if (ended.has(id)) this.jobs.set(id, { ...entry, summary: ended.get(id), seenAt: Date.now() });
+      else this.jobs.delete(id);
     }
     this.renderJobs();
   }
