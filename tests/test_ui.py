@@ -278,7 +278,7 @@ def test_the_running_job_shows_each_participants_progress(live, comfy, tmp_path)
     expect(shares).to_have_count(3)
     assert shares.evaluate_all("rows => rows.map(r => r.dataset.participant)") == ["master", "worker1", "worker2"]
     expect(job.locator('.cdist-share[data-state="running"], .cdist-share[data-state="queued"]').first).to_be_visible()
-    job.scroll_into_view_if_needed()
+    comfy.scroll_to(job)
     comfy.screenshot(f"progress-{comfy.ui}-running", tmp_path)
 
     live.master.wait_prompt(prompt_id)
@@ -287,7 +287,7 @@ def test_the_running_job_shows_each_participants_progress(live, comfy, tmp_path)
     for participant in ("master", "worker1", "worker2"):
         share = job.locator(f'.cdist-share[data-participant="{participant}"]')
         expect(share.locator(".cdist-count")).to_have_text("1 of 1")
-    job.scroll_into_view_if_needed()
+    comfy.scroll_to(job)
     comfy.screenshot(f"progress-{comfy.ui}-done", tmp_path)
 
 
@@ -311,7 +311,7 @@ def test_a_failed_worker_is_named_with_its_error(live, comfy, tmp_path):
     expect(notice).to_contain_text("left out")
     expect(notice).to_contain_text(str(ghost_port))
     expect(comfy.card("ghost").locator(".cdist-error")).not_to_contain_text("Errno")
-    job.scroll_into_view_if_needed()
+    comfy.scroll_to(job)
     comfy.screenshot(f"failed-worker-{comfy.ui}", tmp_path)
 
 
@@ -487,7 +487,7 @@ def test_a_tiled_upscale_job_counts_tiles_per_participant(live, comfy, tmp_path)
     counts = job.locator(".cdist-share .cdist-count").all_inner_texts()
     assert len(counts) == 2 and all(re.fullmatch(r"\d+ tiles", c) for c in counts), counts
     assert sum(int(c.split()[0]) for c in counts) == 9, counts
-    job.scroll_into_view_if_needed()
+    comfy.scroll_to(job)
     comfy.screenshot(f"upscale-{comfy.ui}-done", tmp_path)
 
 
@@ -533,7 +533,7 @@ def test_the_check_button_checks_every_worker_with_the_current_workflow(live, co
     # the current workflow went with the check, in the API format
     assert sent and {n["class_type"] for n in sent[-1]["prompt"].values()} == {
         "DistributedSeed", "EmptyImage", "MultiGPUCollector", "SaveImage"}, sent
-    box.scroll_into_view_if_needed()
+    comfy.scroll_to(box)
     comfy.screenshot(f"check-{comfy.ui}", tmp_path)
 
 

@@ -90,6 +90,19 @@ class ComfyPage:
     def card(self, instance_id: str):
         return self.panel().locator(f'.cdist-instance[data-id="{instance_id}"]')
 
+    @staticmethod
+    def scroll_to(locator) -> None:
+        """Bring an element into view for a screenshot. The panel re-renders its job list on every
+        progress event, so the element found may be replaced before it scrolls: find it again."""
+        from playwright.sync_api import Error
+        for attempt in range(5):
+            try:
+                locator.scroll_into_view_if_needed(timeout=5_000)
+                return
+            except Error:
+                if attempt == 4:
+                    raise
+
     def screenshot(self, name: str, tmp_path: Path) -> Path:
         """Save a screenshot under the test's tmp dir and, if set, into $DISTRIBUTED_SCREENSHOT_DIR."""
         path = tmp_path / f"{name}.png"
