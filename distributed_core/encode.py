@@ -36,10 +36,9 @@ from PIL import Image
 DISABLE_VARIABLE = "COMFYUI_DISTRIBUTED_SERIAL_SAVE"  # set to 1 to keep ComfyUI's one-at-a-time saving
 
 _local = threading.local()
-_pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _save: Callable = Image.Image.save  # Pillow's own, kept before any wrapping
-_strip_pool: ThreadPoolExecutor | None = None  # apart from _pool, whose threads wait for the strips
+_pools: dict[str, ThreadPoolExecutor] = {}  # by name: "files", and "strips" (the files' threads wait for those)
 STRIP_PIXELS = 1 << 21  # images of at least this many pixels are encoded in strips on every core
 STRIP_ROWS = 128
 
@@ -50,12 +49,11 @@ def workers() -> int:
     return max(1, min(32, len(usable)))
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _pool
+def _executor(name: str = "files") -> ThreadPoolExecutor:
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(workers(), thread_name_prefix="distributed-png")
-        return _pool
+        if name not in _pools:
+            _pools[name] = ThreadPoolExecutor(workers(), thread_name_prefix=f"distributed-png-{name}")
+        return _pools[name]
 
 
 def _is_png_file(fp, format_name: str | None) -> bool:
@@ -64,14 +62,6 @@ def _is_png_file(fp, format_name: str | None) -> bool:
     if format_name:
         return format_name.upper() == "PNG"
     return os.fspath(fp).lower().endswith(".png")
-
-
-def _strips_executor() -> ThreadPoolExecutor:
-    global _strip_pool
-    with _pool_lock:
-        if _strip_pool is None:
-            _strip_pool = ThreadPoolExecutor(workers(), thread_name_prefix="distributed-png-strip")
-        return _strip_pool
 
 
 def _in_strips(image: Image.Image, params: dict) -> bool:
@@ -115,7 +105,7 @@ def png_in_strips(image: Image.Image, pnginfo=None, compress_level: int = 6) -> 
     height, width = pixels.shape[:2]
     bounds = [(r, min(r + STRIP_ROWS, height)) for r in range(0, height, STRIP_ROWS)]
     level = max(0, min(9, int(compress_level)))
-    strips = list(_strips_executor().map(
+    strips = list(_executor("strips").map(
         lambda b: _deflated_strip(pixels, b[0], b[1], level, b[1] == height), bounds))
     checksum = 1
     for raw, _packed in strips:

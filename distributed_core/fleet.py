@@ -56,10 +56,13 @@ class Fleet:
         self._session: aiohttp.ClientSession | None = None
         self._busy: list[Callable[[], set[str]]] = []
         self._tls_contexts: dict[str, ssl.SSLContext] = {}
+        self._workers_by_url: dict[str, Worker] | None = None  # as of the last config read (every check)
 
     # --- who the participants are ---------------------------------------------------------------
     def config(self) -> Config:
-        return self.load_config().config
+        config = self.load_config().config
+        self._workers_by_url = {w.url: w for w in config.workers}
+        return config
 
     def is_worker_instance(self, config: Config) -> bool:
         """This instance is one of the config's local workers: it runs what it is sent, nothing more."""
@@ -116,7 +119,9 @@ class Fleet:
         headers (a worker given by url, behind an https proxy)."""
         if self._client_factory is not None:
             return self._client_factory(url)
-        worker = next((w for w in self.config().workers if w.url == url.rstrip("/")), None)
+        if self._workers_by_url is None:
+            self.config()
+        worker = self._workers_by_url.get(url.rstrip("/"))
         if worker is None or not (worker.ca_bundle or worker.headers):
             return InstanceClient(self.session(), url, self.api_features)
         try:
