@@ -8,15 +8,14 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 from aiohttp import web
 
-from .distributed_core import access, comfy_flags, comfy_internals, doctor, encode, local_instances, spread, spread_queue, wire
+from .distributed_core import access, comfy_flags, comfy_internals, doctor, encode, local_instances, relay, spread_queue
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.fleet import Fleet
 from .distributed_core.runtime import Runtime
-from .distributed_core.jobs import JobStore, receive
+from .distributed_core.jobs import JobStore
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -25,10 +24,6 @@ PROMPT_PATHS = ("/prompt", "/api/prompt")
 QUEUE_PATHS = ("/queue", "/api/queue")
 
 WORKER_FIELDS = {"name", "host", "port", "url", "ca_bundle", "headers", "device", "enabled", "extra_args"}
-
-
-def listen_hosts() -> list[str]:
-    return comfy_internals.server_args()[0]
 
 
 def own_address() -> tuple[str, int]:
@@ -91,13 +86,13 @@ def setup(server) -> Runtime:
 
     if encode.install() and comfy_internals.parallel_saves(encode.deferred_saves):
         log.info("[Distributed] PNG saves use %d threads", encode.workers())
-    fleet = Fleet(config_file.load, own_address, input_dir,
-                  loopback_only=lambda: all(h in ("127.0.0.1", "localhost", "::1") for h in listen_hosts()))
+    fleet = Fleet(config_file.load, own_address, input_dir)
     runtime = Runtime(fleet, JobStore(on_change=emit), partial_execution=comfy_internals.runs_partial_targets())
     server.add_on_prompt_handler(runtime.rewrite)
 
     async def begin(_app) -> None:  # the reachability checks run on the server's loop, once it runs
         fleet.begin()
+        runtime.relays.loop = fleet.loop
     server.app.on_startup.append(begin)
     # first, before ComfyUI's own middlewares (set up before any extension loads)
     server.app.middlewares.insert(0, _access_middleware(access.load_or_create()))
@@ -109,7 +104,6 @@ def setup(server) -> Runtime:
     _add_spread_routes(server.routes, runtime)
     server.app.middlewares.append(_interrupt_middleware(runtime))
     runtime.upscales.board.on_change = emit
-    _add_tile_routes(server.routes, runtime)
     _add_doctor_routes(server.routes, runtime.fleet)
     loaded = config_file.load()
     if loaded.error:
@@ -251,14 +245,24 @@ def _add_routes(routes: web.RouteTableDef, runtime: Runtime, processes) -> None:
         results = await fleet.broadcast(config_file.load().config, "interrupt")
         return web.json_response({"results": results})
 
-    @routes.post("/distributed/result")
-    async def post_result(request: web.Request) -> web.Response:
-        try:
-            header = await receive(runtime.collectors.store, request.content, request.content_length)
-        except wire.Rejected as exc:
-            return error(exc.status, exc.message)
-        fleet.watcher.wake(header.job)  # its share's watch looks at once
-        return web.json_response({"ok": True, "job": header.job, "unit": header.unit})
+    @routes.get(relay.PATH)
+    async def relay_socket(request: web.Request) -> web.StreamResponse:
+        """On a worker: the master opens one of these for every prompt it sends here, with the
+        prompt's share token, and the prompt's work goes back over it (distributed_core/relay.py).
+        With ?probe=1 and no token: the worker doctor's check that websockets get through."""
+        token = request.headers.get(relay.SHARE_HEADER, "")
+        probe = not token and request.query.get(relay.PROBE) == "1"
+        if not probe and not runtime.relays.wanted(token):
+            return error(403, f"no prompt queued here holds that {relay.SHARE_HEADER} credential (a relay is "
+                              "opened by the master that sent the prompt, while it runs)")
+        ws = web.WebSocketResponse(max_msg_size=relay.MAX_MESSAGE)
+        await ws.prepare(request)
+        if probe:
+            await ws.send_str(json.dumps({relay.PROBE: "ok", "extension_version": doctor.extension_version()}))
+            await ws.close()
+        else:
+            await runtime.relays.attach(token, ws)
+        return ws
 
 
 # Read-modify-write of the config happens one request at a time, so concurrent edits never lose
@@ -428,15 +432,6 @@ def _add_doctor_routes(routes: web.RouteTableDef, fleet: Fleet) -> None:
         instances = await doctor.check(fleet, config, prompt or None, _has_input)
         return web.json_response({"instances": instances, "extension_version": doctor.extension_version()})
 
-    @routes.post(doctor.REACH_BACK_PATH)
-    async def reach_back(request: web.Request) -> web.Response:
-        body = await read_json(request)
-        url = body.get("url") if isinstance(body, dict) else None
-        if doctor.reach_back_target(url) is None:
-            return error(400, 'body must be {"url": "http://host:port"}: the master\'s address, nothing after it')
-        return web.json_response(await doctor.reach_back(fleet.client, url))
-
-
 
 # --- the spread queue (distributed_core/spread.py) -------------------------------------------------
 
@@ -466,35 +461,6 @@ def setup_spread(server, runtime: Runtime) -> None:
 
 
 def _add_spread_routes(routes: web.RouteTableDef, runtime: Runtime) -> None:
-    @routes.post("/distributed/spread/result")
-    async def post_spread_result(request: web.Request) -> web.Response:
-        dispatcher = runtime.spread
-        if dispatcher is None:
-            return error(409, f"this master does not spread its queue: {runtime.spread_unsupported}")
-
-        def check(header: wire.ValueHeader) -> None:
-            try:
-                dispatcher.state.check(header.prompt, header.token)
-            except LookupError as exc:
-                raise wire.Rejected(410, str(exc)) from None
-            except PermissionError as exc:
-                raise wire.Rejected(403, str(exc)) from None
-            except ValueError as exc:
-                raise wire.Rejected(409, str(exc)) from None
-        try:
-            header, arrays = await spread.receive_values(request.content, request.content_length, check)
-            values = await asyncio.get_running_loop().run_in_executor(None, spread.decode_values, header.tree, arrays)
-            dispatcher.state.arrive(header.prompt, header.token, values)
-        except wire.Rejected as exc:
-            return error(exc.status, exc.message)
-        except wire.FrameError as exc:
-            return error(400, f"bad value frame: {exc}")
-        except (LookupError, PermissionError, ValueError) as exc:
-            return error(410, str(exc))
-        runtime.fleet.watcher.wake(header.prompt)  # its watch ends now
-        dispatcher.wake()
-        return web.json_response({"ok": True, "prompt_id": header.prompt})
-
     @routes.get("/distributed/spread")
     async def get_spread(request: web.Request) -> web.Response:
         """Who renders which queued prompt, and the last ones finished."""
@@ -526,81 +492,3 @@ def _interrupt_middleware(runtime: Runtime):
         return await handler(request)
 
     return middleware
-
-
-TILE_HEADER = "X-Distributed-Tiles"  # the tile grid and sampler settings beside the enlarged image
-NOTICE_HEADER = "X-Distributed-Notice"  # beside a rendered batch: what the worker had to do differently
-MAX_NOTICE = 500
-
-
-def _add_tile_routes(routes: web.RouteTableDef, runtime: Runtime) -> None:
-    """What a worker's Distributed Tiled Upscale asks of the master: the enlarged image once, then
-    leases of batches of tiles, then each rendered batch. Each request carries the job's tile token
-    for that worker."""
-    board = runtime.upscales.board
-
-    async def identify(request: web.Request) -> tuple[str, str, str]:
-        body = await read_json(request)
-        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in ("job", "node", "token")):
-            raise wire.Rejected(400, "send a JSON object with the strings job, node and token")
-        return body["job"], body["node"], body["token"]
-
-    @routes.post("/distributed/tiles/image")
-    async def tile_image(request: web.Request) -> web.StreamResponse:
-        try:
-            job_id, node, token = await identify(request)
-            found = board.image(job_id, node, token)
-        except wire.Rejected as exc:
-            return error(exc.status, exc.message)
-        if found is None:
-            return web.json_response({"wait": 0.25}, status=202)
-        image, grid, params = found
-        header = wire.Header(job_id, node, 0, "image", "float32", tuple(image.shape))
-        parts = wire.encode(header, image)
-        response = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE, TILE_HEADER: json.dumps(
-            {"grid": grid.to_dict(), "params": params}, separators=(",", ":"))})
-        response.content_length = sum(len(p) for p in parts)
-        await response.prepare(request)
-        await response.write(parts[0])
-        payload = parts[1]
-        for start in range(0, len(payload), 1 << 20):
-            await response.write(payload[start:start + (1 << 20)])
-        await response.write_eof()
-        return response
-
-    @routes.post("/distributed/tiles/lease")
-    async def tile_lease(request: web.Request) -> web.Response:
-        try:
-            job_id, node, token = await identify(request)
-            job = board.get(job_id)
-            seconds = float(job.config.settings.job_timeout) if job else 60.0
-            lease = board.lease(job_id, node, "", seconds, token=token)
-        except wire.Rejected as exc:
-            return error(exc.status, exc.message)
-        if lease.kind == "batch":
-            return web.json_response({"batch": lease.batch, "tiles": list(lease.tiles)})
-        return web.json_response({"batch": None, "done": lease.kind == "done", "wait": 0.25})
-
-    @routes.post("/distributed/tiles/result")
-    async def tile_result(request: web.Request) -> web.Response:
-        reader = request.content
-        notice = request.headers.get(NOTICE_HEADER, "")
-        try:
-            if len(notice) > MAX_NOTICE:
-                raise wire.Rejected(400, f"the {NOTICE_HEADER} header holds at most {MAX_NOTICE} characters")
-            header = await wire.read_header(reader, request.content_length, "tile frame")
-            participant, shape = board.expected_shape(header.job, header.collector, header.token, header.unit)
-            if header.encoding != "raw" or header.dtype != "float32" or header.shape != shape or header.audio:
-                raise wire.Rejected(400, f"batch {header.unit} must be raw float32 of shape {list(shape)} without "
-                                   f"audio, not {header.encoding} {header.dtype} {list(header.shape)}")
-            pixels = np.empty(shape, dtype=np.float32)
-            await wire.read_into(reader, memoryview(pixels.reshape(-1).view(np.uint8)), "tile frame")
-            await wire.read_end(reader)
-            if not np.isfinite(pixels).all():
-                raise wire.Rejected(400, f"batch {header.unit} holds values that are not finite numbers")
-            if notice:  # what the worker had to do differently for it (a batch split to fit its GPU's memory)
-                board.notice(header.job, participant, notice)
-            first = board.complete(header.job, header.collector, header.unit, participant, pixels)
-        except wire.Rejected as exc:
-            return error(exc.status, exc.message)
-        return web.json_response({"ok": True, "batch": header.unit, "first": first})

@@ -2,6 +2,7 @@
 work to distributed_core; the logic lives there."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -202,14 +203,14 @@ class MultiGPUCollector:
         sounds = [None] * len(chunks) if sounds is None else _paired(sounds, len(chunks))
         token = _unseal(job, "Multi-GPU Collector")
         deadline = time.monotonic() + float(job.get("timeout", 120))
-        url = job["master_url"].rstrip("/") + "/distributed/result"
+        send = functools.partial(runtime().relays.request, token)
         for (first, count), batch, sound in zip(chunks, batches, sounds):
             comfy.model_management.throw_exception_if_processing_interrupted()
             parts = wire.frame(job["job"], job["collector"], first, count, token, batch,
                                job.get("transport", "float32"),
                                None if sound is None else (sound.waveform, sound.sample_rate))
             try:
-                deliver(url, parts, deadline, comfy.model_management.processing_interrupted)
+                deliver(send, "/distributed/result", parts, deadline, comfy.model_management.processing_interrupted)
             except Interrupted:
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 raise RuntimeError("Multi-GPU Collector: interrupted while delivering results") from None
@@ -341,9 +342,9 @@ class DistributedSpreadSender:
         token = _unseal(field, "Spread sender")
         parts = spread.encode_values(field["spread"], token, field["slots"], values)
         deadline = time.monotonic() + float(field.get("timeout", 120))
-        url = field["master_url"].rstrip("/") + "/distributed/spread/result"
+        send = functools.partial(runtime().relays.request, token)
         try:
-            deliver(url, parts, deadline, comfy.model_management.processing_interrupted)
+            deliver(send, "/distributed/spread/result", parts, deadline, comfy.model_management.processing_interrupted)
         except Interrupted:
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise RuntimeError("Spread sender: interrupted while delivering values") from None
@@ -549,7 +550,7 @@ class DistributedTiledUpscale:
         """Worker role: render leased batches for the master until none are left."""
         token = _unseal(job, "Distributed Tiled Upscale")
         tile_render.work_for_master(
-            job, token, lambda grid, enlarged, params, notice: tile_render.Renderer(
+            job, token, functools.partial(runtime().relays.request, token), lambda grid, enlarged, params, notice: tile_render.Renderer(
                 grid, enlarged, params, (model, positive, negative, vae), notice, _check_interrupt),
             _check_interrupt, comfy.model_management.processing_interrupted, TILE_WAIT)
 

@@ -43,13 +43,9 @@ HEADER = "X-Distributed-Secret"
 SECRET_FILE = EXTENSION_DIR / "secret.key"   # ignored by git
 ENV_VAR = "COMFYUI_DISTRIBUTED_SECRET_FILE"
 PREFIX = "/distributed/"
-# The result upload is guarded by per-share tokens, the tile routes by tile tokens, the spread
-# queue's value upload by per-prompt tokens (spread.py). The reach-back (a worker doctor's check)
-# only makes this instance POST an empty body to the result route of an http://host:port it is given
-# and say whether that answered: less than any client can have a worker do by queueing a prompt.
-OPEN_PATHS = {"/distributed/result", "/distributed/reach_back",
-              "/distributed/tiles/image", "/distributed/tiles/lease", "/distributed/tiles/result",
-              "/distributed/spread/result"}
+# A relay (relay.py) is opened with a prompt's share token, which only the master that sent the
+# prompt holds; without one it answers the doctor's check that websockets get through, and nothing more.
+OPEN_PATHS = {"/distributed/relay"}
 SECRET_PATH = "/distributed/secret"   # for a local browser only
 
 

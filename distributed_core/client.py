@@ -1,4 +1,4 @@
-"""Talking to ComfyUI instances over their public HTTP API, and delivering results to the master.
+"""Talking to ComfyUI instances over their public HTTP API, and a worker delivering its results to the master.
 
 Every failure becomes an InstanceError whose message a user can act on.
 """
@@ -8,11 +8,11 @@ import asyncio
 import hashlib
 import json
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
 import aiohttp
 
-from . import wire
+from . import relay
 
 if TYPE_CHECKING:
     import ssl
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 QUICK = aiohttp.ClientTimeout(total=3, sock_connect=2)     # status polls: a frozen worker is noticed fast
 DISPATCH = aiohttp.ClientTimeout(total=10, sock_connect=3)  # a prompt can take a moment to validate
 PROBE = aiohttp.ClientTimeout(total=4, sock_connect=2)     # the worker doctor: answers within seconds
-KNOCK = aiohttp.ClientTimeout(total=2.5, sock_connect=2)   # a worker calling the master back, inside PROBE
 SLOW_LINK_BYTES_PER_S = 128 * 1024  # input files move at least this fast (about 1 Mbit/s) before we give up
 ANSWER_S = 60.0                     # an upload or download that goes silent this long has failed
 
@@ -227,37 +226,48 @@ class InstanceClient:
             raise InstanceError(f"{self.url}/object_info gave no node list")
         return answer
 
-    async def reach_back(self, master_url: str) -> dict | None:
-        """Ask the instance's extension to call ``master_url``'s result address back (see doctor.py);
-        None when it has no such route (no extension there, or an older one)."""
-        try:
-            async with self.session.post(self.url + "/distributed/reach_back", json={"url": master_url}, **self._extras(),
-                                         timeout=PROBE) as resp:
-                text = await resp.text()
-                if resp.status == 404:
-                    return None
-                if resp.status >= 400:
-                    raise InstanceError(f"{self.url}/distributed/reach_back answered {resp.status}: "
-                                        f"{_error_text(text)}")
-                answer = json.loads(text)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            raise InstanceError(describe(self.url, exc)) from exc
-        return answer if isinstance(answer, dict) else {}
+    async def relay(self, token: str):
+        """Open the relay of one prompt sent to this worker (relay.py): a websocket to
+        /distributed/relay holding the prompt's share token. Raises relay.RelayFailed where the
+        worker refuses it for good, InstanceError where it cannot be reached (tried again)."""
+        return await self._websocket({relay.SHARE_HEADER: token}, {})
 
-    async def knock_result_route(self) -> tuple[int | None, object, str]:
-        """POST an empty body to this (master's) result address: its extension refuses the empty frame
-        with a JSON error, which shows that the address reaches it. (status, JSON body, error)."""
+    async def relay_probe(self) -> tuple[str | None, str]:
+        """Whether a relay gets through to this worker's extension (a proxy in front of it must pass
+        websockets), for the doctor: (its extension's version, "") when it does, else (None, why)."""
         try:
-            async with self.session.post(self.url + "/distributed/result", data=b"", timeout=KNOCK,
-                                         **self._extras()) as resp:
-                text = await resp.text()
-                try:
-                    body = json.loads(text)
-                except ValueError:
-                    body = None
-                return resp.status, body, ""
+            ws = await self._websocket({}, {relay.PROBE: "1"})
+        except (relay.RelayFailed, InstanceError) as exc:
+            return None, str(exc)
+        try:
+            message = await ws.receive(timeout=PROBE.total)
+            answer = json.loads(message.data) if message.type == aiohttp.WSMsgType.TEXT else None
+        except asyncio.TimeoutError:
+            return None, f"{self.url}{relay.PATH} opened a websocket but sent nothing"
+        except ValueError:
+            answer = None
+        finally:
+            await ws.close()
+        if not isinstance(answer, dict) or answer.get(relay.PROBE) != "ok":
+            return None, f"{self.url}{relay.PATH} did not answer the relay check as this extension does"
+        return str(answer.get("extension_version") or "unknown"), ""
+
+    async def _websocket(self, headers: dict[str, str], params: dict[str, str]):
+        url = self.url + relay.PATH
+        try:
+            # the whole handshake within DISPATCH's time (ws_connect itself would wait minutes)
+            return await asyncio.wait_for(self.session.ws_connect(
+                url, params=params, max_msg_size=relay.MAX_MESSAGE, autoping=True,
+                timeout=aiohttp.ClientWSTimeout(ws_close=5) if hasattr(aiohttp, "ClientWSTimeout") else 5.0,
+                **self._extras(headers)), DISPATCH.total)
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403, 404, 410):
+                raise relay.RelayFailed(_refused_relay(url, exc.status, exc.message)) from None
+            raise relay.RelayFailed(f"{url} answered {exc.status} where a websocket was due: a proxy in front "
+                                    f"of the worker must pass websockets (the Upgrade and Connection headers) "
+                                    f"to it") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            return None, None, describe(self.url, exc)
+            raise InstanceError(describe(self.url, exc), refused=isinstance(exc, aiohttp.ClientConnectorError)) from exc
 
     # --- the jobs API (ComfyUI from early 2026: GET /api/jobs/{id}, POST /api/jobs/{id}/cancel) ---
     async def has_jobs_api(self) -> bool:
@@ -345,38 +355,30 @@ class Interrupted(InstanceError):
     """The worker's prompt was interrupted while its results were being delivered."""
 
 
-def deliver(url: str, parts: list, deadline: float, interrupted: Callable[[], bool] = lambda: False) -> None:
-    """POST one result frame (from wire.frame) to the master. Runs on the worker's execution thread.
+def deliver(send: Callable[..., "relay.Reply"], path: str, parts: list, deadline: float,
+            interrupted: Callable[[], bool] = lambda: False) -> None:
+    """Hand one frame (from wire.frame) to the master over the prompt's relay: ``send`` is
+    Relays.request for the prompt's share token. Runs on the worker's execution thread.
 
-    While the master answers "retry later" (503: it holds results for earlier jobs) or cannot be
-    reached, the worker retries until ``deadline`` (time.monotonic()). ``interrupted`` is asked
-    between retries and between the megabytes of an upload: when it says so, delivery stops at
-    once with Interrupted.
+    While the master answers "retry later" (503: it holds results for earlier jobs) the worker
+    retries until ``deadline`` (time.monotonic()). ``interrupted`` is asked while it waits and
+    between the megabytes of an upload: when it says so, delivery stops at once with Interrupted.
     """
-    import requests
-
-    body = _Body(parts, interrupted)
     delay = 0.2
     while True:
-        if interrupted():
-            raise Interrupted("interrupted while delivering results to the master")
         try:
-            read_timeout = min(300.0, max(1.0, deadline - time.monotonic()))
-            resp = requests.post(url, data=body, timeout=(5, read_timeout),
-                                 headers={"Content-Type": wire.CONTENT_TYPE})
-            if resp.status_code == 200:
-                return
-            last = f"{url} answered {resp.status_code}: {resp.text[:300]}"
-            if resp.status_code != 503:
-                raise InstanceError(last)
-            last += " and kept answering so until the job's timeout"
-        except Interrupted:
-            raise
-        except requests.RequestException as exc:
-            last = (f"cannot deliver results to the master at {url} ({type(exc).__name__}); "
-                    "check that this worker can reach the master's address")
+            reply = send(path, parts, None, deadline, interrupted)
+        except relay.Interrupted:
+            raise Interrupted("interrupted while delivering results to the master") from None
+        except (TimeoutError, relay.RelayFailed) as exc:
+            raise InstanceError(f"cannot deliver results to the master: {exc}") from None
+        if reply.status == 200:
+            return
+        last = f"the master answered {path} with {reply.status}: {_error_text(reply.text)}"
+        if reply.status != 503:
+            raise InstanceError(last)
         if time.monotonic() + delay > deadline:
-            raise InstanceError(last) from None
+            raise InstanceError(last + " and kept answering so until the job's timeout")
         _pause(delay, interrupted)
         delay = min(delay * 2, 2.0)
 
@@ -387,27 +389,15 @@ def _pause(seconds: float, interrupted: Callable[[], bool]) -> None:
         time.sleep(min(0.05, max(0.0, end - time.monotonic())))
 
 
-class _Body:
-    """A re-readable iterable of buffers, so that requests sends them without concatenating.
-    Its length lets requests send a Content-Length rather than chunks."""
-
-    def __init__(self, parts: Iterable, interrupted: Callable[[], bool] = lambda: False):
-        self.parts = list(parts)
-        self.interrupted = interrupted
-
-    def __len__(self) -> int:
-        return sum(len(part) for part in self.parts)
-
-    def __iter__(self):
-        for part in self.parts:
-            # made while sending (wire.LazyPixels), or memoryview slices that keep each write
-            # bounded without copying the array
-            view = None if hasattr(part, "chunks") else memoryview(part)
-            pieces = part.chunks() if view is None else (view[i:i + (1 << 20)] for i in range(0, len(view), 1 << 20))
-            for piece in pieces:
-                if self.interrupted():
-                    raise Interrupted("interrupted while delivering results to the master")
-                yield piece
+def _refused_relay(url: str, status: int, message: str) -> str:
+    if status == 404:
+        return (f"{url} does not exist: the worker's ComfyUI-Distributed is older than the master's (it "
+                f"needs the relay, from 0.2.0); update it there")
+    if status in (401, 403):
+        return (f"{url} refused the prompt's credential ({status}): the worker no longer holds the prompt "
+                f"(restarted, or its queue was cleared), or a proxy in front of it refused the request "
+                f"(check the worker's headers in the config)")
+    return f"{url} answered {status}: {message}"
 
 
 def history_error(status: dict) -> str:

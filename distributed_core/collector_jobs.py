@@ -209,7 +209,6 @@ class CollectorJobs:
             return False
         share.url = worker.url
         fields = {"job": job_id, "token": share.token, "timeout": job_plan.config.settings.job_timeout,
-                  "master_url": self.fleet.master_url_for(job_plan.config, worker),
                   "transport": job_plan.config.settings.transport_for(worker)}
         chunks = plan.chunks_of(share.units) if job.split else [[u, 1] for u in share.units]
         seeds = [0] * len(chunks) if job.split else share.units
@@ -260,7 +259,7 @@ class CollectorJobs:
 
         outcome, why = await self.fleet.watch(Watch(client, share.prompt_id, share.dispatched, job_id,
                                                     lambda: self.active(job_id), delivered, FINISHED_GRACE,
-                                                    on_running=running), timeout)
+                                                    on_running=running, relay_token=share.token), timeout)
         if outcome == "delivered":
             self.store.update(job_id, lambda j: setattr(share, "state", "done"))
             return True

@@ -55,8 +55,6 @@ class Master:
     port: int = 8188
     device: int | None = 0
     enabled: bool = True
-    # Address that workers use to reach the master; empty means "work it out" (see master_url_for).
-    host: str = ""
     extra_args: str = ""  # the launcher's extra ComfyUI arguments for the master
     cpus: str = ""        # CPU cores for the launcher to pin it to: "" automatic, "off", or "0-7,16-23"
     threads: int = 0      # its thread pools' size: 0 means one per core it is given
@@ -132,8 +130,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         master: dict[str, Any] = {"port": self.master.port, "device": self.master.device,
                                   "enabled": self.master.enabled}
-        if self.master.host:
-            master["host"] = self.master.host
         if self.master.extra_args:
             master["extra_args"] = self.master.extra_args
         return {
@@ -341,11 +337,12 @@ def parse(data: Any) -> Config:
     if not isinstance(m, dict):
         errors.append("master: must be an object")
         m = {}
+    # "host" was where workers reached the master back; they never do now (relay.py): it is read
+    # and dropped, so that a config from before still loads, and the next save leaves it out
     _check_keys(m, {"port", "device", "enabled", "host", "extra_args", "cpus", "threads"}, "master", errors)
     master = Master(port=_int(m, "port", "master", errors, 8188, 1, 65535),
                     device=_int(m, "device", "master", errors, 0, 0, 1023, nullable=True),
                     enabled=_bool(m, "enabled", "master", errors, True),
-                    host=_host(m, "host", "master", errors, ""),
                     extra_args=_extra_args(m, "master", errors),
                     cpus=_cpus(m, "master", errors), threads=_int(m, "threads", "master", errors, 0, 0, 4096))
 

@@ -2,7 +2,7 @@
 and said in words a user can act on.
 
 Plain logic on plain values: a prompt in ComfyUI's API format against an instance's ``/object_info``
-(what it lacks), version strings, the outcome of a reach-back, and the one sentence that tells the
+(what it lacks), version strings, whether a relay gets through, and the one sentence that tells the
 user what to do. The HTTP glue (distributed_routes.py) and the fleet's pre-dispatch check (fleet.send)
 gather those values and call in here.
 """
@@ -12,7 +12,6 @@ import asyncio
 import re
 import time
 from typing import Any, Awaitable, Callable, Iterable
-from urllib.parse import urlsplit
 
 from .config import EXTENSION_DIR
 
@@ -27,8 +26,6 @@ MODEL_FOLDERS = {
 CLASS_FOLDERS = {("UpscaleModelLoader", "model_name"): "upscale_models",
                  ("CLIPVisionLoader", "clip_name"): "clip_vision"}
 FILE_SUFFIX = re.compile(r"\.(safetensors|sft|ckpt|pt|pth|bin|gguf|onnx|pkl|yaml|json)$", re.IGNORECASE)
-REACH_BACK_PATH = "/distributed/reach_back"  # served by every instance: calls a master back
-RESULT_PATH = "/distributed/result"          # the master's result address, which a reach-back tries
 
 
 # --- what an instance lacks for a prompt ----------------------------------------------------------
@@ -189,36 +186,6 @@ def comfyui_version(system_stats: Any) -> str:
     return str(version) if version else "unknown"
 
 
-# --- reaching the master back -------------------------------------------------------------------------
-
-def reach_back_target(url: Any) -> str | None:
-    """The result address a reach-back may try: ``http(s)://host[:port]`` and nothing else (no path,
-    query or credentials), so that the route can only ever knock on a master's result route."""
-    if not isinstance(url, str) or len(url) > 300:
-        return None
-    try:
-        parts = urlsplit(url.rstrip("/"))
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password \
-            or parts.path or parts.query or parts.fragment:
-        return None
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def reach_back_outcome(status: int | None, body: Any, error: str = "") -> tuple[bool, str]:
-    """Whether an answer from ``<master>/distributed/result`` to an empty POST came from this
-    extension (it refuses the empty frame with a JSON error), and if not, why not."""
-    if status is None:
-        return False, error or "no answer"
-    if status == 404:
-        return False, "something answers there, but not a ComfyUI with this extension (another port or program?)"
-    if status < 500 and isinstance(body, dict) and "error" in body:
-        return True, ""
-    return False, f"answered {status}, not as this extension's result route does (a proxy in between?)"
-
-
 # --- the one sentence ------------------------------------------------------------------------------
 
 def message(instance: dict, master_version: str) -> str:
@@ -235,11 +202,9 @@ def message(instance: dict, master_version: str) -> str:
     version = instance.get("extension_version") or "unknown"
     if role == "worker" and version != master_version:
         steps.append(f"update ComfyUI-Distributed there to the master's version {master_version} (it has {version})")
-    if role == "worker" and instance.get("reach_back") is False:
-        tried = instance.get("reach_back_url") or "the master's address"
-        steps.append(f"let it reach the master at {tried} ({instance.get('reach_back_error') or 'no answer'}): "
-                     "start the master with --listen, open its port in the firewall, or set master.host "
-                     "to an address this worker can reach")
+    if role == "worker" and instance.get("relay") is False:
+        steps.append(f"let the master open its relay there ({instance.get('relay_error') or 'no answer'}): a "
+                     "proxy in front of it must pass websockets to /distributed/relay")
     if role == "worker" and instance.get("error"):
         steps.append(f"check it again ({instance['error']})")
     missing = instance.get("missing") or []
@@ -325,7 +290,7 @@ async def check(fleet, config, prompt: dict | None, master_has_input: Callable[[
     async def master() -> dict:
         client = fleet.client(fleet.own_url())
         entry = {"id": "master", "name": "master", "role": "master", "url": client.url, "reachable": True,
-                 "reach_back": None, "reach_back_url": "", "comfyui_version": "unknown",
+                 "relay": None, "comfyui_version": "unknown",
                  "extension_version": own_version, "extension": True, "missing": [], "error": ""}
         stats, info = await asyncio.gather(client.system_stats(), object_info(client.url) if prompt else _none(),
                                            return_exceptions=True)
@@ -340,12 +305,11 @@ async def check(fleet, config, prompt: dict | None, master_has_input: Callable[[
 
     async def worker(w) -> dict:
         client = fleet.client(w.url)
-        back = fleet.master_url_for(config, w)
         entry = {"id": w.id, "name": w.label, "role": "worker", "url": client.url, "reachable": False,
-                 "reach_back": None, "reach_back_url": back + RESULT_PATH, "reach_back_error": "",
+                 "relay": None, "relay_error": "",
                  "comfyui_version": "unknown", "extension_version": "", "extension": False, "missing": [],
                  "error": ""}
-        stats, answer, info = await asyncio.gather(client.system_stats(), client.reach_back(back),
+        stats, answer, info = await asyncio.gather(client.system_stats(), client.relay_probe(),
                                                    object_info(client.url), return_exceptions=True)
         if isinstance(stats, BaseException):
             entry["error"] = str(stats) if isinstance(stats, InstanceError) else type(stats).__name__
@@ -356,27 +320,19 @@ async def check(fleet, config, prompt: dict | None, master_has_input: Callable[[
         fleet.reach.ok(w.url, stats if isinstance(stats, dict) else None)
         entry["reachable"] = True
         entry["comfyui_version"] = comfyui_version(stats)
-        if isinstance(answer, dict):
-            entry["extension"] = True
-            entry["extension_version"] = str(answer.get("extension_version") or "unknown")
-            entry["reach_back"] = bool(answer.get("reached"))
-            entry["reach_back_url"] = str(answer.get("url") or entry["reach_back_url"])
-            entry["reach_back_error"] = str(answer.get("error") or "")
-        elif isinstance(info, dict) and workflow.COLLECTOR in info:  # installed, but without this route
-            entry["extension"] = True
-            entry["extension_version"] = "an older one, without the reach-back check"
-        if isinstance(answer, InstanceError):
-            entry["reach_back_error"] = str(answer)
+        version, why = answer if isinstance(answer, tuple) else (None, str(answer))
+        if version is not None:  # the relay got through to its extension, which said its version
+            entry["extension"], entry["extension_version"], entry["relay"] = True, version, True
+        elif isinstance(info, dict) and workflow.COLLECTOR in info:  # installed, but the relay fails
+            entry["extension"], entry["relay"], entry["relay_error"] = True, False, why
+            entry["extension_version"] = "an older one, without the relay" if " 404" in why or "does not exist" in why \
+                else "unknown"
         if prompt:
             if isinstance(info, dict):
                 part = worker_part(prompt)
                 entry["missing"] = lacking(part, info, inputs) + lacking_inputs
             else:
                 entry["error"] = f"its node list could not be read ({info}), so what it lacks is unknown"
-        if not w.on_this_machine and not config.master.host and fleet.loopback_only():
-            entry["reach_back"] = False
-            entry["reach_back_error"] = ("this master listens on 127.0.0.1 only; start it with --listen "
-                                         "(the launcher does when a worker is remote)")
         entry["message"] = message(entry, own_version)
         return entry
 
@@ -386,14 +342,3 @@ async def check(fleet, config, prompt: dict | None, master_has_input: Callable[[
 
 async def _none() -> None:
     return None
-
-
-async def reach_back(session_client: Callable[[str], Any], url: Any) -> dict:
-    """The worker's side of a check: call the master back at ``url`` as this machine sees it."""
-    target = reach_back_target(url)
-    if target is None:
-        return {"url": "", "reached": False, "extension_version": extension_version(),
-                "error": "the address to try must be http(s)://host:port, with nothing after it"}
-    status, body, error = await session_client(target).knock_result_route()
-    reached, why = reach_back_outcome(status, body, error)
-    return {"url": target + RESULT_PATH, "reached": reached, "error": why, "extension_version": extension_version()}

@@ -16,14 +16,13 @@ import asyncio
 import hashlib
 import inspect
 import logging
-import socket
 import ssl
 from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
 
-from . import doctor, workflow
+from . import doctor, relay, workflow
 from .client import InstanceClient, InstanceError
 from .config import Config, Loaded, Worker
 from .plan import MASTER_ID
@@ -39,12 +38,11 @@ class Unusable(Exception):
 
 class Fleet:
     def __init__(self, load_config: Callable[[], Loaded], own_address: Callable[[], tuple[str, int]],
-                 input_dir: Callable[[], Path] | None = None, loopback_only: Callable[[], bool] = lambda: False,
+                 input_dir: Callable[[], Path] | None = None,
                  client_factory: Callable[[str], Any] | None = None, clock: Clock | None = None):
         self.load_config = load_config
         self.own_address = own_address
         self.input_dir = input_dir            # the master's input folder, for loaders' files
-        self.loopback_only = loopback_only    # the master listens on 127.0.0.1 alone
         self.clock = clock or Clock()
         self._client_factory = client_factory  # tests give a fake; else InstanceClient over HTTP
         self.api_features: dict = {}  # what each instance's HTTP API offers (see InstanceClient)
@@ -57,6 +55,8 @@ class Fleet:
         self._busy: list[Callable[[], set[str]]] = []
         self._tls_contexts: dict[str, ssl.SSLContext] = {}
         self._workers_by_url: dict[str, Worker] | None = None  # as of the last config read (every check)
+        # answers what worker prompts send over their relays (inbox.Inbox, set by the runtime)
+        self.answer: relay.Answer | None = None
 
     # --- who the participants are ---------------------------------------------------------------
     def config(self) -> Config:
@@ -81,15 +81,6 @@ class Fleet:
         host, port = self.own_address()
         if host in ("", "0.0.0.0", "::"):
             host = "127.0.0.1"
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-
-    def master_url_for(self, config: Config, worker: Worker) -> str:
-        """The address a worker uses to reach this master: configured, or loopback for local workers,
-        or the address of the interface that routes to a remote worker."""
-        _host, port = self.own_address()
-        host = config.master.host
-        if not host:
-            host = "127.0.0.1" if worker.on_this_machine else _route_address(worker.host)
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def _watched_instances(self) -> list[tuple[str, bool]]:
@@ -150,14 +141,9 @@ class Fleet:
     async def send(self, worker: Worker, prompt: dict, config: Config, client_id: str,
                    check_nodes: bool = False) -> tuple[InstanceClient, str]:
         """The one way a prompt goes to a worker: (its client, the prompt id it was queued under).
-        A remote worker of a master that listens on loopback alone is refused; with
-        ``check_nodes``, so is one that lacks a node class or model the prompt needs; the files the
+        With ``check_nodes``, a worker that lacks a node class or model the prompt needs; the files the
         prompt's loaders read are uploaded where the worker lacks them. Raises Unusable, with why."""
         client = self.client(worker.url)
-        if not worker.on_this_machine and not config.master.host and self.loopback_only():
-            raise Unusable(f"it is on another machine ({worker.host}) but this master listens on 127.0.0.1 "
-                           "only; start the master with --listen (the launcher does when a worker is remote), "
-                           "or set master.host")
         try:
             if check_nodes:
                 lacks = await self._lacks(worker, client, prompt)
@@ -197,7 +183,30 @@ class Fleet:
             log.info("[Distributed] uploaded input %s to %s", name, client.url)
 
     async def watch(self, watched: Watch, timeout: float) -> tuple[str, str]:
-        return await self.watcher.watch(watched, timeout)
+        """Watch a worker's prompt (watch.Watcher) and, for one that has work to hand back, keep its
+        relay open meanwhile, answering what the prompt sends with ``answer`` (relay.py). A relay
+        that cannot be kept open ends the watch as ``lost``, with why."""
+        if not watched.relay_token or self.answer is None:
+            return await self.watcher.watch(watched, timeout)
+        client, token = watched.client, watched.relay_token
+        stop = asyncio.Event()
+        carrying = asyncio.ensure_future(relay.carry(lambda: client.relay(token), self.answer, stop, client.url))
+        watching = asyncio.ensure_future(self.watcher.watch(watched, timeout))
+        try:
+            await asyncio.wait({carrying, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if watching.done():
+                return watching.result()
+            watching.cancel()
+            try:
+                carrying.result()
+                return "lost", "its relay ended"
+            except relay.RelayFailed as exc:
+                log.warning("[Distributed] %s", exc)
+                return "lost", str(exc)
+        finally:
+            watching.cancel()
+            stop.set()
+            await asyncio.gather(carrying, return_exceptions=True)
 
     async def withdraw(self, url: str, prompt_id: str, label: str = "") -> None:
         """Take a prompt back from an instance (deleted while queued, interrupted while running);
@@ -298,14 +307,3 @@ class Fleet:
 def _read_hashed(path: Path) -> tuple[bytes, str]:
     data = path.read_bytes()
     return data, hashlib.sha256(data).hexdigest()
-
-
-def _route_address(remote_host: str) -> str:
-    """The local address the OS would use to reach a remote host (a UDP connect sends nothing)."""
-    try:
-        family = socket.AF_INET6 if ":" in remote_host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect((remote_host, 9))
-            return probe.getsockname()[0]
-    except OSError:
-        return socket.gethostbyname(socket.gethostname())

@@ -189,11 +189,10 @@ def cpu_placements(config: cfg.Config, cpu_only: bool = False, machine: cpus.Mac
 
 def master_instance(config: cfg.Config, python: str, cpu: bool = False, config_file: Path | None = None,
                     placements: Placements | None = None) -> Instance:
-    # Remote workers must reach the master; otherwise nothing outside this machine needs to. Every
-    # interface, because ComfyUI before 2025 takes one --listen address and a browser on this machine
-    # still uses 127.0.0.1. The extension's routes do not rely on it: a request from another machine
-    # needs the secret whatever address it came to (see access.py). ComfyUI's own API is open there.
-    listen = "0.0.0.0" if any(not w.on_this_machine for w in config.workers) else "127.0.0.1"
+    # Loopback only: no worker ever connects to the master (the master opens every connection,
+    # relay.py), so nothing outside this machine needs to reach it. A --listen of the user's own in
+    # master.extra_args comes later on the command line, and wins.
+    listen = "127.0.0.1"
     port, device = config.master.port, config.master.device
     cpu = cpu or "--cpu" in shlex.split(config.master.extra_args)
     pinned, threads = (placements or {}).get(MASTER_ID, ([], 0))

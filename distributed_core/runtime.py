@@ -11,7 +11,9 @@ and are dropped otherwise. A fourth kind of job is one more entry in ``kinds``.
             ├─ collectors (collector_jobs.CollectorJobs) ─┐
             ├─ upscales   (upscale.Upscales)             ├─ each uses the fleet, never each other
             ├─ spread     (spread_queue.Dispatcher, or None) ─┘
-            └─ vault      (credentials of prompts sent here as a worker)
+            ├─ inbox      (answers what worker prompts send back over their relays)
+            ├─ vault      (credentials of prompts sent here as a worker)
+            └─ relays     (as a worker: the relays its masters opened, by credential)
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ from typing import Any, Protocol
 from . import spread, spread_queue, workflow
 from .collector_jobs import CollectorJobs, PlanRefused
 from .fleet import Fleet
+from .inbox import Inbox
 from .jobs import JobState, JobStore
 from .upscale import Upscales
+from .relay import Relays
 from .vault import Vault
 
 log = logging.getLogger("comfyui-distributed")
@@ -46,6 +50,9 @@ class Runtime:
     def __init__(self, fleet: Fleet, store: JobStore | None = None, partial_execution: bool = False):
         self.fleet = fleet
         self.vault = Vault()  # result tokens of worker-role prompts sent to this instance
+        self.relays = Relays(self.vault.holds)  # as a worker: how those prompts reach their master
+        self.inbox = Inbox(self)  # as a master: what its workers' prompts send back
+        fleet.answer = self.inbox.answer
         self.collectors = CollectorJobs(fleet, store or JobStore())
         self.upscales = Upscales(fleet)
         self.kinds: list[JobKind] = [self.upscales, self.collectors]  # planned in this order

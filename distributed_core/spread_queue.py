@@ -377,8 +377,7 @@ class Dispatcher:
     # --- one prompt on one worker --------------------------------------------------------------------
     async def render(self, worker, claim: Claim, item, plan: Split) -> None:
         config = self.config
-        fields = {"spread": claim.prompt_id, "token": claim.token, "timeout": config.settings.job_timeout,
-                  "master_url": self.fleet.master_url_for(config, worker)}
+        fields = {"spread": claim.prompt_id, "token": claim.token, "timeout": config.settings.job_timeout}
         prompt = plan.worker_prompt(item_prompt(item), fields)
         try:
             client, claim.worker_prompt_id = await self.fleet.send(worker, prompt, config, CLIENT_ID)
@@ -402,7 +401,8 @@ class Dispatcher:
 
         watched = Watch(client, claim.worker_prompt_id, claim.dispatched, claim.prompt_id, is_open,
                         lambda: claim.state == "arrived", grace=FINISHED_GRACE,
-                        on_running=lambda: self.state.set_state(claim.prompt_id, worker.id, "running"))
+                        on_running=lambda: self.state.set_state(claim.prompt_id, worker.id, "running"),
+                        relay_token=claim.token)
         outcome, why = await self.fleet.watch(watched, timeout)
         if outcome == "error" and "interrupted" not in why:
             self.state.fail(claim.prompt_id, f"{worker.label}: {why}")

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import comfy_internals, tiles, wire
+from . import comfy_internals, relay, tiles, wire
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -87,56 +87,49 @@ class Renderer:
         return render_batch(crops, seeds, *self.models, self.params)
 
 
-def work_for_master(job: dict, token: str, renderer: Callable[..., Renderer], check_interrupt: Callable[[], None],
-                    interrupted: Callable[[], bool], tile_wait: float) -> None:
+def work_for_master(job: dict, token: str, send: Callable[..., relay.Reply], renderer: Callable[..., Renderer],
+                    check_interrupt: Callable[[], None], interrupted: Callable[[], bool], tile_wait: float) -> None:
     """A worker's part of an upscale job: fetch the enlarged image once, then render leased batches
-    (``renderer(grid, enlarged, params, notice)`` makes the Renderer) until none are left."""
-    import requests
-
-    base = job["master_url"].rstrip("/") + "/distributed/tiles/"
-    ident = {"job": job["job"], "node": job["node"], "token": token}
+    (``renderer(grid, enlarged, params, notice)`` makes the Renderer) until none are left. ``send``
+    is Relays.request for the prompt's share token: every request goes over the prompt's relay."""
+    ident = [json.dumps({"job": job["job"], "node": job["node"], "token": token}).encode()]
     patience = float(job.get("timeout", 120))
-    session = requests.Session()
 
-    def ask(path: str, **kw):
-        """POST to the master, retrying while it cannot be reached (up to ``patience`` seconds);
-        None when the job is over."""
-        last_contact = time.monotonic()
-        while True:
+    def ask(path: str, parts: list, headers: dict | None = None) -> relay.Reply | None:
+        """A request to the master, waiting up to ``patience`` seconds for its relay; None when the
+        job is over."""
+        check_interrupt()
+        try:
+            reply = send("/distributed/tiles/" + path, parts, headers, time.monotonic() + patience, interrupted)
+        except relay.Interrupted:
             check_interrupt()
-            try:
-                resp = session.post(base + path, timeout=(5, max(30.0, patience)), **kw)
-            except requests.RequestException as exc:
-                if time.monotonic() - last_contact > patience:
-                    raise RuntimeError(f"Distributed Tiled Upscale: cannot reach the master at {base} "
-                                       f"({type(exc).__name__}) for {patience:g} s") from None
-                _pause(1.0, interrupted)
-                continue
-            if resp.status_code == 410:
-                return None
-            if resp.status_code >= 400:
-                raise RuntimeError(f"Distributed Tiled Upscale: the master answered {resp.status_code}: "
-                                   f"{resp.text[:300]}")
-            return resp
+            raise RuntimeError("Distributed Tiled Upscale: interrupted") from None
+        except (TimeoutError, relay.RelayFailed) as exc:
+            raise RuntimeError(f"Distributed Tiled Upscale: cannot reach the master: {exc}") from None
+        if reply.status == 410:
+            return None
+        if reply.status >= 400:
+            raise RuntimeError(f"Distributed Tiled Upscale: the master answered {reply.status}: {reply.text[:300]}")
+        return reply
 
     while True:  # the enlarged image, once the master has it
-        resp = ask("image", json=ident)
-        if resp is None:
+        reply = ask("image", ident)
+        if reply is None:
             return
-        if resp.status_code == 200:
+        if reply.status == 200:
             break
         _pause(tile_wait, interrupted)
-    _header, enlarged = wire.decode(resp.content)
-    info = json.loads(resp.headers["X-Distributed-Tiles"])
+    _header, enlarged = wire.decode(reply.body)
+    info = json.loads(reply.headers["X-Distributed-Tiles"])
     grid, params = tiles.Grid.from_dict(info["grid"]), info["params"]
     notices: list[str] = []  # told to the master with the batch they are about
     render = renderer(grid, enlarged, params, notices.append)
     rendered = 0
     while True:
-        resp = ask("lease", json=ident)
-        if resp is None:
+        reply = ask("lease", ident)
+        if reply is None:
             break
-        answer = resp.json()
+        answer = reply.json()
         batch = answer.get("batch")
         if batch is None:
             if answer.get("done"):
@@ -149,7 +142,7 @@ def work_for_master(job: dict, token: str, renderer: Callable[..., Renderer], ch
         if notices:
             headers["X-Distributed-Notice"] = "; ".join(notices)[:500]
             notices.clear()
-        if ask("result", data=b"".join(bytes(p) for p in parts), headers=headers) is None:
+        if ask("result", parts, headers) is None:
             break
         rendered += len(pixels)
     log.info("[Distributed] rendered %d tiles of upscale job %s", rendered, job["job"][:8])

@@ -439,8 +439,7 @@ class Upscales:
         if job is None:
             return
         worker = job.config.worker(share.participant)
-        fields = {"job": job_id, "token": share.token, "timeout": job.config.settings.job_timeout,
-                  "master_url": self.fleet.master_url_for(job.config, worker)}
+        fields = {"job": job_id, "token": share.token, "timeout": job.config.settings.job_timeout}
         prompt = workflow.upscale_worker_prompt(job.prompt, job.nodes, fields)
         try:
             client, share.prompt_id = await self.fleet.send(worker, prompt, job.config, CLIENT_ID)
@@ -460,7 +459,7 @@ class Upscales:
         prompts): an error, a lost prompt, a dead process or silence for ``timeout`` seconds puts
         its tiles back in the pool."""
         watched = Watch(client, share.prompt_id, share.dispatched, job_id, lambda: self.board.is_open(job_id),
-                        lambda: False)
+                        lambda: False, relay_token=share.token)
         outcome, why = await self.fleet.watch(watched, timeout)
         if outcome == "finished":
             self.board.update(job_id, lambda j: setattr(share, "state", "done"))

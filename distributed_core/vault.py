@@ -95,6 +95,12 @@ class Vault:
                 self._entries.pop(key, None)
             self._changed.notify_all()
 
+    def holds(self, token: str) -> bool:
+        """Whether a prompt queued here carries ``token`` and has not used it yet: its master may
+        open that prompt's relay (relay.py) before the prompt runs."""
+        with self._changed:
+            return any(entry.token == token for entry in self._entries.values())
+
     # --- when the prompt runs (ComfyUI's execution thread) -----------------------------------------
     def take(self, key: Any, prompt_id: str | None, wait: float = BIND_SECONDS) -> str:
         """The token for ``key``, once, for the prompt ``prompt_id`` that runs now (None where this

@@ -47,6 +47,9 @@ class Watch:
     #                                     long more (they are posted before it ends); None: a prompt
     #                                     that ends without an error is done with
     on_running: Callable[[], None] | None = None  # told when a queue read shows it running
+    relay_token: str | None = None      # the prompt's share token: the master keeps its relay open
+    #                                     (relay.py) while it watches, and the prompt's work comes
+    #                                     back over it
 
 
 
@@ -206,8 +209,8 @@ class Watcher:
                 return "finished", ""
             finished_at = finished_at or self.clock.now()
             if self.clock.now() - finished_at > watched.grace:
-                return "undelivered", ("its prompt finished but no result reached the master; "
-                                       "check that the worker can reach the master's address")
+                return "undelivered", ("its prompt finished but its results never reached the master "
+                                       "over its relay")
             next_read = min(next_read, self.clock.now() + POLL_SECONDS)
 
     async def prompt_end(self, client: InstanceClient, prompt_id: str, since: float, wake_key: str,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+
+import aiohttp
 from pathlib import Path
 
 from distributed_core import config as config_file
@@ -83,6 +85,25 @@ class EveryNode(dict):
         return {"input": {}}
 
 
+class IdleSocket:
+    """An open websocket on which nothing arrives until it is closed."""
+
+    def __init__(self):
+        self.closed = False
+        self._closing = asyncio.Event()
+
+    async def receive(self):
+        await self._closing.wait()
+        return aiohttp.WSMessage(aiohttp.WSMsgType.CLOSED, None, None)
+
+    async def send_str(self, _data: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.closed = True
+        self._closing.set()
+
+
 class FakeClient(InstanceClient):
     def __init__(self, world: dict[str, Instance], url: str, features: dict | None = None):
         super().__init__(None, url, features)
@@ -109,6 +130,15 @@ class FakeClient(InstanceClient):
             return {"id": prompt_id, "status": "completed", "execution_status": status}
         return {"id": prompt_id, "status": "failed", "execution_error": {
             "node_id": "3", "node_type": "DistributedTestProbe", "exception_message": "out of ink"}}
+
+    async def relay(self, token: str):
+        """A prompt's relay (relay.py) that its worker never uses: these fake workers hand nothing
+        back over it; tests put results into the job store themselves."""
+        inst = self.world.get(self.url)
+        if inst is None or not inst.up:
+            raise InstanceError(f"cannot connect to {self.url}; is that ComfyUI instance running?", refused=True)
+        inst.calls.append(("WS", "/distributed/relay", token))
+        return IdleSocket()
 
     async def _request(self, method, path, timeout, body=None):
         inst = self.world.get(self.url)

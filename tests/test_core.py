@@ -484,10 +484,10 @@ def refused(path, headers, peer="127.0.0.1", local="127.0.0.1", method="POST"):
     return access.refusal(path, {"Host": HERE, **headers}, peer, local, SECRET)
 
 
-def test_only_the_result_upload_is_open():
+def test_only_the_relay_is_open():
     assert refused("/prompt", {}) is None  # ComfyUI's own routes are ComfyUI's business
-    assert refused("/distributed/result", {}) is None  # per-job token instead
-    for path in ("/distributed/config", "/api/distributed/config", "/distributed/status",
+    assert refused("/distributed/relay", {}, method="GET") is None  # a prompt's share token instead
+    for path in ("/distributed/result", "/distributed/config", "/api/distributed/config", "/distributed/status",
                  "/distributed/workers/w1/log", "/distributed/secret"):
         assert refused(path, {}), path  # reads as well as changes: a script needs the secret
 
@@ -1023,20 +1023,6 @@ def test_input_files_of_loaders():
               "3": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
               "4": {"class_type": "EmptyImage", "inputs": {"width": 8}}}
     assert workflow.input_files(prompt) == ["a.png", "sub/b.png"]
-
-
-def test_delivery_honours_its_deadline_and_interrupts():
-    from distributed_core.client import InstanceError, Interrupted, deliver
-    from harness import free_port
-    url = f"http://127.0.0.1:{free_port()}/distributed/result"  # nothing listens there
-    parts = wire.frame("j", "3", 1, 1, "t", np.zeros((1, 2, 2, 3), np.float32), "float32")
-    with pytest.raises(Interrupted):
-        deliver(url, parts, time.monotonic() + 3600, interrupted=lambda: True)
-    with pytest.raises(InstanceError, match="cannot deliver"):
-        deliver(url, parts, time.monotonic() + 0.3)
-    asked = []
-    with pytest.raises(Interrupted):  # an interrupt during the retries ends them
-        deliver(url, parts, time.monotonic() + 3600, interrupted=lambda: asked.append(1) or len(asked) > 3)
 
 
 def test_only_collectors_that_run_are_planned():

@@ -81,34 +81,19 @@ def test_comfyui_version_from_system_stats_or_unknown():
     assert doctor.comfyui_version(None) == "unknown"
 
 
-def test_reach_back_target_takes_only_a_bare_origin():
-    assert doctor.reach_back_target("http://10.0.0.1:8188") == "http://10.0.0.1:8188"
-    assert doctor.reach_back_target("http://[::1]:8188/") == "http://[::1]:8188"
-    for bad in ["http://h:8188/x", "ftp://h:1", "http://u:p@h:1", "http://h:1?q=1", "http://h:port", "", None, 5,
-                "//h:1", "http://:1"]:
-        assert doctor.reach_back_target(bad) is None, bad
-
-
-def test_reach_back_outcome():
-    assert doctor.reach_back_outcome(400, {"error": "truncated result frame"}) == (True, "")
-    assert doctor.reach_back_outcome(404, None)[0] is False
-    assert "proxy" in doctor.reach_back_outcome(502, None)[1]
-    assert doctor.reach_back_outcome(None, None, "cannot connect") == (False, "cannot connect")
-
-
 def test_message_says_what_to_do_in_one_sentence():
-    ready = {"role": "worker", "reachable": True, "extension": True, "extension_version": "1", "reach_back": True,
+    ready = {"role": "worker", "reachable": True, "extension": True, "extension_version": "1", "relay": True,
              "missing": []}
     assert doctor.message(ready, "1") == "Ready."
     assert doctor.message({"role": "master", "extension_version": "1"}, "1").startswith("Ready")
     down = doctor.message({"role": "worker", "reachable": False, "error": "cannot connect"}, "1")
     assert "start it" in down and "cannot connect" in down
     assert "not installed" in doctor.message({**ready, "extension": False}, "1")
-    several = doctor.message({**ready, "extension_version": "0.9", "reach_back": False,
-                              "reach_back_url": "http://10.0.0.1:8188/distributed/result", "reach_back_error": "timed out",
+    several = doctor.message({**ready, "extension_version": "0.9", "relay": False,
+                              "relay_error": "http://10.0.0.1:8188/distributed/relay answered 502",
                               "missing": [{"kind": "model", "name": "m.safetensors", "folder": "checkpoints"}]}, "1")
-    assert "Update ComfyUI-Distributed" in several and "http://10.0.0.1:8188/distributed/result" in several
-    assert "master.host" in several and "m.safetensors" in several
+    assert "Update ComfyUI-Distributed" in several and "http://10.0.0.1:8188/distributed/relay answered 502" in several
+    assert "websockets" in several and "m.safetensors" in several
     assert several.endswith(".") and several.count(". ") == 0  # one sentence
 
 

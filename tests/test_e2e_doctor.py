@@ -35,12 +35,11 @@ def test_check_reports_a_running_worker_and_one_that_is_not_running(live):
     assert version not in ("", "unknown")
     for worker_id in ("worker1", "worker2"):
         w = found[worker_id]
-        assert w["reachable"] is True and w["reach_back"] is True, w
-        assert w["reach_back_url"] == f"http://127.0.0.1:{live.master.port}/distributed/result"
+        assert w["reachable"] is True and w["relay"] is True, w  # a websocket got through to its extension
         assert w["extension_version"] == version and w["missing"] == [] and w["message"] == "Ready."
         assert w["comfyui_version"]  # "unknown" on ComfyUI before late 2024, else its version
     ghost = found["ghost"]
-    assert ghost["reachable"] is False and ghost["reach_back"] is None
+    assert ghost["reachable"] is False and ghost["relay"] is None
     assert "cannot connect" in ghost["message"] and "start it" in ghost["message"], ghost
     assert "nothing listens on that port" in ghost["message"] and "Errno" not in ghost["message"], ghost
     assert found["master"]["reachable"] is True and found["master"]["message"].startswith("Ready")
@@ -53,9 +52,9 @@ def test_check_needs_the_secret_and_a_well_formed_body(live):
     for body in ([1], {"prompt": [1]}, {"prompt": {"1": 5}}):
         resp = live.master.post("/distributed/check", body)
         assert resp.status_code == 400 and "prompt" in resp.json()["error"], body
-    # the worker side of a reach-back takes only a bare address
-    resp = requests.post(live.workers[0].url + "/distributed/reach_back", json={"url": "http://x:1/path"}, timeout=10)
-    assert resp.status_code == 400
+    # a worker's relay needs a prompt's credential (or asks for the doctor's probe)
+    resp = requests.get(live.workers[0].url + "/distributed/relay", timeout=10)
+    assert resp.status_code == 403 and "credential" in resp.json()["error"]
 
 
 def test_check_names_a_node_class_a_worker_lacks_and_a_missing_input(live):
@@ -145,10 +144,10 @@ def test_a_worker_that_does_not_answer_is_reported_in_seconds(live):
         live.workers[1].signal(signal.SIGCONT)
     found = by_id(resp.json())
     assert found["worker2"]["reachable"] is False and "did not answer in time" in found["worker2"]["message"]
-    assert found["worker1"]["reachable"] is True and found["worker1"]["reach_back"] is True
+    assert found["worker1"]["reachable"] is True and found["worker1"]["relay"] is True
 
 
 def test_status_answer_has_the_checked_shape(live):
     answer = live.master.post("/distributed/check", {}).json()
-    keys = {"id", "name", "reachable", "reach_back", "comfyui_version", "extension_version", "missing", "message"}
+    keys = {"id", "name", "reachable", "relay", "comfyui_version", "extension_version", "missing", "message"}
     assert all(keys <= set(i) for i in answer["instances"]), json.dumps(answer)[:500]

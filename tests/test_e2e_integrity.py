@@ -1,9 +1,9 @@
 """Images are never lost, mixed or doubled by what a client, a third party or a slow master does:
-forged `_distributed` fields, credentials read from a worker's queue, deliveries that cannot
-finish, stale inputs on a worker and partial runs. A real master and two real workers on loopback."""
+forged `_distributed` fields, credentials read from a worker's queue, relays that never open, stale inputs on a worker and partial runs. A real master and two real workers on loopback."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -48,7 +48,7 @@ def test_a_client_cannot_take_another_jobs_images(live):
 def test_a_prompt_mixing_worker_and_master_roles_is_refused(live):
     prompt = image_workflow(seed=1, batch=1)
     prompt["4"]["inputs"][FIELD] = json.dumps({"job": "x", "role": "worker", "collector": "4", "chunks": [[1, 1]],
-                                               "token": "t", "master_url": live.master.url})
+                                               "token": "t"})
     prompt["6"] = {"class_type": "MultiGPUCollector",
                    "inputs": {"images": ["2", 0], FIELD: json.dumps({"job": "x", "role": "master"})}}
     for instance in (live.master, live.workers[0]):
@@ -67,12 +67,16 @@ def test_a_token_read_from_a_worker_delivers_nothing(live):
     seen = wait_until(lambda: queued_prompts(live.workers[0]), 30, what="worker1's prompt")[0]
     visible = field_of(seen, "4")
     assert "token" not in visible, "the result token is readable in the worker's queue"
-    # whatever the queue shows, used as a token, lets nobody deliver (here: no images for unit 2)
-    for token in {visible.get("sealed"), visible.get("token")} - {None}:
-        header = wire.Header(job["job_id"], "4", 2, token, "float32", (1, 8, 8, 3))
-        frame = b"".join(bytes(p) for p in wire.encode(header, np.zeros((1, 8, 8, 3), np.float32)))
-        resp = requests.post(live.master.url + "/distributed/result", data=frame, timeout=10)
+    # whatever the queue shows opens no relay to the worker's prompt: nobody can fetch its results
+    # (or hand it leases) in the master's place, and the master takes results over no other way
+    for key in {visible.get("sealed"), visible.get("token"), job["job_id"]} - {None}:
+        resp = requests.get(live.workers[0].url + "/distributed/relay", headers={"X-Distributed-Share": key},
+                            timeout=10)
         assert resp.status_code == 403, resp.text
+    header = wire.Header(job["job_id"], "4", 2, visible.get("sealed") or "x", "float32", (1, 8, 8, 3))
+    frame = b"".join(bytes(p) for p in wire.encode(header, np.zeros((1, 8, 8, 3), np.float32)))
+    assert requests.post(live.master.url + "/distributed/result", data=frame, timeout=10,
+                         headers=live.master.auth()).status_code in (404, 405)
     entry = live.master.wait_prompt(prompt_id, 120)
     assert error_of(entry) == ""
     assert blue_values(live.master.saved_images(entry, "5")) == [80, 81, 82]
@@ -80,50 +84,10 @@ def test_a_token_read_from_a_worker_delivers_nothing(live):
         assert "token" not in json.dumps([item["prompt"][2] for item in worker.get("/history").json().values()])
 
 
-class _Busy:
-    """A stand-in master that reads each result and answers 503 "retry later", forever."""
-
-    def __init__(self):
-        import http.server
-        import threading
-
-        busy = self
-        self.posts = 0
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                busy.posts += 1
-                body = b'{"error": "the master holds its result budget for earlier jobs; retry later"}'
-                self.send_response(503)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def busy_master():
-    busy = _Busy()
-    yield busy
-    busy.close()
-
-
-def test_a_copy_of_a_worker_prompt_read_from_its_queue_can_neither_deliver_nor_learn_the_token(live, busy_master):
+def test_a_copy_of_a_worker_prompt_read_from_its_queue_can_neither_deliver_nor_learn_the_token(live):
     """The attack: anyone may read a worker's GET /queue. A copy of the master's prompt found there,
-    queued on that worker ahead of it ("front") with other images upstream, or with another master
-    address to learn the token, must take nothing: the job ends with its own images only."""
+    queued on that worker ahead of it ("front") as it is or with other images upstream, must take
+    nothing: the job ends with its own images only."""
     worker = live.workers[0]
     # node ids of its own: ComfyUI of 2024 mixes up cached outputs of other classes under one id
     hold = worker.queue_prompt({"h1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8,
@@ -143,8 +107,7 @@ def test_a_copy_of_a_worker_prompt_read_from_its_queue_can_neither_deliver_nor_l
     queued = {nid: {k: v for k, v in node.items() if k != "is_changed"} for nid, node in item[2].items()}
     forged = json.loads(json.dumps(queued))
     forged["2"]["inputs"]["color"] = 0xFF00FF  # other images
-    stolen = json.loads(json.dumps(queued))
-    stolen["4"]["inputs"][FIELD] = json.dumps({**field_of(queued, "4"), "master_url": busy_master.url})
+    stolen = json.loads(json.dumps(queued))  # as it is: it would take the master's relay
     # each queued at the front: the forged one, queued last, runs first
     copies = [worker.post("/prompt", {"prompt": p, "client_id": "outsider", "front": True}).json()["prompt_id"]
               for p in (stolen, forged)]
@@ -153,33 +116,33 @@ def test_a_copy_of_a_worker_prompt_read_from_its_queue_can_neither_deliver_nor_l
     assert blue_values(live.master.saved_images(entry, "5")) == [50, 51, 52]  # the job's own images only
     for copy in copies:
         assert "may not deliver" in error_of(worker.wait_prompt(copy, 60))
-    assert busy_master.posts == 0  # the token never left the worker
     assert error_of(worker.wait_prompt(hold, 60)) == ""
 
 
-def _dispatch(worker, master_url: str, timeout: float) -> str:
-    """Queue on a worker the prompt a master would send it for unit 1."""
+def _dispatch(worker, timeout: float) -> str:
+    """Queue on a worker, by hand, the prompt a master would send it for unit 1: no master opens
+    its relay."""
     from distributed_core import workflow
-    fields = {"job": "j" * 32, "token": "t" * 32, "timeout": timeout, "master_url": master_url,
-              "transport": "float32"}
+    fields = {"job": "j" * 32, "token": "t" * 32, "timeout": timeout, "transport": "float32"}
     prompt = workflow.worker_prompt(image_workflow(seed=1, batch=1), ["4"], fields, [[1, 1]], [1])
     return worker.queue_prompt(prompt)
 
 
-def test_delivery_to_a_busy_master_gives_up_at_the_deadline(live, busy_master):
+def test_a_share_whose_master_never_opens_its_relay_gives_up_at_the_timeout(live):
     worker = live.workers[0]
-    prompt_id = _dispatch(worker, busy_master.url, timeout=2)
-    entry = worker.wait_prompt(prompt_id, 60)  # before: retried for as long as the master said 503
-    assert "503" in error_of(entry) and busy_master.posts >= 1
+    prompt_id = _dispatch(worker, timeout=2)
+    message = error_of(worker.wait_prompt(prompt_id, 60))
+    assert "did not open its relay" in message and "websockets" in message, message
     assert worker.idle()
 
 
-def test_delivery_stops_when_the_worker_is_interrupted(live, busy_master):
+def test_a_share_waiting_for_its_relay_stops_when_the_worker_is_interrupted(live):
     worker = live.workers[0]
-    prompt_id = _dispatch(worker, busy_master.url, timeout=600)
-    wait_until(lambda: busy_master.posts >= 2, 30, what="the worker to retry its delivery")
+    prompt_id = _dispatch(worker, timeout=600)
+    wait_until(lambda: worker.get("/queue").json()["queue_running"], 30, what="the share to run")
+    time.sleep(1.0)  # rendered: waiting for the relay now
     assert worker.post("/interrupt", {}).status_code == 200
-    entry = worker.wait_prompt(prompt_id, 30)  # before: the interrupt was ignored until the deadline
+    entry = worker.wait_prompt(prompt_id, 30)  # not at the 600 s timeout
     assert entry["status"]["status_str"] == "error"
     assert any(event == "execution_interrupted" for event, _data in entry["status"]["messages"])
     wait_until(worker.idle, 10, what="the worker to be idle")

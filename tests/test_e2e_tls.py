@@ -128,3 +128,20 @@ def test_a_proxy_that_wants_a_header_works_once_it_is_configured_and_the_value_s
     for text in (json.dumps(live.master.get("/distributed/config").json()),
                  json.dumps(live.master.get("/distributed/status").json()), live.master.log_tail(400)):
         assert TOKEN not in text
+
+
+def test_a_proxy_that_does_not_pass_websockets_is_named_and_the_worker_left_out(live, proxy, certificates):
+    """The master opens a websocket (the relay) to every prompt it sends: a proxy that forwards
+    plain requests only is named by the doctor, and a job fails that worker's share over to the
+    others with the reason."""
+    proxy.pass_websockets = False
+    via_proxy(live, proxy, ca=certificates["ca"])
+    wait_state(live, "online")  # its plain HTTP API answers through the proxy
+    found = {i["id"]: i for i in live.master.post("/distributed/check", {}).json()["instances"]}["worker1"]
+    assert found["relay"] is False and "pass websockets" in found["message"], found
+    prompt_id = live.master.queue_prompt(image_workflow(seed=100, batch=1))
+    entry = live.master.wait_prompt(prompt_id, 120)
+    assert error_of(entry) == ""
+    assert blue_values(live.master.saved_images(entry, "5")) == [100, 101, 102]
+    log = live.master.log_tail(400)
+    assert "worker1 failed" in log and "pass websockets" in log, log[-2000:]

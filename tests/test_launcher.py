@@ -239,11 +239,14 @@ def test_instance_env_pins_the_device_except_on_cpu(tmp_path):
     assert local_instances.instance_env(None, False, tmp_path / "c.json")[config.ENV_VAR] == str(tmp_path / "c.json")
 
 
-def test_master_listens_on_all_addresses_only_for_remote_workers():
+def test_the_master_listens_on_loopback_even_with_remote_workers():
+    """Remote workers never connect to the master: nothing outside its machine needs to reach it."""
     local = config.parse({"workers": [{"port": 8189}]})
-    remote = config.parse({"workers": [{"port": 8189}, {"port": 8188, "host": "192.168.1.20"}]})
+    remote = config.parse({"workers": [{"port": 8189}, {"port": 8188, "host": "192.168.1.20"}],
+                           "master": {"extra_args": "--listen 0.0.0.0"}})
     assert local_instances.master_instance(local, "py").argv[2:4] == ["--listen", "127.0.0.1"]
-    assert local_instances.master_instance(remote, "py").argv[2:4] == ["--listen", "0.0.0.0"]
+    argv = local_instances.master_instance(remote, "py").argv
+    assert argv[2:4] == ["--listen", "127.0.0.1"] and argv[-2:] == ["--listen", "0.0.0.0"]  # the user's wins
     assert local_instances.worker_instance(remote, remote.workers[0], "py").argv[2:4] == ["--listen", "127.0.0.1"]
     assert not local_instances.worker_instance(remote, remote.workers[1], "py").local
 

@@ -1,7 +1,10 @@
 """A real remote worker: a ComfyUI on another address, inside a network namespace that the test
 makes (a veth pair, a /30 of its own), so master and worker talk across a real interface.
 
-Skipped only where the kernel refuses to create network namespaces; the reason is printed."""
+A firewall rule in that namespace (nftables) can drop every connection the worker opens to the
+master: it still takes part in every kind of job, since the master opens every connection (the
+relays of distributed_core/relay.py). Skipped only where the kernel refuses to create network
+namespaces; the reason is printed."""
 from __future__ import annotations
 
 import os
@@ -103,57 +106,125 @@ def test_loaded_input_images_are_uploaded_to_a_remote_worker(remote):
     assert len(images) == 2 and all(tuple(img[0, 0]) == (10, 200, 30) for img in images)
 
 
-def test_a_worker_that_cannot_reach_the_master_is_reported(remote, test_host):
-    master, worker, workdir, config = remote
-    _name, here, _there = test_host
-    blocked = {**config, "master": {**config["master"], "host": here.rsplit(".", 1)[0] + ".3"}}  # nobody there
-    write_config(workdir / "gpu_config.json", blocked)
+CAN_CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("connected")
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+def connects_from_test_host(test_host, host: str, port: int) -> bool:
+    import sys
+    name, _here, _there = test_host
+    run = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", CAN_CONNECT, host, str(port)],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip() == "connected"
+
+
+@pytest.fixture
+def firewalled(remote, test_host):
+    """A firewall rule on the test host drops every connection it opens to the master's address;
+    the master's own connections to the worker (and their answers) still pass."""
+    if shutil.which("nft") is None:
+        pytest.fail("the 'nft' program (Debian's nftables) is missing; tests/run.py installs it")
+    master, _worker, _workdir, _config = remote
+    name, here, _there = test_host
+    assert connects_from_test_host(test_host, here, master.port), "the worker could not reach the master before"
+    table = ["ip", "netns", "exec", name, "nft"]
+    subprocess.run([*table, "add", "table", "inet", "cdist"], check=True)
+    subprocess.run([*table, "add", "chain", "inet", "cdist", "out",
+                    "{ type filter hook output priority 0; policy accept; }"], check=True)
+    subprocess.run([*table, "add", "rule", "inet", "cdist", "out", "ip", "daddr", here, "ct", "state", "new", "drop"],
+                   check=True)
     try:
-        entry = master.wait_prompt(master.queue_prompt(image_workflow(seed=41, batch=1)), 120)
+        assert not connects_from_test_host(test_host, here, master.port), "the firewall rule lets the worker through"
+        yield
     finally:
-        write_config(workdir / "gpu_config.json", config)
-    message = error_of(entry)
-    assert "remote box failed" in message and "cannot deliver results to the master" in message, message
-    assert "check that this worker can reach the master's address" in message
+        subprocess.run([*table, "delete", "table", "inet", "cdist"], check=False)
 
 
-def test_the_check_tells_a_remote_worker_that_reaches_back_from_one_that_cannot(remote, test_host):
-    """POST /distributed/check, before any job: the worker on the other host calls the master back
-    at the address it would deliver to, and the answer names that address."""
+def test_a_worker_that_cannot_reach_the_master_takes_part_in_a_collector_job(remote, firewalled):
     master, worker, workdir, config = remote
-    _name, here, _there = test_host
     write_config(workdir / "gpu_config.json", config)
     before = len(worker.get("/history").json())
-    good = {i["id"]: i for i in master.post("/distributed/check", {}).json()["instances"]}["remote"]
-    assert good["reachable"] is True and good["reach_back"] is True, good
-    assert good["reach_back_url"] == f"http://{here}:{master.port}/distributed/result"
-    assert good["message"] == "Ready."
-    unreachable = here.rsplit(".", 1)[0] + ".3"  # nobody there
-    write_config(workdir / "gpu_config.json", {**config, "master": {**config["master"], "host": unreachable}})
+    entry = master.wait_prompt(master.queue_prompt(image_workflow(seed=41, batch=1)), 120)
+    assert error_of(entry) == ""
+    assert blue_values(master.saved_images(entry, "5")) == [41, 42]  # the worker's image is the second
+    assert len(worker.get("/history").json()) == before + 1
+
+
+def test_a_worker_that_cannot_reach_the_master_takes_spread_prompts(remote, firewalled):
+    from test_e2e_spread import plain_workflow
+    master, worker, workdir, config = remote
+    write_config(workdir / "gpu_config.json", {**config, "settings": {**config["settings"], "spread_queue": True}})
+    before = len(worker.get("/history").json())
     try:
-        bad = {i["id"]: i for i in master.post("/distributed/check", {}).json()["instances"]}["remote"]
+        ids = [master.queue_prompt(plain_workflow(k, seconds=1.0)) for k in range(4)]
+        entries = [master.wait_prompt(pid, 120) for pid in ids]
     finally:
         write_config(workdir / "gpu_config.json", config)
-    assert bad["reachable"] is True and bad["reach_back"] is False, bad
-    assert bad["reach_back_url"] == f"http://{unreachable}:{master.port}/distributed/result"
-    assert f"http://{unreachable}:{master.port}/distributed/result" in bad["message"]
-    assert "master.host" in bad["message"] and "--listen" in bad["message"]
+    for k, entry in enumerate(entries):
+        assert error_of(entry) == ""
+        [item] = entry["outputs"]["3"]["images"]
+        pixel = np.asarray(Image.open(master.dirs["output"] / item.get("subfolder", "") / item["filename"]))[0, 0]
+        assert pixel.tolist()[:3] == [0, (1000 + k) >> 8 & 0xFF, (1000 + k) & 0xFF]
+    assert len(worker.get("/history").json()) > before, "the worker rendered none of the spread prompts"
+
+
+def test_a_worker_that_cannot_reach_the_master_takes_tiles_of_an_upscale(remote, firewalled, cluster):
+    from harness import CHECKPOINT, build_checkpoint, link_checkpoint
+    from distributed_core import sandbox
+    from test_e2e_upscale import log_since, log_size, tallies, upscale_workflow
+    master, _worker, workdir, config = remote
+    link_checkpoint(cluster.tree, build_checkpoint(cluster.tree, sandbox.CACHE / CHECKPOINT))
+    rng = np.random.default_rng(3)
+    coarse = rng.integers(0, 256, (17, 17, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((64, 64), Image.BILINEAR).save(master.dirs["input"] / "remote-source.png")
+    write_config(workdir / "gpu_config.json", {**config, "settings": {**config["settings"], "job_timeout": 60}})
+    start = log_size(master)
+    try:
+        entry = master.wait_prompt(master.queue_prompt(upscale_workflow(["remote-source.png"], tile=32)), 300)
+    finally:
+        write_config(workdir / "gpu_config.json", config)
+    assert error_of(entry) == ""
+    tally = tallies(log_since(master, start))
+    assert len(tally) == 1 and sum(tally[0].values()) == 16, tally
+    assert tally[0].get("remote box", 0) >= 1, f"the worker rendered no tile: {tally}"
+
+
+def test_the_check_says_a_worker_that_cannot_reach_the_master_is_ready(remote, firewalled):
+    """POST /distributed/check, before any job: the master opens a relay probe to the worker; the
+    worker is never asked to reach the master."""
+    master, worker, workdir, config = remote
+    write_config(workdir / "gpu_config.json", config)
+    before = len(worker.get("/history").json())
+    found = {i["id"]: i for i in master.post("/distributed/check", {}).json()["instances"]}["remote"]
+    assert found["reachable"] is True and found["relay"] is True, found
+    assert found["message"] == "Ready."
     assert len(worker.get("/history").json()) == before  # a check runs no prompt
 
 
-def test_a_master_on_loopback_says_so_instead_of_dispatching(cluster, remote):
+def test_a_master_that_listens_on_loopback_only_takes_a_remote_worker(cluster, remote):
+    """Nothing reaches the master back, so it need not listen on the network at all."""
     _master, worker, _workdir, _config = remote
     config = cluster.default_config()
     config["workers"] = [{"id": "remote", "name": "remote box", "host": worker.host, "port": worker.port}]
     cluster.reset_config(config)
     before = len(worker.get("/history").json())
     try:
-        entry = cluster.master.wait_prompt(cluster.master.queue_prompt(image_workflow(seed=42, batch=1)), 60)
+        wait_until(lambda: all(r["state"] in ("online", "busy") for r in
+                               cluster.master.get("/distributed/status").json()["instances"] if r["enabled"]),
+                   60, interval=0.3, what="the master to see the remote worker online")
+        entry = cluster.master.wait_prompt(cluster.master.queue_prompt(image_workflow(seed=42, batch=1)), 120)
     finally:
         cluster.reset_config()
-    message = error_of(entry)
-    assert "listens on 127.0.0.1 only" in message and "--listen" in message, message
-    assert len(worker.get("/history").json()) == before
+    assert error_of(entry) == ""
+    assert blue_values(cluster.master.saved_images(entry, "5")) == [42, 43]
+    assert len(worker.get("/history").json()) == before + 1
 
 
 # --- access from another machine -------------------------------------------------------------------

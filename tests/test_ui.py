@@ -516,14 +516,14 @@ def test_the_check_button_checks_every_worker_with_the_current_workflow(live, co
         item = box.locator(f'.cdist-check-item[data-id="{ready}"]')
         expect(item).to_have_attribute("data-ok", "true")
         expect(item.locator(".cdist-check-message")).to_have_text(re.compile(r"^Ready"))
-    expect(box.locator('.cdist-check-item[data-id="worker1"] .cdist-check-reaches')).to_contain_text(
-        f"yes (http://127.0.0.1:{live.master.port}/distributed/result)")
+    expect(box.locator('.cdist-check-item[data-id="worker1"] .cdist-check-relay')).to_contain_text(
+        f"yes ({live.workers[0].url}/distributed/relay)")
     ghost = box.locator('.cdist-check-item[data-id="ghost"]')
     expect(ghost).to_have_attribute("data-ok", "false")
     expect(ghost.locator(".cdist-check-reachable")).to_have_text("no")
     # not a dash and an address run together: what could not be checked says why
-    expect(ghost.locator(".cdist-check-reaches")).to_have_text("not checked: the master cannot reach it")
-    reaches = box.locator('.cdist-check-item[data-id="worker1"] .cdist-check-reaches')
+    expect(ghost.locator(".cdist-check-relay")).to_have_text("not checked: the master cannot reach it")
+    reaches = box.locator('.cdist-check-item[data-id="worker1"] .cdist-check-relay')
     assert reaches.evaluate("d => d.querySelectorAll('wbr').length") >= 3  # wraps after / . : only
     height, viewport = box.evaluate("b => [b.getBoundingClientRect().height, window.innerHeight]")
     assert 0.2 * viewport <= height <= 0.5 * viewport, (height, viewport)  # long: it scrolls in its box

@@ -47,6 +47,7 @@ class TlsProxy:
         self.prefix = prefix
         self.required: tuple[str, str] | None = None  # (header, value) every request must carry
         self.seen_paths: list[str] = []
+        self.pass_websockets = True
         self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._tls.load_cert_chain(str(cert), str(key))
         self._loop = asyncio.new_event_loop()
@@ -92,6 +93,10 @@ class TlsProxy:
             return web.Response(status=401, text="the proxy wants its token")
         self.seen_paths.append(path[len(self.prefix):])
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            if not self.pass_websockets:  # as a proxy that forwards plain requests only
+                return web.Response(status=400, text="this proxy does not pass websockets")
+            return await self._forward_websocket(request, path[len(self.prefix):], headers)
         body = await request.read()
         async with self._session.request(request.method, self.target + path[len(self.prefix):],
                                          params=request.rel_url.query, headers=headers, data=body or None,
@@ -99,3 +104,25 @@ class TlsProxy:
             data = await upstream.read()
             reply = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS | {"content-encoding"}}
             return web.Response(status=upstream.status, body=data, headers=reply)
+
+    async def _forward_websocket(self, request: web.Request, path: str, headers: dict) -> web.StreamResponse:
+        """A websocket both ways, message by message (the relays of distributed_core/relay.py)."""
+        headers = {k: v for k, v in headers.items() if not k.lower().startswith("sec-websocket")}
+        try:
+            upstream = await self._session.ws_connect(self.target + path, params=request.rel_url.query,
+                                                      headers=headers, max_msg_size=16 << 20)
+        except aiohttp.WSServerHandshakeError as exc:
+            return web.Response(status=exc.status, text=exc.message)
+        downstream = web.WebSocketResponse(max_msg_size=16 << 20)
+        await downstream.prepare(request)
+
+        async def pump(source, sink) -> None:
+            async for message in source:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    await sink.send_str(message.data)
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    await sink.send_bytes(message.data)
+            await sink.close()
+        await asyncio.gather(pump(upstream, downstream), pump(downstream, upstream), return_exceptions=True)
+        await upstream.close()
+        return downstream

@@ -578,7 +578,7 @@ function jobView(job) {
 // --- the worker doctor's answer, one instance ------------------------------------------------------
 
 function checkOk(i, masterVersion) {
-  return i.reachable && i.reach_back !== false && !(i.missing || []).length && !i.error
+  return i.reachable && i.relay !== false && !(i.missing || []).length && !i.error
     && (i.role === "master" || (i.extension && i.extension_version === masterVersion));
 }
 
@@ -590,9 +590,11 @@ function checkView(i, masterVersion) {
   const ok = checkOk(i, masterVersion);
   const facts = [
     ["Reachable", i.role === "master" ? "this is the master" : yesNo(i.reachable), i.reachable === false],
-    ["Reaches the master", i.role === "master" ? "—"
+    // the master opens a websocket to each worker prompt; the worker never connects back
+    ["Relay", i.role === "master" ? "—"
       : i.reachable === false ? "not checked: the master cannot reach it"
-        : yesNo(i.reach_back) + (i.reach_back_url ? ` (${i.reach_back_url})` : ""), i.reach_back === false],
+        : yesNo(i.relay) + (i.relay ? ` (${i.url}/distributed/relay)` : i.relay_error ? ` (${i.relay_error})` : ""),
+      i.relay === false],
     ["ComfyUI", i.comfyui_version || "unknown", false],
     ["Extension", i.extension_version || (i.reachable ? "not installed" : "—"),
       i.role !== "master" && i.reachable && i.extension_version !== masterVersion],
