@@ -272,9 +272,23 @@ class Relays:
         self.limit = limit
         self.loop: asyncio.AbstractEventLoop | None = None
         self._channels: "OrderedDict[str, _Channel]" = OrderedDict()
+        self._taken: "OrderedDict[str, None]" = OrderedDict()  # tokens that prompts took, newest last
+        self._taken_lock = threading.Lock()
+
+    def expect(self, token: str) -> None:
+        """A prompt that runs here took ``token`` (vault.Vault.take, on the execution thread): its
+        master may open the relay from now on too, before the prompt sends anything."""
+        with self._taken_lock:
+            self._taken[token] = None
+            while len(self._taken) > 4 * self.limit:
+                self._taken.popitem(last=False)
 
     def wanted(self, token: str) -> bool:
-        return bool(token) and (token in self._channels or self.holds(token))
+        if not token:
+            return False
+        with self._taken_lock:
+            taken = token in self._taken
+        return taken or token in self._channels or self.holds(token)
 
     def _channel(self, token: str) -> _Channel:
         channel = self._channels.get(token)

@@ -51,6 +51,7 @@ class Runtime:
         self.fleet = fleet
         self.vault = Vault()  # result tokens of worker-role prompts sent to this instance
         self.relays = Relays(self.vault.holds)  # as a worker: how those prompts reach their master
+        self.vault.on_take = self.relays.expect
         self.inbox = Inbox(self)  # as a master: what its workers' prompts send back
         fleet.answer = self.inbox.answer
         self.collectors = CollectorJobs(fleet, store or JobStore())

@@ -17,7 +17,7 @@ import contextvars
 import secrets
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .workflow import COLLECTOR, UPSCALE, Prompt, nodes_of, read_field, with_fields
 
@@ -38,8 +38,9 @@ class _Entry:
 
 
 class Vault:
-    def __init__(self, limit: int = 4096):
+    def __init__(self, limit: int = 4096, on_take: Callable[[str], None] = lambda _token: None):
         self.limit = limit
+        self.on_take = on_take  # told each token as a prompt takes it (relay.Relays.expect)
         self._entries: dict[str, _Entry] = {}
         self._changed = threading.Condition()
 
@@ -118,5 +119,6 @@ class Vault:
             if prompt_id is not None and entry.prompt_id != prompt_id:
                 raise Refused(f"its key belongs to prompt {entry.prompt_id}, not to this one ({prompt_id}): "
                               "this is a copy of a prompt that the master sent")
+            self.on_take(entry.token)  # before it leaves: its relay is wanted all along
             del self._entries[key]
             return entry.token

@@ -199,3 +199,17 @@ def test_an_instance_without_the_relay_is_named_as_older():
             finally:
                 await runner.cleanup()
     asyncio.run(go())
+
+
+def test_a_token_stays_wanted_from_its_prompt_queued_to_its_prompt_done():
+    """The master may open a prompt's relay at any moment: while the prompt waits in the queue (the
+    vault holds its token), once it took the token and renders, and while it sends."""
+    from distributed_core.vault import Vault
+    vault = Vault()
+    relays = relay.Relays(vault.holds)
+    vault.on_take = relays.expect
+    key = vault.keep("token-1")
+    vault.bind([key], "p1")
+    assert relays.wanted("token-1") and not relays.wanted("token-2") and not relays.wanted("")
+    assert vault.take(key, "p1") == "token-1"
+    assert not vault.holds("token-1") and relays.wanted("token-1")
