@@ -255,7 +255,7 @@ def _add_routes(routes: web.RouteTableDef, runtime: Runtime, processes) -> None:
         if not probe and not runtime.relays.wanted(token):
             return error(403, f"no prompt queued here holds that {relay.SHARE_HEADER} credential (a relay is "
                               "opened by the master that sent the prompt, while it runs)")
-        ws = web.WebSocketResponse(max_msg_size=relay.MAX_MESSAGE)
+        ws = web.WebSocketResponse(max_msg_size=relay.MAX_MESSAGE, compress=False)  # images: deflate costs, saves little
         await ws.prepare(request)
         if probe:
             await ws.send_str(json.dumps({relay.PROBE: "ok", "extension_version": doctor.extension_version()}))

@@ -3,7 +3,8 @@ kind of job; Collector jobs, tiled upscales and the spread queue each use it the
 
 It owns the participants (read from the config on every use, so that an edit counts at once), who
 can be reached (one background check per instance, reach.Reachability), an HTTP client per
-instance and what each instance's API offers, the watching of prompts (watch.Watcher), the one
+instance and what each instance's API offers, the watching of prompts (watch.Watcher) with the
+relay that each worker prompt's work comes back over (relay.carry, answered by ``answer``), the one
 way a prompt is sent to a worker (``send``: checks, input files, the POST), withdrawing it, the
 background tasks on the server's loop, and the panel's status and broadcast.
 

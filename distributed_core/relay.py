@@ -38,8 +38,8 @@ log = logging.getLogger("comfyui-distributed")
 PATH = "/distributed/relay"
 SHARE_HEADER = "X-Distributed-Share"
 PROBE = "probe"            # ?probe=1 without a token: the doctor's check that websockets get through
-CHUNK = 1 << 20            # bytes per binary message
-MAX_MESSAGE = 4 << 20      # what either side accepts in one message
+CHUNK = 4 << 20            # bytes per binary message
+MAX_MESSAGE = 16 << 20     # what either side accepts in one message
 KEEPALIVE_SECONDS = 20.0   # an idle socket says so this often (proxies close silent ones)
 PATIENCE_SECONDS = 30.0    # the master keeps trying to open a relay this long before it gives up
 MAX_HEAD = 64 << 10        # a request's or reply's text message
@@ -106,7 +106,7 @@ def _headers(head: dict) -> dict[str, str]:
 
 
 def pieces(parts: Iterable, interrupted: Callable[[], bool] = lambda: False):
-    """The buffers of a body, a megabyte at most each, without copying (wire.LazyPixels makes its
+    """The buffers of a body, CHUNK bytes at most each, without copying (wire.LazyPixels makes its
     own as it goes)."""
     for part in parts:
         if hasattr(part, "chunks"):
@@ -117,7 +117,7 @@ def pieces(parts: Iterable, interrupted: Callable[[], bool] = lambda: False):
         for chunk in chunks:
             if interrupted():
                 raise Interrupted()
-            yield chunk
+            yield chunk if isinstance(chunk, (bytes, bytearray, memoryview)) else memoryview(chunk)
 
 
 class Interrupted(Exception):
@@ -129,7 +129,7 @@ async def _send(ws, head: dict, parts: Iterable) -> None:
     await ws.send_str(json.dumps({**head, "length": sum(len(p) for p in parts)}))
     for chunk in pieces(parts):
         if len(chunk):
-            await ws.send_bytes(bytes(chunk))
+            await ws.send_bytes(chunk)
 
 
 # --- the master's side -----------------------------------------------------------------------------
@@ -350,9 +350,15 @@ class Relays:
         length = sum(len(p) for p in parts)
         call = lambda coro: self._on_loop(coro, deadline, interrupted)  # noqa: E731
         call(self._guarded(ws, ws.send_str(json.dumps({"path": path, "headers": headers, "length": length}))))
+        sending = None  # the message before this one: made here while that one is sent
         for chunk in pieces(parts, interrupted):
             if len(chunk):
-                call(self._guarded(ws, ws.send_bytes(bytes(chunk))))
+                after = asyncio.run_coroutine_threadsafe(self._guarded(ws, ws.send_bytes(chunk)), self.loop)
+                if sending is not None:
+                    self._wait(sending, deadline, interrupted)
+                sending = after
+        if sending is not None:
+            self._wait(sending, deadline, interrupted)
         return call(self._reply(channel.messages))
 
     async def _ready(self, token: str) -> _Channel:
@@ -394,7 +400,10 @@ class Relays:
 
     def _on_loop(self, coro, deadline: float, interrupted: Callable[[], bool] = lambda: False):
         """Run ``coro`` on the server's loop and wait for it here, asking ``interrupted`` as it waits."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return self._wait(asyncio.run_coroutine_threadsafe(coro, self.loop), deadline, interrupted)
+
+    @staticmethod
+    def _wait(future: concurrent.futures.Future, deadline: float, interrupted: Callable[[], bool]):
         while True:
             if concurrent.futures.wait([future], timeout=0.05).done:
                 return future.result()

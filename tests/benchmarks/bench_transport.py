@@ -155,7 +155,7 @@ class Worker:
         started = threading.Event()
 
         async def route(request):
-            ws = web.WebSocketResponse(max_msg_size=relay.MAX_MESSAGE)
+            ws = web.WebSocketResponse(max_msg_size=relay.MAX_MESSAGE, compress=False)
             await ws.prepare(request)
             await self.relays.attach(request.headers.get(relay.SHARE_HEADER, ""), ws)
             return ws
