@@ -88,6 +88,7 @@ def setup(server) -> Runtime:
         log.info("[Distributed] PNG saves use %d threads", encode.workers())
     fleet = Fleet(config_file.load, own_address, input_dir)
     runtime = Runtime(fleet, JobStore(on_change=emit), partial_execution=comfy_internals.runs_partial_targets())
+    runtime.input_spec = _input_spec
     server.add_on_prompt_handler(runtime.rewrite)
 
     async def begin(_app) -> None:  # the reachability checks run on the server's loop, once it runs
@@ -445,6 +446,22 @@ def _return_type(class_type: str, index: int) -> str | None:
     except Exception:  # noqa: BLE001 - a node we cannot read does not spread
         return None
     return kind if isinstance(kind, str) else None
+
+
+def _input_spec(class_type: str, name: str):
+    """A node class's declared spec of one input, ``(type, options)``, read from ComfyUI's node
+    mappings; None for a class or input it does not declare."""
+    import nodes
+
+    try:
+        declared = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
+    except Exception:  # noqa: BLE001 - a node we cannot read takes no Distributed Value
+        return None
+    for group in ("required", "optional"):
+        section = declared.get(group) if isinstance(declared, dict) else None
+        if isinstance(section, dict) and name in section:
+            return section[name]
+    return None
 
 
 def setup_spread(server, runtime: Runtime) -> None:

@@ -282,6 +282,48 @@ class DistributedSeed:
         return ([plan.seed_for(seed, unit * max(1, int(step))) for unit in units],)
 
 
+class AnyType(str):
+    """A type that every input accepts: ComfyUI of early 2024 compares types with ``!=``, later
+    versions accept "*" by name."""
+
+    def __ne__(self, other):
+        return False
+
+
+class DistributedValue:
+    """Another value on each GPU: a default, and a line per participant that renders something else."""
+
+    DESCRIPTION = ("Gives each GPU its own value for the input it feeds (a CFG, a LoRA strength, a prompt, a "
+                   "sampler, a checkpoint): one line per participant, such as 'worker1: 5.5', with the ids of "
+                   "the Distributed panel ('master', 'worker1', ...); the others take the default. The k-th "
+                   "image of the combined batch has the k-th participant's value.")
+    CATEGORY = "distributed"
+    RETURN_TYPES = (AnyType("*"),)
+    RETURN_NAMES = ("value",)
+    FUNCTION = "value"
+    OUTPUT_IS_LIST = (True,)  # one value per unit this participant renders, as Distributed Seed
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "default": ("STRING", {"default": "", "tooltip": "The value of every participant without a line below. "
+                                                              "Written as the input it feeds takes it: 7.5, 20, "
+                                                              "euler, a file name, true."}),
+            "values": ("STRING", {"default": "", "multiline": True, "placeholder": "master: 7.0\nworker1: 5.5",
+                                  "tooltip": "One 'participant: value' per line; lines starting with # are "
+                                             "left out. A wrong value is refused when the prompt is queued."})},
+            "hidden": HIDDEN}
+
+    def value(self, default, values, prompt=None, unique_id=None):
+        field = workflow.read_field(prompt, unique_id)
+        items = (field or {}).get("items")
+        if not isinstance(items, list) or not items:
+            raise RuntimeError("Distributed Value: the master gives this node its values when the prompt is "
+                               "queued there, and this prompt was not (a worker queued by hand, or the "
+                               "extension did not start here). Queue the workflow on the master.")
+        return (items,)
+
+
 class DistributedEmptyLatent:
     """Split mode: one logical batch divided among the GPUs by batch index, with the same images
     as one GPU rendering the whole batch."""
@@ -566,6 +608,7 @@ NODE_CLASS_MAPPINGS = {
     spread.SENDER: DistributedSpreadSender,
     spread.RECEIVER: DistributedSpreadReceiver,
     "DistributedTiledUpscale": DistributedTiledUpscale,
+    "DistributedValue": DistributedValue,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MultiGPUCollector": "Multi-GPU Collector",
@@ -574,4 +617,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     spread.SENDER: "Spread Sender (internal)",
     spread.RECEIVER: "Spread Receiver (internal)",
     "DistributedTiledUpscale": "Distributed Tiled Upscale",
+    "DistributedValue": "Distributed Value",
 }

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from . import audio
 from . import config as config_file
-from . import plan, workflow
+from . import plan, values, workflow
 from .client import InstanceError
 from .config import Config, Worker
 from .fleet import Fleet, Unusable
@@ -82,6 +82,9 @@ class CollectorJobs:
         chunks = plan.chunks_of(own) if job.split else [[u, 1] for u in own]
         seeds = [0] * len(chunks) if job.split else own
         rewritten = workflow.master_prompt(prompt, collectors, {"job": job.id}, chunks, seeds)
+        rewritten = values.with_items(rewritten, value_owners(job, own, plan.MASTER_ID, config))
+        for share in job.shares.values():
+            share.values = values.labels(prompt, value_owners(job, share.units, share.participant, config))
         # Registered only once everything above has worked, so a failure leaves nothing behind.
         self.store.add(job)
         self.plans[job.id] = JobPlan(prompt, fanned, config, signature=job_signature(job, prompt, fanned))
@@ -213,6 +216,9 @@ class CollectorJobs:
         chunks = plan.chunks_of(share.units) if job.split else [[u, 1] for u in share.units]
         seeds = [0] * len(chunks) if job.split else share.units
         prompt = workflow.worker_prompt(job_plan.prompt, job_plan.collectors, fields, chunks, seeds)
+        owners = value_owners(job, share.units, share.participant, job_plan.config)
+        prompt = values.with_items(prompt, owners)
+        share.values = values.labels(job_plan.prompt, owners)
         share.dispatched = clock.now()
         try:
             # a worker that lacks a model or node class the prompt needs is left out, as one that is down
@@ -377,6 +383,16 @@ def plan_job(prompt: dict, collectors: list[str], config: Config, left_out: dict
         job.notices.append(f"{labels[participant]} ({workers[participant].url}) was left out, unreachable: "
                            f"{why}. The others render its images; the job goes on.")
     return job, assignment.get(plan.MASTER_ID, []), fanned
+
+
+def value_owners(job: Job, units: list[int], renderer: str, config: Config) -> list[str]:
+    """Whose Distributed Values each item of a share takes (values.py): in multiply mode the
+    participant whose seed slot each unit is, whoever renders it; in split mode the renderer, for
+    each chunk."""
+    if job.split:
+        return [renderer] * len(plan.chunks_of(units))
+    by_unit = {slot.unit: slot.participant for slot in plan.slots(config)}
+    return [by_unit.get(unit, renderer) for unit in units]
 
 
 def job_signature(job: Job, prompt: dict, fanned: list[str]) -> str:

@@ -96,6 +96,15 @@ def lacking(prompt: dict, object_info: dict, input_files: Iterable[str] = ()) ->
                           "class_type": class_type, "input": name,
                           "folder": CLASS_FOLDERS.get((class_type, name)) or MODEL_FOLDERS.get(name, "")
                           if looks_like_file else ""})
+    from . import values  # what a Distributed Value hands to a choice input (a checkpoint, a LoRA)
+    offered = lambda cls, name: choices(_input_specs(object_info.get(cls)).get(name))  # noqa: E731
+    for _value_node, node_id, name, item in values.lacking(prompt, offered):
+        class_type = str(prompt[node_id].get("class_type"))
+        looks_like_file = bool(FILE_SUFFIX.search(str(item))) or name in MODEL_FOLDERS
+        found.append({"kind": "model" if looks_like_file else "choice", "name": str(item), "node": str(node_id),
+                      "class_type": class_type, "input": name,
+                      "folder": CLASS_FOLDERS.get((class_type, name)) or MODEL_FOLDERS.get(name, "")
+                      if looks_like_file else ""})
     return found
 
 

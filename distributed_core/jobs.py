@@ -66,6 +66,7 @@ class Share:
     dispatched: float = 0.0
     state: str = "waiting"    # waiting | queued | running | done | failed | cancelled
     error: str = ""
+    values: list[str] = field(default_factory=list)  # its Distributed Values, as the panel shows them
     # What the worker shows when it delivers: good for this share's units only, each of them once.
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
@@ -106,7 +107,8 @@ class Job:
             "done": len(self.units) if first in self.taken else self.delivered(first), "split": self.split,
             "shares": [{"participant": s.participant, "name": s.label, "units": list(s.units),
                         "done": sum(1 for u in s.units if self.has(first, u) or first in self.taken),
-                        "state": s.state, "error": s.error} for s in self.shares.values()],
+                        "state": s.state, "error": s.error, "values": list(s.values)}
+                       for s in self.shares.values()],
         }
 
     def delivered(self, collector: str) -> int:

@@ -21,7 +21,7 @@ import contextvars
 import logging
 from typing import Any, Protocol
 
-from . import spread, spread_queue, workflow
+from . import plan, spread, spread_queue, values, workflow
 from .collector_jobs import CollectorJobs, PlanRefused
 from .fleet import Fleet
 from .inbox import Inbox
@@ -58,6 +58,8 @@ class Runtime:
         self.upscales = Upscales(fleet)
         self.kinds: list[JobKind] = [self.upscales, self.collectors]  # planned in this order
         self.partial_execution = partial_execution  # ComfyUI runs only partial_execution_targets
+        # (class_type, input) -> the input's spec on this instance, for Distributed Values (the glue's)
+        self.input_spec: values.InputSpec | None = None
         # the spread queue (spread.py) once the glue has installed it on ComfyUI's queue; else why not
         self.spread: spread_queue.Dispatcher | None = None
         self.spread_unsupported = "the spread queue was not set up"
@@ -100,6 +102,16 @@ class Runtime:
             json_data["prompt"] = prompt
         targets = json_data.get("partial_execution_targets")
         targets = targets if self.partial_execution and isinstance(targets, list) else None
+        if not malformed(json_data.get("prompt")) and self._gives_values(json_data["prompt"]):
+            config = self.fleet.config()
+            extra = json_data.get("extra_data")
+            pnginfo = extra.get("extra_pnginfo") if isinstance(extra, dict) else None
+            graph = pnginfo.get("workflow") if isinstance(pnginfo, dict) else None
+            try:
+                json_data["prompt"] = values.resolve(values.titled(json_data["prompt"], graph), self.input_spec,
+                                                     [plan.MASTER_ID] + [w.id for w in config.workers], plan.MASTER_ID)
+            except values.Refused as exc:
+                return refuse(json_data, str(exc))
         if not malformed(json_data.get("prompt")):
             for job_kind in self.kinds:
                 json_data = job_kind.rewrite(json_data, json_data["prompt"], targets, submitted.get())
@@ -107,6 +119,12 @@ class Runtime:
         if sealed is not json_data.get("prompt"):
             json_data["prompt"] = sealed
         return json_data
+
+    def _gives_values(self, prompt: Any) -> bool:
+        """A prompt submitted here whose Distributed Values this instance gives: not a spread
+        prompt that a master sent it (those carry the master's values already)."""
+        return (self.input_spec is not None and bool(workflow.nodes_of(prompt, values.VALUE))
+                and not workflow.nodes_of(prompt, spread.SENDER))
 
     def submission(self) -> "Submission":
         return Submission(self)

@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import wire
+from . import values, wire
 from . import comfy_internals
 from .comfy_internals import item_prompt
 from .fleet import Unusable
@@ -378,7 +378,7 @@ class Dispatcher:
     async def render(self, worker, claim: Claim, item, plan: Split) -> None:
         config = self.config
         fields = {"spread": claim.prompt_id, "token": claim.token, "timeout": config.settings.job_timeout}
-        prompt = plan.worker_prompt(item_prompt(item), fields)
+        prompt = values.with_items(plan.worker_prompt(item_prompt(item), fields), [worker.id])  # its own values
         try:
             client, claim.worker_prompt_id = await self.fleet.send(worker, prompt, config, CLIENT_ID)
         except Unusable as exc:

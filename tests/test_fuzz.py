@@ -359,7 +359,7 @@ def spoiled_prompts(draw):
               else image_workflow(seed=draw(st.integers(0, 250)), batch=1))
     for _ in range(draw(st.integers(1, 3))):
         op = draw(st.sampled_from(["inputs", "input", "class", "node", "collector", "field", "link", "cycle",
-                                   "batch", "extra"]))
+                                   "batch", "extra", "value"]))
         nid = draw(st.sampled_from(sorted(prompt)))
         node = prompt[nid] if isinstance(prompt.get(nid), dict) else {}
         inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else None
@@ -391,6 +391,14 @@ def spoiled_prompts(draw):
             prompt["1"]["inputs"] = {**_as_dict(prompt["1"].get("inputs")), "batch_size": draw(NUMBERS)}
         elif op == "extra":
             prompt[draw(STRINGS)] = draw(ANY_VALUE)
+        elif op == "value" and isinstance(prompt.get("2"), dict):  # a Distributed Value with junk in it
+            prompt["9"] = {"class_type": "DistributedValue",
+                           "inputs": {"default": draw(st.one_of(STRINGS, ANY_VALUE)),
+                                      "values": draw(st.one_of(st.builds(lambda rows: "\n".join(rows), st.lists(
+                                          st.builds(lambda a, b: f"{a}: {b}", st.sampled_from(
+                                              ["master", "worker1", "worker2", "worker9", ""]), STRINGS), max_size=4)),
+                                          ANY_VALUE))}}
+            prompt["2"]["inputs"] = {**_as_dict(prompt["2"].get("inputs")), "color": ["9", 0]}
     return prompt if draw(st.integers(0, 19)) else draw(ANY_VALUE)
 
 
@@ -399,7 +407,11 @@ def _hook_runtime(tmp_path):
 
     config = config_file.parse({"master": {"port": 18188}, "settings": {"job_timeout": 30},
                                 "workers": [{"id": "worker1", "port": 18189}, {"id": "worker2", "port": 18190}]})
-    return make_runtime(config, tmp_path)
+    runtime = make_runtime(config, tmp_path)
+    specs = {("EmptyImage", "color"): ("INT", {"default": 0, "min": 0, "max": 0xFFFFFF}),
+             ("EmptyImage", "width"): ("INT", {"default": 512, "min": 1, "max": 16384})}
+    runtime.input_spec = lambda class_type, name: specs.get((class_type, name))
+    return runtime
 
 
 def _rewrite(runtime, prompt) -> tuple[dict | None, BaseException | None, list[str], set[str]]:

@@ -491,6 +491,43 @@ def test_a_tiled_upscale_job_counts_tiles_per_participant(live, comfy, tmp_path)
     comfy.screenshot(f"upscale-{comfy.ui}-done", tmp_path)
 
 
+def test_the_cfg_per_gpu_template_renders_each_value_and_the_panel_says_which(live, comfy, tmp_path):
+    """The Distributed Value template as a user runs it: loaded, queued from the browser; each share
+    in the panel says its CFG. (The test's small random checkpoint stands in for SD 1.5.)"""
+    from distributed_core import sandbox
+    harness.link_checkpoint(live.tree, harness.build_checkpoint(live.tree, sandbox.CACHE / harness.CHECKPOINT))
+    config = live.default_config()
+    config["workers"][1]["enabled"] = False  # two models in RAM are enough
+    live.reset_config(config)
+    template = json.loads((harness.REPO / "example_workflows" / "distributed_value_cfg.json").read_text())
+    nodes = {n["type"]: n for n in template["nodes"]}
+    assert nodes["DistributedValue"]["title"] == "CFG per GPU"
+    assert nodes["CheckpointLoaderSimple"]["properties"]["models"][0]["directory"] == "checkpoints"
+    nodes["CheckpointLoaderSimple"]["widgets_values"] = [harness.CHECKPOINT]
+    nodes["EmptyLatentImage"]["widgets_values"] = [64, 64, 1]
+    nodes["KSampler"]["widgets_values"][2] = 1  # one step
+    panel = comfy.open_panel()
+    try:
+        comfy.page.evaluate("""async (graph) => {
+            const { app } = await import("/scripts/app.js");
+            await app.loadGraphData(graph);
+            await app.queuePrompt(0, 1);
+        }""", template)
+        job = panel.locator(".cdist-job").first
+        expect(job).to_have_attribute("data-state", "done", timeout=300_000)
+    finally:
+        for instance in live.instances:
+            instance.post("/free", {"unload_models": True, "free_memory": True})
+    values = {share.get_attribute("data-participant"): share.locator(".cdist-share-values").inner_text()
+              for share in job.locator(".cdist-share").all()}
+    assert values == {"master": "CFG per GPU: 4", "worker1": "CFG per GPU: 7"}, values
+    [entry] = [e for e in live.master.get("/history").json().values()
+               if any(n.get("class_type") == "DistributedValue" for n in e["prompt"][2].values())][-1:]
+    assert harness.error_of(entry) == "" and len(live.master.saved_images(entry, "9")) == 2
+    comfy.scroll_to(job)
+    comfy.screenshot(f"values-{comfy.ui}-done", tmp_path)
+
+
 # --- the worker doctor and newcomer details ------------------------------------------------------------
 
 def test_the_check_button_checks_every_worker_with_the_current_workflow(live, comfy, tmp_path):

@@ -570,6 +570,8 @@ function jobView(job) {
         ]),
         bar(share.state === "failed" ? 0 : share.done, job.kind === "tiles" ? job.units : share.units.length,
           ".cdist-bar-thin"),
+        // what its Distributed Values give it ("CFG: 5.5")
+        (share.values || []).length > 0 && h("div.cdist-share-values", { text: share.values.join(" · ") }),
         share.error && h("div.cdist-error", { text: `${share.name} failed: ${share.error}` }),
       ]))),
   ]);
