@@ -96,6 +96,9 @@ def test_a_checkpoint_that_one_worker_lacks_leaves_it_out_with_the_reason(master
     prompt["3b"] = {"class_type": "DistributedTestNeedsCheckpoint", "inputs": {"images": ["3", 0],
                                                                              "ckpt_name": ["8", 0]}}
     prompt["4"]["inputs"]["images"] = ["3b", 0]
+    # jobs plan with what the master's checks last saw: both workers up (the fixture just started one)
+    wait_until(lambda: all(r["state"] in ("online", "busy") for r in master.get("/distributed/status").json()["instances"]
+                           if r["enabled"]), 60, interval=0.3, what="the master to see both workers online")
     entry = master.wait_prompt(master.queue_prompt(prompt), 120)
     assert error_of(entry) == ""
     assert blue_values(master.saved_images(entry, "5")) == [10, 20, 30]  # its slot rendered by another
