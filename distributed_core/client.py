@@ -263,6 +263,8 @@ class InstanceClient:
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (401, 403, 404, 410):
                 raise relay.RelayFailed(_refused_relay(url, exc.status, exc.message)) from None
+            if exc.status >= 500:  # the worker or a proxy in between failing for now: tried again
+                raise InstanceError(f"{url} answered {exc.status}: {exc.message}", status=exc.status) from None
             raise relay.RelayFailed(f"{url} answered {exc.status} where a websocket was due: a proxy in front "
                                     f"of the worker must pass websockets (the Upgrade and Connection headers) "
                                     f"to it") from None

@@ -213,3 +213,30 @@ def test_a_token_stays_wanted_from_its_prompt_queued_to_its_prompt_done():
     assert relays.wanted("token-1") and not relays.wanted("token-2") and not relays.wanted("")
     assert vault.take(key, "p1") == "token-1"
     assert not vault.holds("token-1") and relays.wanted("token-1")
+
+
+def test_a_server_error_on_opening_is_tried_again_and_a_plain_answer_names_the_proxy():
+    """A 5xx (a worker or proxy failing for now) is retried by carry; a 2xx or 400 without the
+    websocket upgrade is a proxy that does not pass websockets: named at once."""
+    async def go():
+        answers = {"status": 503}
+
+        async def route(request):
+            return web.Response(status=answers["status"], text="busy")
+        app = web.Application()
+        app.router.add_get(relay.PATH, route)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        async with aiohttp.ClientSession() as session:
+            client = InstanceClient(session, f"http://127.0.0.1:{port}")
+            try:
+                with pytest.raises(InstanceError, match="answered 503"):
+                    await client.relay(TOKEN)
+                answers["status"] = 200
+                with pytest.raises(relay.RelayFailed, match="pass websockets"):
+                    await client.relay(TOKEN)
+            finally:
+                await runner.cleanup()
+    asyncio.run(go())
