@@ -153,3 +153,23 @@ def test_the_page_itself_and_secret_holders_are_let_in(live):
     # ... but neither the secret nor a script is a browser: the secret is shown to browsers only
     assert requests.get(live.master.url + "/distributed/secret", timeout=10).status_code == 403
     assert requests.get(live.master.url + "/distributed/secret", headers=live.master.auth(), timeout=10).status_code == 403
+
+
+def test_every_template_has_a_thumbnail_and_the_master_serves_both(live):
+    """The templates dialog shows each template with the picture of the same name beside it (a 404
+    each time the dialog opened, before the tiled upscale had one)."""
+    import harness
+    folder = harness.REPO / "example_workflows"
+    names = sorted(p.stem for p in folder.glob("*.json"))
+    assert len(names) >= 3 and all((folder / f"{name}.jpg").is_file() for name in names), names
+    manager = live.tree / "app" / "custom_node_manager.py"
+    if not (manager.exists() and "workflow_templates" in manager.read_text()):
+        assert live.master.get("/api/workflow_templates").status_code == 404  # ComfyUI before mid-2024
+        return
+    listed = live.master.get("/api/workflow_templates").json()[harness.EXTENSION_NAME]
+    assert sorted(listed) == names
+    for name in names:
+        for suffix in (".json", ".jpg"):
+            resp = requests.get(f"{live.master.url}/api/workflow_templates/{harness.EXTENSION_NAME}/{name}{suffix}",
+                                timeout=10)
+            assert resp.status_code == 200 and resp.content == (folder / f"{name}{suffix}").read_bytes(), name
