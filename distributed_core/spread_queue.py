@@ -66,10 +66,11 @@ class Claim:
     number: float = 0.0
     interrupted: bool = False
     dispatched: float = 0.0       # the fleet's clock when the worker accepted its prompt
+    value_labels: list = field(default_factory=list)  # its Distributed Values, as the panel shows them
 
     def summary(self) -> dict:
         return {"prompt_id": self.prompt_id, "participant": self.participant, "name": self.label,
-                "state": self.state, "error": self.error, "since": self.since}
+                "state": self.state, "error": self.error, "since": self.since, "values": list(self.value_labels)}
 
 
 class SpreadState:
@@ -111,7 +112,8 @@ class SpreadState:
                 if claim is None:
                     if not master_renders():
                         continue
-                    self.claims[pid] = Claim(pid, MASTER_ID, "master", "master", number=item[0])
+                    self.claims[pid] = Claim(pid, MASTER_ID, "master", "master", number=item[0],
+                                             value_labels=values.labels(item_prompt(item), [MASTER_ID]))
                     return item, None
                 if claim.state in ("arrived", "failed"):
                     claim.state = "taken" if claim.state == "arrived" else claim.state
@@ -136,7 +138,8 @@ class SpreadState:
                     continue
                 plan = self.plan(item, planner)
                 if isinstance(plan, Split):
-                    claim = self.claims[pid] = Claim(pid, worker_id, label, number=item[0])
+                    claim = self.claims[pid] = Claim(pid, worker_id, label, number=item[0],
+                                                     value_labels=values.labels(item_prompt(item), [worker_id]))
                     return claim, item, plan
         return None
 

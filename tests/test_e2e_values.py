@@ -119,7 +119,9 @@ def test_a_spread_prompt_renders_with_the_value_of_whoever_renders_it(live):
                   "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": f"valued{k}"}}}
         prompts.append(prompt)
     try:
-        entries = finished(live.master, [live.master.queue_prompt(p) for p in prompts])
+        ids = [live.master.queue_prompt(p) for p in prompts]
+        entries = finished(live.master, ids)
+        recent = {r["prompt_id"]: r for r in live.master.get("/distributed/spread").json()["recent"]}
     finally:
         live.reset_config()
     names = {i.port: i.name for i in live.instances}
@@ -131,3 +133,6 @@ def test_a_spread_prompt_renders_with_the_value_of_whoever_renders_it(live):
         [image] = saved(live.master, entry)
         assert int(np.asarray(image.convert("RGB"))[0, 0, 2]) == expected[who[f"valued{k}"]], (k, who)
     assert {"worker1", "worker2"} & set(who.values()), who
+    shown = {pid: recent[pid]["values"] for pid in ids if pid in recent}  # what the panel's spread section shows
+    assert shown and all(v == [f"Distributed Value: {expected[recent[pid]['participant']]}"]
+                         for pid, v in shown.items()), recent

@@ -504,6 +504,7 @@ class Panel {
       h("span.cdist-spread-id", { text: p.prompt_id.slice(0, 8), title: p.prompt_id }),
       h("span.cdist-spread-who", { text: names.get(p.participant) || p.name || p.participant }),
       h("span.cdist-spread-state.cdist-muted", { text: p.error ? `${p.state}: ${p.error}` : p.state }),
+      (p.values || []).length > 0 && h("span.cdist-share-values", { text: p.values.join(" · ") }),
     ]);
     const rows = [];
     if (!info.supported) rows.push(h("div.cdist-warning", { text: `Not available: ${info.reason}` }));
