@@ -179,13 +179,18 @@ def test_delivery_retries_while_the_master_says_later_and_stops_at_a_refusal(wor
     stop_carrying(world, stop, carrying)
 
 
+async def serving(app: web.Application) -> tuple[web.AppRunner, int]:
+    """``app`` on a free loopback port: (its runner, the port)."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
 def test_an_instance_without_the_relay_is_named_as_older():
     async def go():
-        app = web.Application()
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await serving(web.Application())
         async with aiohttp.ClientSession() as session:
             client = InstanceClient(session, f"http://127.0.0.1:{port}")
             try:
@@ -225,10 +230,7 @@ def test_a_server_error_on_opening_is_tried_again_and_a_plain_answer_names_the_p
             return web.Response(status=answers["status"], text="busy")
         app = web.Application()
         app.router.add_get(relay.PATH, route)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await serving(app)
         async with aiohttp.ClientSession() as session:
             client = InstanceClient(session, f"http://127.0.0.1:{port}")
             try:
