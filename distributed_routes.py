@@ -10,7 +10,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .distributed_core import access, comfy_flags, comfy_internals, doctor, encode, local_instances, relay, spread_queue
+from .distributed_core import (access, comfy_flags, comfy_internals, doctor, encode, local_instances, ray_workers,
+                               relay, spread_queue)
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.fleet import Fleet
@@ -86,13 +87,16 @@ def setup(server) -> Runtime:
 
     if encode.install() and comfy_internals.parallel_saves(encode.deferred_saves):
         log.info("[Distributed] PNG saves use %d threads", encode.workers())
-    fleet = Fleet(config_file.load, own_address, input_dir)
+    ray = ray_workers.RayWorkers(lambda: config_file.load().config.ray, lambda: str(comfy_folder()))
+    fleet = Fleet(lambda: ray.merged(config_file.load()), own_address, input_dir)
     runtime = Runtime(fleet, JobStore(on_change=emit), partial_execution=comfy_internals.runs_partial_targets())
     runtime.input_spec = _input_spec
+    runtime.ray = ray
     server.add_on_prompt_handler(runtime.rewrite)
 
     async def begin(_app) -> None:  # the reachability checks run on the server's loop, once it runs
         fleet.begin()
+        ray.start()  # its own thread: Ray's client blocks
         runtime.relays.loop = fleet.loop
     server.app.on_startup.append(begin)
     # first, before ComfyUI's own middlewares (set up before any extension loads)
@@ -221,12 +225,12 @@ def _add_routes(routes: web.RouteTableDef, runtime: Runtime, processes) -> None:
 
     @routes.get("/distributed/status")
     async def get_status(request: web.Request) -> web.Response:
-        loaded = config_file.load()
+        loaded = fleet.load_config()  # the config's workers and the Ray workers that answered
         instances = await fleet.status(loaded.config)
         for instance in instances:  # the panel offers Stop only for what this master started
             instance["managed"] = processes.is_running(instance["id"])
         return web.json_response({"instances": instances, "config_error": loaded.error,
-                                  "mode": loaded.config.settings.mode,
+                                  "mode": loaded.config.settings.mode, "ray": runtime.ray.view(),
                                   **runtime.jobs()})
 
     @routes.get("/distributed/secret")
@@ -237,13 +241,13 @@ def _add_routes(routes: web.RouteTableDef, runtime: Runtime, processes) -> None:
 
     @routes.post("/distributed/clear_vram")
     async def clear_vram(request: web.Request) -> web.Response:
-        results = await fleet.broadcast(config_file.load().config, "free")
+        results = await fleet.broadcast(fleet.config(), "free")
         return web.json_response({"results": results})
 
     @routes.post("/distributed/interrupt")
     async def interrupt(request: web.Request) -> web.Response:
         await runtime.interrupt_all("interrupted from the Distributed panel")
-        results = await fleet.broadcast(config_file.load().config, "interrupt")
+        results = await fleet.broadcast(fleet.config(), "interrupt")
         return web.json_response({"results": results})
 
     @routes.get(relay.PATH)
@@ -429,7 +433,7 @@ def _add_doctor_routes(routes: web.RouteTableDef, fleet: Fleet) -> None:
             doctor.prompt_problem(prompt) if prompt is not None else None)
         if problem:
             return error(400, f'body must be {{}} or {{"prompt": <a prompt in ComfyUI\'s API format>}}: {problem}')
-        config = config_file.load().config
+        config = fleet.config()
         instances = await doctor.check(fleet, config, prompt or None, _has_input)
         return web.json_response({"instances": instances, "extension_version": doctor.extension_version()})
 
@@ -468,7 +472,7 @@ def setup_spread(server, runtime: Runtime) -> None:
     """Install the spread queue on the master's ComfyUI queue (guarded: a queue shaped otherwise
     leaves ComfyUI's own queue alone, and the panel says why)."""
     runtime.spread, runtime.spread_unsupported = spread_queue.install(
-        getattr(server, "prompt_queue", None), runtime.fleet, _return_type, config_file.load,
+        getattr(server, "prompt_queue", None), runtime.fleet, _return_type, runtime.fleet.load_config,
         emit=lambda summary: server.send_sync("distributed_spread", summary), config_path=config_file.config_path)
 
     async def start(_app) -> None:

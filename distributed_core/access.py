@@ -392,11 +392,14 @@ def changed_extra_args_errors(old, new, local_flags: ComfyFlags | None = None) -
 
     A value the file already holds for the same instance (the master, or a worker of the same id)
     passes as it is, so saving the panel's settings never trips over flags written by hand."""
-    before = {"master": old.master.extra_args, **{f"worker:{w.id}": w.extra_args for w in old.workers}}
+    before = {"master": old.master.extra_args, **{f"worker:{w.id}": w.extra_args for w in old.workers},
+              "ray": old.ray.extra_args if old.ray else ""}
     errors = []
     items = [("master", "master", new.master.extra_args, local_flags)] + [
         (f"worker:{w.id}", f"workers[{i}]", w.extra_args, local_flags if w.is_local else None)
         for i, w in enumerate(new.workers)]
+    if new.ray is not None:  # Ray workers run the nodes' ComfyUI: the allow-list alone applies
+        items.append(("ray", "ray", new.ray.extra_args, None))
     for key, where, value, flags in items:
         if value and value != before.get(key):
             errors.extend(f"{where}.extra_args: {e}" for e in extra_args_errors(value, flags))

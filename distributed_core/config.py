@@ -119,10 +119,20 @@ class Settings:
 
 
 @dataclass
+class RaySettings:
+    """Workers that a Ray cluster places and restarts (ray_workers.py): one ComfyUI per GPU."""
+    address: str = "auto"   # "auto" (the cluster this machine is part of), host:port, or ray://host:port
+    workers: int = 0        # how many; 0 means one per GPU of the cluster
+    comfyui: str = ""       # the ComfyUI folder on the nodes; "" means the master's own folder's path
+    extra_args: str = ""    # their ComfyUI arguments (through the panel: the same allow-list as workers')
+
+
+@dataclass
 class Config:
     master: Master = field(default_factory=Master)
     workers: list[Worker] = field(default_factory=list)
     settings: Settings = field(default_factory=Settings)
+    ray: RaySettings | None = None
 
     def worker(self, worker_id: str) -> Worker | None:
         return next((w for w in self.workers if w.id == worker_id), None)
@@ -132,7 +142,12 @@ class Config:
                                   "enabled": self.master.enabled}
         if self.master.extra_args:
             master["extra_args"] = self.master.extra_args
+        ray = {} if self.ray is None else {"ray": {"address": self.ray.address, "workers": self.ray.workers,
+                                                   **({"comfyui": self.ray.comfyui} if self.ray.comfyui else {}),
+                                                   **({"extra_args": self.ray.extra_args}
+                                                      if self.ray.extra_args else {})}}
         return {
+            **ray,
             "master": {**master, **_cpu_fields(self.master)},
             "workers": [
                 {"id": w.id, "name": w.name, **({} if w.address else {"host": w.host, "port": w.port}),
@@ -331,7 +346,7 @@ def parse(data: Any) -> Config:
     errors: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError(["config: must be a JSON object with master, workers and settings"])
-    _check_keys(data, {"master", "workers", "settings"}, "config", errors)
+    _check_keys(data, {"master", "workers", "settings", "ray"}, "config", errors)
 
     m = data.get("master", {})
     if not isinstance(m, dict):
@@ -411,9 +426,31 @@ def parse(data: Any) -> Config:
             errors.append(f"workers[{i}].port: {w.port} on {w.host} is already used by the master "
                           "or another worker")
         seen_addresses.add(address)
+    ray = _ray(data.get("ray"), errors)
+    if ray is not None and any(w.id.startswith(RAY_ID_PREFIX) for w in workers):
+        errors.append(f"workers: ids starting with {RAY_ID_PREFIX!r} are the Ray workers' own")
     if errors:
         raise ConfigError(errors)
-    return Config(master=master, workers=workers, settings=settings)
+    return Config(master=master, workers=workers, settings=settings, ray=ray)
+
+
+RAY_ID_PREFIX = "ray-"                          # the ids of Ray workers (ray_workers.py)
+RAY_WORKER_ENV = "COMFYUI_DISTRIBUTED_RAY_WORKER"  # set in the ComfyUI that a Ray actor starts
+
+
+def _ray(r: Any, errors: list[str]) -> RaySettings | None:
+    if r is None:
+        return None
+    if not isinstance(r, dict):
+        errors.append("ray: must be an object, such as {\"address\": \"auto\", \"workers\": 2}")
+        return None
+    _check_keys(r, {"address", "workers", "comfyui", "extra_args"}, "ray", errors)
+    address = _str(r, "address", "ray", errors, "auto")
+    if address != "auto" and not (address.startswith("ray://") or ":" in address):
+        errors.append(f"ray.address: must be auto, host:port or ray://host:port, got {_shown(address)}")
+    return RaySettings(address=address, workers=_int(r, "workers", "ray", errors, 0, 0, 1024),
+                       comfyui=_str(r, "comfyui", "ray", errors, "", max_len=1000),
+                       extra_args=_extra_args(r, "ray", errors))
 
 
 # --- files ------------------------------------------------------------------------------------

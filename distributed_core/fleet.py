@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import os
 import ssl
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,7 @@ import aiohttp
 
 from . import doctor, relay, workflow
 from .client import InstanceClient, InstanceError
-from .config import Config, Loaded, Worker
+from .config import RAY_WORKER_ENV, Config, Loaded, Worker
 from .plan import MASTER_ID
 from .reach import Clock, Reachability
 from .watch import Watch, Watcher
@@ -67,6 +68,8 @@ class Fleet:
 
     def is_worker_instance(self, config: Config) -> bool:
         """This instance is one of the config's local workers: it runs what it is sent, nothing more."""
+        if os.environ.get(RAY_WORKER_ENV):  # a ComfyUI that a Ray actor started (ray_workers.py)
+            return True
         _host, port = self.own_address()
         return port != config.master.port and any(w.is_local and w.port == port for w in config.workers)
 

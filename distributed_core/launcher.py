@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import config as cfg
 from .gpus import config_from_gpus, describe_gpus, detect_gpus
+from .ray_workers import missing_ray
 from .local_instances import (MASTER_ID, Instance, LauncherError, LocalProcesses, answers, cpu_placements,
                               env_words, flag_groups, log_path, master_instance, read_log_tail, worker_instance)
 
@@ -84,6 +85,7 @@ class Plan:
 def make_plan(args: argparse.Namespace) -> Plan:
     comfy_root, found_by = find_comfyui(args.comfyui)
     config, path, named = load_config(args.config)
+    config = with_ray(config, path, args.ray, args.ray_workers)
     placements = cpu_placements(config, args.cpu)
     master = master_instance(config, sys.executable, args.cpu, named, placements)
     workers = [] if args.master_only else [worker_instance(config, w, sys.executable, args.cpu, named, placements,
@@ -269,12 +271,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "custom_nodes holds this extension, else $COMFYUI_ROOT)")
     add("--wait-timeout", metavar="S", type=float, default=DEFAULT_WAIT_TIMEOUT_S,
         help="seconds to wait for each instance to answer (default %(default)g)")
+    add("--ray", metavar="ADDRESS", help="also use the workers of this Ray cluster (auto, host:port or "
+        "ray://host:port), one per GPU: written into the config's ray section (see the README's Ray)")
+    add("--ray-workers", metavar="N", type=int, help="with --ray: how many Ray workers (default: one per GPU)")
     add("--example", action="store_true", help="once all answer, run the example workflow on the master, "
         "then stop all and exit with its result")
     args = parser.parse_args(argv)
     if args.wait_timeout <= 0:
         parser.error("--wait-timeout must be positive")
+    if args.ray_workers is not None and (args.ray is None or args.ray_workers < 0):
+        parser.error("--ray-workers needs --ray, and a number of 0 (one per GPU) or more")
     return args
+
+
+def with_ray(config: cfg.Config, path: Path, address: str | None, workers: int | None) -> cfg.Config:
+    """The config with the ray section that --ray asks for, saved where the master reads it."""
+    if address is None:
+        return config
+    ray = {"address": address, "workers": workers if workers is not None else (config.ray.workers if config.ray else 0)}
+    if config.ray and config.ray.comfyui:
+        ray["comfyui"] = config.ray.comfyui
+    if config.ray and config.ray.extra_args:
+        ray["extra_args"] = config.ray.extra_args
+    try:
+        updated = cfg.parse({**config.to_dict(), "ray": ray})
+    except cfg.ConfigError as exc:
+        raise LauncherError(f"--ray: {exc}") from None
+    problem = missing_ray()
+    if problem:
+        raise LauncherError(problem)
+    cfg.save(updated, path)
+    print(f"Ray:     {address}, {ray['workers'] or 'one per GPU'} worker(s), written to {path}")
+    return updated
 
 
 def main(argv: list[str] | None = None) -> int:

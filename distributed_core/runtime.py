@@ -60,6 +60,7 @@ class Runtime:
         self.partial_execution = partial_execution  # ComfyUI runs only partial_execution_targets
         # (class_type, input) -> the input's spec on this instance, for Distributed Values (the glue's)
         self.input_spec: values.InputSpec | None = None
+        self.ray = None  # ray_workers.RayWorkers, which the glue sets up (the panel shows its view)
         # the spread queue (spread.py) once the glue has installed it on ComfyUI's queue; else why not
         self.spread: spread_queue.Dispatcher | None = None
         self.spread_unsupported = "the spread queue was not set up"

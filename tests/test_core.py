@@ -1036,3 +1036,28 @@ def test_only_collectors_that_run_are_planned():
     runtime = make_runtime(None, None, port=8188, load=nothing_to_load, partial_execution=True)
     data = {"prompt": CHAINED, "partial_execution_targets": ["7"]}
     assert runtime._rewrite(data) is data and data["prompt"] is CHAINED and not runtime.collectors.store.active()
+
+
+def test_the_ray_section_round_trips_and_bad_ones_are_named():
+    parsed = config.parse({"ray": {"address": "ray://head:10001", "workers": 4, "extra_args": "--lowvram"}})
+    assert parsed.ray == config.RaySettings("ray://head:10001", 4, "", "--lowvram")
+    assert config.parse(parsed.to_dict()).ray == parsed.ray
+    assert config.parse({}).ray is None and "ray" not in config.parse({}).to_dict()
+    assert config.parse({"ray": {}}).ray == config.RaySettings()  # auto, one per GPU
+    for bad, words in [({"ray": []}, "ray: must be an object"),
+                       ({"ray": {"address": "head"}}, "ray.address: must be auto, host:port"),
+                       ({"ray": {"workers": -1}}, "ray.workers"),
+                       ({"ray": {"extra_args": "--cpu; rm"}}, "ray.extra_args: shell characters"),
+                       ({"ray": {"nodes": 2}}, "ray"),
+                       ({"ray": {}, "workers": [{"id": "ray-1", "port": 8189}]}, "the Ray workers' own")]:
+        with pytest.raises(config.ConfigError, match=words.replace(".", r"\.")):
+            config.parse(bad)
+
+
+def test_ray_extra_args_through_the_api_take_the_allow_list_too():
+    from distributed_core import access
+    old = config.parse({"ray": {"extra_args": "--front-end-root /by/hand"}})
+    assert access.changed_extra_args_errors(old, old) == []  # written by hand: kept as it is
+    new = config.parse({"ray": {"extra_args": "--front-end-root /elsewhere"}})
+    assert any(e.startswith("ray.extra_args: ") for e in access.changed_extra_args_errors(old, new))
+    assert access.changed_extra_args_errors(old, config.parse({"ray": {"extra_args": "--lowvram"}})) == []

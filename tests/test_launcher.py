@@ -792,3 +792,17 @@ def test_started_instances_run_on_their_own_cores_with_capped_pools(tmp_path, fa
     environ = Path(f"/proc/{pids['master']}/environ").read_bytes().split(b"\0")
     assert b"OMP_NUM_THREADS=3" in environ and b"MKL_NUM_THREADS=3" in environ
     assert re.search(rf"^master\s+CPU\s+{usable[0]} \(3 threads\)", output, re.M), output
+
+
+def test_the_ray_flag_writes_the_ray_section_and_a_bad_one_is_named(tmp_path, comfy_stub):
+    path = write_config(tmp_path / "c.json", {"master": {"port": 9300, "device": 0}, "workers": []})
+    common = ("--dry-run", "--config", str(path), "--comfyui", str(comfy_stub))
+    result = run_launcher(*common, "--ray", "10.0.0.5:6379", "--ray-workers", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Ray:     10.0.0.5:6379, 3 worker(s)" in result.stdout
+    assert json.loads(path.read_text())["ray"] == {"address": "10.0.0.5:6379", "workers": 3}
+    result = run_launcher(*common, "--ray", "nowhere")
+    assert result.returncode == 2 and "ray.address: must be auto, host:port or ray://host:port" in result.stderr
+    result = run_launcher(*common, "--ray-workers", "2")
+    assert result.returncode == 2 and "--ray-workers needs --ray" in result.stderr
+    assert json.loads(path.read_text())["ray"]["workers"] == 3  # the bad ones changed nothing

@@ -213,6 +213,7 @@ class Panel {
     const up = instances.filter((i) => i.state === "online" || i.state === "busy").length;
     this.headline.textContent = `${up} of ${instances.length} online · ${status.mode}`;
     delete this.headline.dataset.error;
+    this.showRay(status.ray);
     this.warning.hidden = !status.config_error;
     this.warning.textContent = status.config_error
       ? `The config file is unusable, so defaults apply: ${status.config_error}` : "";
@@ -428,6 +429,14 @@ class Panel {
     this.timeout = h("input.cdist-input.cdist-timeout", { type: "number", min: 1, max: 86400, step: 1, onchange: save });
     this.spreadQueue = h("input.cdist-spread-queue", { type: "checkbox", onchange: save,
       title: "Render each prompt without a Multi-GPU Collector whole on the next free GPU" });
+    // Ray workers (the config's ray section): how many, and how many answered
+    this.rayWorkers = h("input.cdist-input.cdist-ray-workers", { type: "number", min: 0, max: 1024, step: 1,
+      onchange: save, title: "How many ComfyUI workers the Ray cluster runs, one GPU each; 0: one per GPU" });
+    this.rayState = h("div.cdist-muted.cdist-ray-state");
+    this.rayField = h("div.cdist-ray", { hidden: true }, [
+      h("label.cdist-field", {}, [h("span.cdist-label", { text: "Ray workers" }), this.rayWorkers]),
+      this.rayState,
+    ]);
     this.settingsError = h("div.cdist-form-error", { hidden: true });
     this.configPath = h("div.cdist-muted.cdist-config-path");
     this.settings = h("div.cdist-settings", {}, [
@@ -435,6 +444,7 @@ class Panel {
       h("label.cdist-field", {}, [h("span.cdist-label", { text: "Stagger delay (s)" }), this.stagger]),
       h("label.cdist-field", {}, [h("span.cdist-label", { text: "Job timeout (s)" }), this.timeout]),
       h("label.cdist-field", {}, [h("span.cdist-label", { text: "Spread the queue" }), this.spreadQueue]),
+      this.rayField,
       this.settingsError,
       this.configPath,
     ]);
@@ -450,6 +460,8 @@ class Panel {
     this.stagger.disabled = settings.mode !== "staggered";
     this.timeout.value = settings.job_timeout;
     this.spreadQueue.checked = Boolean(settings.spread_queue);
+    this.rayField.hidden = !config.ray;
+    if (config.ray) this.rayWorkers.value = config.ray.workers;
     this.configPath.textContent = path ? `Saved in ${path}` : "";
   }
 
@@ -457,7 +469,11 @@ class Panel {
     const values = { mode: this.mode.value, stagger_delay: Number(this.stagger.value),
       job_timeout: Number(this.timeout.value), spread_queue: this.spreadQueue.checked };
     this.stagger.disabled = values.mode !== "staggered";
+    const rayWorkers = Number(this.rayWorkers.value);
     const problems = [];
+    if (!this.rayField.hidden && (this.rayWorkers.value === "" || !Number.isInteger(rayWorkers) || rayWorkers < 0)) {
+      problems.push("Ray workers must be a whole number, 0 for one per GPU.");
+    }
     if (this.stagger.value === "" || !(values.stagger_delay >= 0 && values.stagger_delay <= 600)) {
       problems.push("Stagger delay must be a number of seconds from 0 to 600.");
     }
@@ -469,7 +485,10 @@ class Panel {
     if (problems.length) return;
     this.savingSettings = true;
     try {
-      await master.changeConfig((config) => Object.assign(config.settings, values));
+      await master.changeConfig((config) => {
+        Object.assign(config.settings, values);
+        if (config.ray) config.ray.workers = rayWorkers;
+      });
     } catch (err) {
       this.settingsError.textContent = err.errors?.length ? err.errors.join("\n") : describe(err);
       this.settingsError.hidden = false;
@@ -478,6 +497,15 @@ class Panel {
       this.savingSettings = false;
     }
     this.refresh();
+  }
+
+  // The Ray cluster as the master last saw it (GET /distributed/status's ray): its workers are listed
+  // among the instances, with their node's address.
+  showRay(ray) {
+    if (!ray || !ray.configured) return;
+    const up = (ray.workers || []).length;
+    this.rayState.textContent = `${ray.address}: ${up} of ${ray.wanted} up` + (ray.error ? `. ${ray.error}` : "");
+    this.rayState.dataset.bad = String(Boolean(ray.error));
   }
 
   // --- the spread queue -------------------------------------------------------------------------
