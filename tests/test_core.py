@@ -1061,3 +1061,22 @@ def test_ray_extra_args_through_the_api_take_the_allow_list_too():
     new = config.parse({"ray": {"extra_args": "--front-end-root /elsewhere"}})
     assert any(e.startswith("ray.extra_args: ") for e in access.changed_extra_args_errors(old, new))
     assert access.changed_extra_args_errors(old, config.parse({"ray": {"extra_args": "--lowvram"}})) == []
+
+
+def test_a_ray_section_without_ray_installed_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from distributed_core import ray_workers
+    from distributed_core.config import Loaded
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: importing it fails
+    pool = ray_workers.RayWorkers(lambda: config.RaySettings(address="auto", workers=2), lambda: "/nowhere")
+    pool.tick()
+    assert pool.members == {} and "pip install 'ray[default]'" in pool.error
+    loaded = Loaded(config.parse({"ray": {}, "workers": [{"id": "w1", "port": 8189}]}), None)
+    assert pool.merged(loaded) is loaded  # the configured workers, as they are
+    pool.members = {"ray-2": ray_workers.Member("ray-2", "10.0.0.7", 41000, ("1",), 1, "n"),
+                    "ray-1": ray_workers.Member("ray-1", "10.0.0.6", 41001, ("0",), 2, "n")}
+    merged = pool.merged(loaded).config
+    assert [(w.id, w.host, w.port) for w in merged.workers] == [("w1", "127.0.0.1", 8189), ("ray-1", "10.0.0.6", 41001),
+                                                                ("ray-2", "10.0.0.7", 41000)]
+    assert pool.view()["workers"][0]["id"] == "ray-1"
