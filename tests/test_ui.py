@@ -521,8 +521,10 @@ def test_the_cfg_per_gpu_template_renders_each_value_and_the_panel_says_which(li
     values = {share.get_attribute("data-participant"): share.locator(".cdist-share-values").inner_text()
               for share in job.locator(".cdist-share").all()}
     assert values == {"master": "CFG per GPU: 4", "worker1": "CFG per GPU: 7"}, values
-    [entry] = [e for e in live.master.get("/history").json().values()
-               if any(n.get("class_type") == "DistributedValue" for n in e["prompt"][2].values())][-1:]
+    # the template's run: its SaveImage (node 9) names distributed_cfg; the newest such, by queue number
+    entry = max((e for e in live.master.get("/history").json().values()
+                 if (e["prompt"][2].get("9") or {}).get("inputs", {}).get("filename_prefix") == "distributed_cfg"),
+                key=lambda e: e["prompt"][0])
     assert harness.error_of(entry) == "" and len(live.master.saved_images(entry, "9")) == 2
     comfy.scroll_to(job)
     comfy.screenshot(f"values-{comfy.ui}-done", tmp_path)
