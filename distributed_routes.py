@@ -10,8 +10,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .distributed_core import (access, comfy_flags, comfy_internals, doctor, encode, local_instances, ray_workers,
-                               relay, spread_queue)
+from .distributed_core import (access, comfy_flags, comfy_internals, doctor, encode, inbox, local_instances,
+                               ray_workers, relay, spread_queue)
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.fleet import Fleet
@@ -20,7 +20,7 @@ from .distributed_core.jobs import JobStore
 
 log = logging.getLogger("comfyui-distributed")
 
-MAX_JSON_BODY = 1 << 20
+MAX_JSON_BODY = inbox.MAX_JSON_BODY  # one limit for JSON bodies, over HTTP and over a relay
 PROMPT_PATHS = ("/prompt", "/api/prompt")
 QUEUE_PATHS = ("/queue", "/api/queue")
 

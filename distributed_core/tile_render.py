@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import comfy_internals, relay, tiles, wire
+from . import comfy_internals, inbox, relay, tiles, wire
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -120,7 +120,7 @@ def work_for_master(job: dict, token: str, send: Callable[..., relay.Reply], ren
             break
         _pause(tile_wait, interrupted)
     _header, enlarged = wire.decode(reply.body)
-    info = json.loads(reply.headers["X-Distributed-Tiles"])
+    info = json.loads(reply.headers[inbox.TILE_HEADER])
     grid, params = tiles.Grid.from_dict(info["grid"]), info["params"]
     notices: list[str] = []  # told to the master with the batch they are about
     render = renderer(grid, enlarged, params, notices.append)
@@ -140,7 +140,7 @@ def work_for_master(job: dict, token: str, send: Callable[..., relay.Reply], ren
         parts = wire.frame(job["job"], job["node"], batch, 1, token, pixels, "float32")
         headers = {"Content-Type": wire.CONTENT_TYPE}
         if notices:
-            headers["X-Distributed-Notice"] = "; ".join(notices)[:500]
+            headers[inbox.NOTICE_HEADER] = "; ".join(notices)[:inbox.MAX_NOTICE]
             notices.clear()
         if ask("result", parts, headers) is None:
             break
