@@ -11,7 +11,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .distributed_core import (access, comfy_flags, comfy_internals, doctor, encode, inbox, local_instances,
-                               ray_workers, relay, spread_queue)
+                               provenance, ray_workers, relay, spread_queue)
 from .distributed_core import config as config_file
 from .distributed_core.gpus import detect_gpus
 from .distributed_core.fleet import Fleet
@@ -85,7 +85,7 @@ def setup(server) -> Runtime:
     def emit(job) -> None:
         server.send_sync("distributed_progress", job.summary())
 
-    if encode.install() and comfy_internals.parallel_saves(encode.deferred_saves):
+    if comfy_internals.parallel_saves(encode.deferred_saves, provenance.batch_texts) and encode.install():
         log.info("[Distributed] PNG saves use %d threads", encode.workers())
     ray = ray_workers.RayWorkers(lambda: config_file.load().config.ray, lambda: str(comfy_folder()))
     fleet = Fleet(lambda: ray.merged(config_file.load()), own_address, input_dir)

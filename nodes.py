@@ -13,7 +13,7 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from .distributed_core import comfy_internals, plan, spread, spread_queue, tile_render, tiles, wire, workflow
+from .distributed_core import comfy_internals, plan, provenance, spread, spread_queue, tile_render, tiles, wire, workflow
 from .distributed_core.audio import AudioError, join as join_audio, per_part, sound as audio_part
 from .distributed_core.client import InstanceError, Interrupted, deliver
 from .distributed_core.jobs import JobFailed, JobState
@@ -239,6 +239,7 @@ class MultiGPUCollector:
                 if complete:
                     break
                 comfy.model_management.throw_exception_if_processing_interrupted()
+            made = on_loop(jobs.provenance, job_id)
             parts, gathered, notices = on_loop(jobs.collected, job_id, collector)
         except JobFailed as exc:
             on_loop(jobs.end, job_id, JobState.FAILED, str(exc))
@@ -250,7 +251,10 @@ class MultiGPUCollector:
             log.warning("[Distributed] job %s completed after recovering: %s", job_id[:8], "; ".join(notices))
         # the job says whether this Collector gathers audio: an idle master's prompt has no audio input
         sound = _no_audio(prompt, unique_id) if gathered is None else _joined(gathered)
-        return (_concat([_as_tensor(v) for v in parts]), sound)
+        batch = _concat([_as_tensor(v) for v in parts])
+        # Save Image writes each image with the workflow that makes it (provenance.py, encode.py)
+        setattr(batch, provenance.ATTRIBUTE, provenance.per_image(made, len(batch)))
+        return (batch, sound)
 
 
 class DistributedSeed:

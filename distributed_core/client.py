@@ -252,6 +252,16 @@ class InstanceClient:
             return None, f"{self.url}{relay.PATH} did not answer the relay check as this extension does"
         return str(answer.get("extension_version") or "unknown"), ""
 
+    async def events(self, client_id: str):
+        """ComfyUI's own websocket (GET /ws?clientId=...), on which it sends the events of the prompts
+        queued under ``client_id``: their step progress, for one. Raises InstanceError."""
+        try:
+            return await asyncio.wait_for(self.session.ws_connect(
+                self.url + "/ws", params={"clientId": client_id}, max_msg_size=relay.MAX_MESSAGE, autoping=True,
+                **self._extras()), DISPATCH.total)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise InstanceError(describe(self.url, exc)) from exc
+
     async def _websocket(self, headers: dict[str, str], params: dict[str, str]):
         url = self.url + relay.PATH
         try:

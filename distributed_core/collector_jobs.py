@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from . import audio
 from . import config as config_file
-from . import plan, values, workflow
+from . import plan, provenance, values, workflow
 from .client import InstanceError
 from .config import Config, Worker
 from .fleet import Fleet, Unusable
@@ -28,7 +28,7 @@ from .watch import FINISHED_GRACE, Watch, execution_seconds, execution_started
 
 log = logging.getLogger("comfyui-distributed")
 
-CLIENT_ID = "comfyui-distributed"
+STEPS_EVERY = 0.25  # seconds: how often a share's step progress is passed on to the panel
 
 
 class PlanRefused(Exception):
@@ -146,6 +146,16 @@ class CollectorJobs:
             self.end(job_id, JobState.DONE)
         return parts, sounds, notices
 
+    def provenance(self, job_id: str) -> provenance.Provenance | None:
+        """Who each unit of the job belongs to and who rendered it, with the prompt as queued
+        (provenance.py); None once the job is gone."""
+        job, job_plan = self.store.get(job_id), self.plans.get(job_id)
+        if job is None or job_plan is None:
+            return None
+        owners = [] if job.split else value_owners(job, job.units, plan.MASTER_ID, job_plan.config)
+        units = provenance.origins(job, dict(zip(job.units, owners)))  # split: each unit's renderer
+        return provenance.Provenance(provenance.queued(job_plan.prompt), units)
+
     # --- ending a job ------------------------------------------------------------------------------
     def end(self, job_id: str, state: JobState, error: str = "") -> Job | None:
         """The one way a job ends (on the loop): ended in the store, its plan and wake-ups dropped,
@@ -222,7 +232,7 @@ class CollectorJobs:
         share.dispatched = clock.now()
         try:
             # a worker that lacks a model or node class the prompt needs is left out, as one that is down
-            client, share.prompt_id = await self.fleet.send(worker, prompt, job_plan.config, CLIENT_ID,
+            client, share.prompt_id = await self.fleet.send(worker, prompt, job_plan.config, share.client_id,
                                                             check_nodes=True)
         except Unusable as exc:
             await self.failover(job_id, share, str(exc))
@@ -263,9 +273,18 @@ class CollectorJobs:
         def running() -> None:  # its prompt started there: the panel shows it rendering, not queued
             self.store.update(job_id, lambda j: setattr(share, "state", "running") if share.state == "queued" else None)
 
+        told = [0.0]
+
+        def steps(step: int, most: int) -> None:  # at most a few messages a second to the browsers
+            now = self.fleet.clock.now()
+            if step >= most or now - told[0] >= STEPS_EVERY or not share.steps:
+                told[0] = now
+                self.store.update(job_id, lambda j: setattr(share, "steps", [step, most]))
+
         outcome, why = await self.fleet.watch(Watch(client, share.prompt_id, share.dispatched, job_id,
                                                     lambda: self.active(job_id), delivered, FINISHED_GRACE,
-                                                    on_running=running, relay_token=share.token), timeout)
+                                                    on_running=running, relay_token=share.token,
+                                                    client_id=share.client_id, on_steps=steps), timeout)
         if outcome == "delivered":
             self.store.update(job_id, lambda j: setattr(share, "state", "done"))
             return True

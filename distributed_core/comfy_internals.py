@@ -167,13 +167,27 @@ def wrap_put(queue: Any, after: Callable[[], None]) -> None:
 
 # --- output nodes ----------------------------------------------------------------------------------
 
-def parallel_saves(deferred: Callable[[Callable], Callable]) -> bool:
+SAVE_IMAGES_ARGS = ("self", "images", "filename_prefix", "prompt", "extra_pnginfo")  # SaveImage.save_images
+
+
+def parallel_saves(deferred: Callable[..., Callable], texts_for: Callable[[Any, Any, Any], list | None]) -> bool:
     """Wrap ComfyUI's SaveImage.save_images (PreviewImage inherits it) with ``deferred`` (see
-    encode.deferred_saves). A ComfyUI without that V1 method is left as it is."""
+    encode.deferred_saves), each image's text entries from ``texts_for(images, prompt,
+    extra_pnginfo)``; when that fails, the node's own entries stay. A ComfyUI without that V1
+    method is left as it is."""
     save_image = getattr(_module("nodes"), "SaveImage", None)
     if not callable(getattr(save_image, "save_images", None)):
         return False
-    save_image.save_images = deferred(save_image.save_images)
+
+    def texts_of_call(args: tuple, kwargs: dict) -> list | None:
+        given = {**dict(zip(SAVE_IMAGES_ARGS, args)), **kwargs}
+        try:
+            return texts_for(given.get("images"), given.get("prompt"), given.get("extra_pnginfo"))
+        except Exception as exc:  # noqa: BLE001 - the images are saved with ComfyUI's metadata
+            log.warning("[Distributed] each image's own workflow could not be embedded: %s", exc)
+            return None
+
+    save_image.save_images = deferred(save_image.save_images, texts_of_call)
     return True
 
 

@@ -19,6 +19,12 @@ core. An 8-bit RGB or RGBA image of at least STRIP_PIXELS, saved with nothing bu
 (``png_in_strips``): each strip Paeth-filtered and deflated apart, flushed to a byte boundary,
 the streams joined into one zlib stream. The file holds the same pixels and the same text chunks,
 in other bytes; any PNG reader reads it as one image.
+
+``deferred_saves(function, texts_for)`` also gives each image of a call its own text entries:
+``texts_for(args, kwargs)`` returns one dict per image, in save order (after a Collector: the
+prompt and workflow that make that image, see provenance.py), or None to keep the node's own.
+Set ``COMFYUI_DISTRIBUTED_SERIAL_SAVE=1`` to encode one file after another on the node's thread,
+as ComfyUI does; the text entries are still given.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 DISABLE_VARIABLE = "COMFYUI_DISTRIBUTED_SERIAL_SAVE"  # set to 1 to keep ComfyUI's one-at-a-time saving
 
@@ -132,30 +139,61 @@ def _write(image: Image.Image, fp, format_name, params: dict) -> None:
         raise OSError(exc.errno, f"could not write {os.path.basename(os.fspath(fp))}: {exc.strerror or exc}") from exc
 
 
+def retexted(info: PngInfo, texts: dict[str, str]) -> PngInfo:
+    """``info`` with the text entries named in ``texts`` replaced (in place), the others added."""
+    result, written = PngInfo(), set()
+    for entry in getattr(info, "chunks", None) or []:
+        kind, data, after_idat = (entry + (False,))[:3]
+        key = data.split(b"\0", 1)[0].decode("latin-1") if kind in (b"tEXt", b"iTXt", b"zTXt") else None
+        if key in texts:
+            if key not in written:
+                result.add_text(key, texts[key])
+                written.add(key)
+            continue
+        result.add(kind, data, after_idat)
+    for key, value in texts.items():
+        if key not in written:
+            result.add_text(key, value)
+    return result
+
+
+def _serial() -> bool:
+    return os.environ.get(DISABLE_VARIABLE, "").strip() not in ("", "0")
+
+
 def _save_maybe_later(image: Image.Image, fp, format=None, **params):  # noqa: A002 - Pillow's name
+    if not _is_png_file(fp, format):
+        return _save(image, fp, format, **params)
+    texts = getattr(_local, "texts", None)
+    mine = next(texts, None) if texts is not None else None
+    if mine and params.get("pnginfo") is not None:  # no metadata (--disable-metadata) stays none
+        params = {**params, "pnginfo": retexted(params["pnginfo"], mine)}
     pending: list[Future] | None = getattr(_local, "pending", None)
-    if pending is None or not _is_png_file(fp, format):
+    if pending is None:
         return _save(image, fp, format, **params)
     image.load()  # read lazily opened pixels here, not on a pool thread
     pending.append(_executor().submit(_write, image, fp, format, params))
     return None
 
 
-def deferred_saves(function: Callable) -> Callable:
-    """``function`` with its PNG file saves encoded in parallel; see the module's docstring."""
+def deferred_saves(function: Callable, texts_for: Callable[[tuple, dict], list | None] | None = None) -> Callable:
+    """``function`` with its PNG file saves encoded in parallel, each image with the text entries
+    that ``texts_for`` gives; see the module's docstring."""
     if getattr(function, "deferred_saves", False):
         return function
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        if getattr(_local, "pending", None) is not None:  # nested: the outer call waits for all
+        if getattr(_local, "inside", False):  # nested: the outer call waits for all
             return function(*args, **kwargs)
-        _local.pending = pending = []
+        given = texts_for(args, kwargs) if texts_for is not None else None
+        _local.inside, _local.texts = True, iter(given) if given else None
+        _local.pending = pending = None if _serial() else []
         try:
             result = function(*args, **kwargs)
         finally:
-            _local.pending = None
-            errors = [f.exception() for f in pending]  # waits for every file, even after an error
+            _local.inside, _local.texts, _local.pending = False, None, None
+            errors = [f.exception() for f in pending or []]  # waits for every file, even after an error
         first = next((e for e in errors if e is not None), None)
         if first is not None:
             raise first
@@ -166,8 +204,7 @@ def deferred_saves(function: Callable) -> Callable:
 
 
 def install() -> bool:
-    """Route Pillow's saves through the deferral (a no-op on threads outside ``deferred_saves``)."""
-    if os.environ.get(DISABLE_VARIABLE, "").strip() not in ("", "0"):
-        return False
+    """Route Pillow's saves through the deferral (a no-op on threads outside ``deferred_saves``).
+    Returns whether saves run in parallel (not when the variable asks for serial saves)."""
     Image.Image.save = _save_maybe_later
-    return True
+    return not _serial()

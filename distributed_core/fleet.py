@@ -29,7 +29,7 @@ from .client import InstanceClient, InstanceError
 from .config import RAY_WORKER_ENV, Config, Loaded, Worker
 from .plan import MASTER_ID
 from .reach import Clock, Reachability
-from .watch import Watch, Watcher
+from .watch import Watch, Watcher, steps_of
 
 log = logging.getLogger("comfyui-distributed")
 
@@ -189,7 +189,39 @@ class Fleet:
     async def watch(self, watched: Watch, timeout: float) -> tuple[str, str]:
         """Watch a worker's prompt (watch.Watcher) and, for one that has work to hand back, keep its
         relay open meanwhile, answering what the prompt sends with ``answer`` (relay.py). A relay
-        that cannot be kept open ends the watch as ``lost``, with why."""
+        that cannot be kept open ends the watch as ``lost``, with why. Its step progress goes to
+        ``on_steps`` meanwhile, where it has one."""
+        following = asyncio.ensure_future(self._follow_steps(watched)) \
+            if watched.on_steps is not None and watched.client_id else None
+        try:
+            return await self._watch(watched, timeout)
+        finally:
+            if following is not None:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
+
+    async def _follow_steps(self, watched: Watch) -> None:
+        """The worker's progress events for this prompt, from ComfyUI's own websocket; none when it
+        cannot be opened (the job goes on without them)."""
+        try:
+            socket = await watched.client.events(watched.client_id)
+        except InstanceError as exc:
+            log.debug("[Distributed] no step progress from %s: %s", watched.client.url, exc)
+            return
+        try:
+            while True:
+                message = await socket.receive()
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    steps = steps_of(message.data, watched.prompt_id)
+                    if steps is not None:
+                        watched.on_steps(*steps)
+                elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                                      aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+        finally:
+            await socket.close()
+
+    async def _watch(self, watched: Watch, timeout: float) -> tuple[str, str]:
         if not watched.relay_token or self.answer is None:
             return await self.watcher.watch(watched, timeout)
         client, token = watched.client, watched.relay_token

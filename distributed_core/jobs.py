@@ -67,6 +67,10 @@ class Share:
     state: str = "waiting"    # waiting | queued | running | done | failed | cancelled
     error: str = ""
     values: list[str] = field(default_factory=list)  # its Distributed Values, as the panel shows them
+    steps: list[int] = field(default_factory=list)   # [step, steps] of its sampling, as its worker last told
+    # The client id its prompt is queued under, on which the worker's websocket tells its progress
+    # (not a credential: anyone who reads the worker's queue sees it).
+    client_id: str = field(default_factory=lambda: f"comfyui-distributed-{secrets.token_hex(6)}")
     # What the worker shows when it delivers: good for this share's units only, each of them once.
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
@@ -94,20 +98,27 @@ class Job:
     sounds: dict[tuple[str, int], Sound] = field(default_factory=dict)  # beside ``results``, same keys
     # collector -> (height, width, channels) of its images, set by the first part placed
     sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    images: dict[tuple[str, int], int] = field(default_factory=dict)  # beside ``results``: how many images
+    per_unit: dict[str, int] = field(default_factory=dict)  # collector -> images per unit, from the first part
 
     def all_taken(self) -> bool:
         return set(self.collectors) <= self.taken
 
     def summary(self) -> dict:
-        """What the panel shows of a job: each share and how many of its units have arrived."""
+        """What the panel shows of a job: each share, how many of its units and images have arrived,
+        and the step its worker samples; the images the job makes, once the first part tells."""
         first = self.collectors[0] if self.collectors else ""
+        made = {unit: count for (collector, unit), count in self.images.items() if collector == first}
+        per = self.per_unit.get(first)
         return {
             "job_id": self.id, "prompt_id": self.prompt_id, "state": self.state.value,
             "error": self.error, "notices": list(self.notices), "units": len(self.units),
             "done": len(self.units) if first in self.taken else self.delivered(first), "split": self.split,
+            "images": sum(made.values()), "images_due": per * len(self.units) if per else None,
             "shares": [{"participant": s.participant, "name": s.label, "units": list(s.units),
                         "done": sum(1 for u in s.units if self.has(first, u) or first in self.taken),
-                        "state": s.state, "error": s.error, "values": list(s.values)}
+                        "images": sum(count for unit, count in made.items() if unit in s.units),
+                        "steps": list(s.steps), "state": s.state, "error": s.error, "values": list(s.values)}
                        for s in self.shares.values()],
         }
 
@@ -139,6 +150,10 @@ class Job:
     def record(self, collector: str, first: int, count: int, value: Any, nbytes: int = 0,
                sound: Sound | None = None) -> None:
         self.results[(collector, first)] = (count, value)
+        canvas = self.canvases.get(collector)
+        rows = len(value) if value is not None else canvas.shape[0] // len(self.units) * count if canvas is not None else count
+        self.images[(collector, first)] = rows
+        self.per_unit.setdefault(collector, max(1, rows // max(1, count)))
         if sound is not None:
             self.sounds[(collector, first)] = sound
             nbytes += sound.nbytes

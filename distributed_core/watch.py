@@ -9,6 +9,7 @@ result has arrived wakes the watches under its key at once (``wake``).
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,7 +51,25 @@ class Watch:
     relay_token: str | None = None      # the prompt's share token: the master keeps its relay open
     #                                     (relay.py) while it watches, and the prompt's work comes
     #                                     back over it
+    client_id: str = ""                 # the client id it was queued under: its events come to that
+    on_steps: Callable[[int, int], None] | None = None  # told (step, steps) as the worker samples
 
+
+
+def steps_of(message: str, prompt_id: str) -> tuple[int, int] | None:
+    """(step, steps) from one of ComfyUI's websocket messages when it is a ``progress`` event of
+    this prompt (ComfyUI of early 2024 names no prompt in it); else None."""
+    try:
+        event = json.loads(message)
+    except ValueError:
+        return None
+    data = event.get("data") if isinstance(event, dict) and event.get("type") == "progress" else None
+    if not isinstance(data, dict) or data.get("prompt_id") not in (None, prompt_id):
+        return None
+    value, most = data.get("value"), data.get("max")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, most)) or most <= 0:
+        return None
+    return int(value), int(most)
 
 
 class Watcher:

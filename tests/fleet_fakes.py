@@ -67,6 +67,7 @@ class Instance:
         self.calls: list[tuple[str, str, object]] = []
         self.hold_posts: asyncio.Event | None = None  # set: POST /prompt waits for it
         self.jobs_api = False  # ComfyUI 0.38's GET /api/jobs/{id} and POST /api/jobs/{id}/cancel
+        self.events: list[str] = []  # messages its websocket (/ws) sends, in order, as they are added
 
     def finish(self, prompt_id: str, status: str = "success") -> None:
         for queue in (self.running, self.pending):
@@ -104,6 +105,22 @@ class IdleSocket:
         self._closing.set()
 
 
+class EventSocket(IdleSocket):
+    """ComfyUI's websocket of a fake worker: what the test adds to ``events`` arrives, in order."""
+
+    def __init__(self, events: list[str]):
+        super().__init__()
+        self.events, self.sent = events, 0
+
+    async def receive(self):
+        while self.sent >= len(self.events) and not self.closed:
+            await asyncio.sleep(0)
+        if self.closed:
+            return aiohttp.WSMessage(aiohttp.WSMsgType.CLOSED, None, None)
+        self.sent += 1
+        return aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, self.events[self.sent - 1], None)
+
+
 class FakeClient(InstanceClient):
     def __init__(self, world: dict[str, Instance], url: str, features: dict | None = None):
         super().__init__(None, url, features)
@@ -139,6 +156,14 @@ class FakeClient(InstanceClient):
             raise InstanceError(f"cannot connect to {self.url}; is that ComfyUI instance running?", refused=True)
         inst.calls.append(("WS", "/distributed/relay", token))
         return IdleSocket()
+
+    async def events(self, client_id: str):
+        """ComfyUI's websocket of these fake workers: the instance's ``events``, as they come."""
+        inst = self.world.get(self.url)
+        if inst is None or not inst.up:
+            raise InstanceError(f"cannot connect to {self.url}; is that ComfyUI instance running?", refused=True)
+        inst.calls.append(("WS", "/ws", client_id))
+        return EventSocket(inst.events)
 
     async def _request(self, method, path, timeout, body=None):
         inst = self.world.get(self.url)

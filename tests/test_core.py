@@ -833,6 +833,24 @@ def test_signature_ignores_seeds_and_text_but_not_settings():
     assert plan.signature(base, ["1"]) == plan.signature(other, ["1"]) != plan.signature(slower, ["1"])
 
 
+def test_the_summary_counts_images_not_seed_slots():
+    """Two images per seed slot: the panel reads 2 of 6 images once the master's arrive, and each
+    share its own images; one kept apart (another layout) counts its own rows."""
+    store = JobStore()
+    job = _job(units=(0, 1, 2))
+    job.shares["master"] = Share("master", "master", [0])
+    store.add(job)
+    assert store.get("j1").summary()["images_due"] is None  # not known before the first part
+    store.put_local("j1", "3", 0, 1, np.zeros((2, 2, 2, 3), np.float32))
+    token = _token(job, 1)
+    summary = store.get("j1").summary()
+    assert (summary["images"], summary["images_due"]) == (2, 6)
+    _send(store, wire.frame("j1", "3", 1, 1, token, np.ones((2, 2, 2, 3), np.float32), "float32"))
+    summary = store.get("j1").summary()
+    assert summary["images"] == 4 and [s["images"] for s in summary["shares"]] == [2, 2]
+    assert summary["shares"][1]["steps"] == []  # no step told yet
+
+
 def test_split_results_cover_ranges():
     store = JobStore()
     job = Job(id="s", collectors=["3"], units=list(range(6)), split=True)

@@ -136,3 +136,63 @@ def test_a_spread_prompt_renders_with_the_value_of_whoever_renders_it(live):
     shown = {pid: recent[pid]["values"] for pid in ids if pid in recent}  # what the panel's spread section shows
     assert shown and all(v == [f"Distributed Value: {expected[recent[pid]['participant']]}"]
                          for pid, v in shown.items()), recent
+
+
+# --- each image's own workflow (provenance.py) -----------------------------------------------------
+
+def browser_graph(prompt: dict) -> dict:
+    """The browser's workflow for the nodes whose widgets change per image, as the frontend saves it."""
+    nodes = []
+    for nid, node in prompt.items():
+        inputs = node["inputs"]
+        if node["class_type"] == "DistributedSeed":
+            nodes.append({"id": int(nid), "type": "DistributedSeed", "widgets_values": [inputs["seed"], "fixed", 1]})
+        elif node["class_type"] == "DistributedValue":
+            nodes.append({"id": int(nid), "type": "DistributedValue",
+                          "widgets_values": [inputs["default"], inputs["values"]]})
+    return {"nodes": nodes, "links": [], "version": 0.4}
+
+
+def saved_infos(master, entry: dict, node: str) -> list[dict]:
+    from PIL import Image
+    return [Image.open(master.dirs["output"] / item.get("subfolder", "") / item["filename"]).info
+            for item in entry["outputs"][node]["images"]]
+
+
+@pytest.mark.parametrize("case", ["seed", "value"])
+def test_each_image_embeds_the_workflow_that_makes_it_again_and_names_its_participant(live, case):
+    """Three participants' images, each saved on the master: the prompt and workflow in a worker's
+    file, queued again, give that image on the master's own slot (the first of the new batch)."""
+    import numpy as np
+    live.reset_config()
+    if case == "seed":  # the colour comes from each slot's seed
+        prompt = image_workflow(seed=40, batch=1)
+        prompt["9"] = {"class_type": "DistributedValue", "inputs": {"default": "x", "values": "worker2: y"}}
+        prompt["3"]["inputs"]["label"] = ["9", 0]
+    else:  # the colour comes from each participant's value
+        prompt = value_workflow("master: 10\nworker1: 20\nworker2: 30")
+    graph = browser_graph(prompt)
+    resp = live.master.post("/prompt", {"prompt": prompt, "client_id": "tests",
+                                        "extra_data": {"extra_pnginfo": {"workflow": graph}}})
+    assert resp.status_code == 200, resp.text
+    entry = live.master.wait_prompt(resp.json()["prompt_id"], 120)
+    assert error_of(entry) == ""
+    images = live.master.saved_images(entry, "5")
+    infos = saved_infos(live.master, entry, "5")
+    assert blue_values(images) == ([40, 41, 42] if case == "seed" else [10, 20, 30])
+    tags = [json.loads(info["distributed"]) for info in infos]
+    assert [t["participant"] for t in tags] == ["master", "worker1", "worker2"]
+    assert [t["rendered_by"] for t in tags] == ["master", "worker1", "worker2"]
+    for k, (image, info) in enumerate(zip(images, infos)):
+        embedded, workflow = json.loads(info["prompt"]), json.loads(info["workflow"])
+        again = live.master.post("/prompt", {"prompt": embedded, "client_id": "tests",
+                                             "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
+        assert again.status_code == 200, again.text
+        redone = live.master.wait_prompt(again.json()["prompt_id"], 120)
+        assert error_of(redone) == ""
+        first = live.master.saved_images(redone, "5")[0]
+        assert np.array_equal(first, image), (k, blue_values([first]), blue_values([image]))
+        seeds = {n["id"]: n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "DistributedSeed"}
+        assert seeds == {1: (40 if case == "seed" else 0) + k}  # the browser's workflow holds the image's seed
+        if case == "seed":
+            assert embedded["9"]["inputs"]["values"] == {0: "worker2: y", 1: "worker2: y", 2: "master: y\nworker2: y"}[k]

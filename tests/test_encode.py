@@ -138,12 +138,51 @@ def test_wrapping_twice_wraps_once():
     assert encode.deferred_saves(wrapped) is wrapped
 
 
-def test_the_variable_keeps_pillows_own_save(monkeypatch):
+def test_the_variable_keeps_saves_one_at_a_time_on_the_nodes_thread(monkeypatch, tmp_path):
     monkeypatch.setattr(Image.Image, "save", Image.Image.save)
     monkeypatch.setenv(encode.DISABLE_VARIABLE, "1")
-    before = Image.Image.save
     assert not encode.install()
-    assert Image.Image.save is before
+    threads = []
+    original = encode._save
+
+    def noted(image, fp, format=None, **params):  # noqa: A002
+        threads.append(threading.current_thread())
+        return original(image, fp, format, **params)
+
+    monkeypatch.setattr(encode, "_save", noted)
+    paths = encode.deferred_saves(save_batch)(tmp_path, 3)
+    assert threads == [threading.current_thread()] * 3
+    assert [json.loads(Image.open(p).info["prompt"])["k"] for p in paths] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("serial", ["", "1"])
+def test_each_image_of_a_call_gets_its_own_text_entries(installed, monkeypatch, tmp_path, serial):
+    """What a Save Image after a Collector writes: the node's metadata with each image's own
+    prompt and workflow (provenance.texts), the other entries kept, in parallel or serially."""
+    monkeypatch.setenv(encode.DISABLE_VARIABLE, serial)
+
+    def save_with_workflow(folder: Path, count: int) -> list[Path]:
+        paths = []
+        for k in range(count):
+            info = PngInfo()
+            info.add_text("prompt", json.dumps({"k": "queued"}))
+            info.add_text("workflow", json.dumps({"w": "queued"}))
+            info.add_text("other", "kept")
+            paths.append(folder / f"img_{k:05}_.png")
+            noise(k).save(paths[-1], pnginfo=info, compress_level=1)
+        return paths
+
+    given = [{"prompt": json.dumps({"k": k}), "workflow": json.dumps({"w": k}), "distributed": f"p{k}"}
+             for k in range(3)]
+    paths = encode.deferred_saves(save_with_workflow, lambda args, kwargs: given)(tmp_path, 3)
+    for k, path in enumerate(paths):
+        info = Image.open(path).info
+        assert json.loads(info["prompt"]) == {"k": k} and json.loads(info["workflow"]) == {"w": k}
+        assert info["other"] == "kept" and info["distributed"] == f"p{k}"
+        assert list(info)[:3] == ["prompt", "workflow", "other"]  # each in its place
+    (tmp_path / "plain").mkdir()
+    plain = encode.deferred_saves(save_with_workflow, lambda args, kwargs: None)(tmp_path / "plain", 1)
+    assert json.loads(Image.open(plain[0]).info["prompt"]) == {"k": "queued"}
 
 
 def reencoded(path: Path, compress_level: int) -> bytes:

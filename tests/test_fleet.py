@@ -4,6 +4,7 @@ cost, and withdrawing. The same behaviours run against real servers in the end-t
 from __future__ import annotations
 
 import asyncio
+import json
 
 from distributed_core import watch
 from distributed_core.jobs import JobState
@@ -99,4 +100,53 @@ def test_withdraw_never_interrupts_a_prompt_that_is_not_ours():
         assert world[W1].calls[-3:] == [("GET", "/queue", None), ("POST", "/queue", {"delete": ["ours"]}),
                                         ("GET", "/queue", None)]
         assert not any(c[1] == "/interrupt" for c in world[W1].calls)
+    run(main())
+
+
+# --- step progress ---------------------------------------------------------------------------------
+
+def progress(prompt_id: str | None, step: int, steps: int) -> str:
+    data = {"value": step, "max": steps, "node": "3"} | ({"prompt_id": prompt_id} if prompt_id else {})
+    return json.dumps({"type": "progress", "data": data})
+
+
+def test_steps_are_read_from_comfyuis_progress_events_of_that_prompt_only():
+    assert watch.steps_of(progress("p1", 3, 20), "p1") == (3, 20)
+    assert watch.steps_of(progress(None, 3, 20), "p1") == (3, 20)  # ComfyUI of early 2024 names no prompt
+    assert watch.steps_of(progress("p2", 3, 20), "p1") is None
+    for other in ('{"type": "status", "data": {}}', "not json", '{"type": "progress", "data": {"value": 1}}',
+                  progress("p1", 1, 0), '[1, 2]'):
+        assert watch.steps_of(other, "p1") is None, other
+
+
+def test_a_workers_step_progress_reaches_its_share_a_few_times_a_second(tmp_path):
+    """The master opens the worker's own websocket under the client id its share's prompt was
+    queued with, and passes the steps of that prompt on, at most every STEPS_EVERY seconds, the
+    last step always."""
+    from distributed_core.collector_jobs import STEPS_EVERY
+
+    async def main():
+        h = Harness(tmp_path, config_with(("w1", 18189, True)))
+        await h.checked()
+        job_id = await h.started()
+        await until(lambda: h.world[W1].prompts)
+        [prompt_id] = h.world[W1].prompts
+        share = h.jobs.store.get(job_id).shares["w1"]
+        await until(lambda: any(c[:2] == ("WS", "/ws") for c in h.world[W1].calls))
+        posted = [c[2] for c in h.world[W1].calls if c[:2] == ("POST", "/prompt")]
+        opened = [c[2] for c in h.world[W1].calls if c[:2] == ("WS", "/ws")]
+        assert [p["client_id"] for p in posted] == [share.client_id] and opened == [share.client_id]
+        events = h.world[W1].events
+        events += [progress(prompt_id, 1, 20), progress(prompt_id, 2, 20), progress("another", 9, 9)]
+        await until(lambda: share.steps == [1, 20])
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert share.steps == [1, 20]  # the second came too soon after; the other prompt's is not ours
+        h.clock.advance(STEPS_EVERY)
+        events.append(progress(prompt_id, 5, 20))
+        await until(lambda: share.steps == [5, 20])
+        events.append(progress(prompt_id, 20, 20))
+        await until(lambda: share.steps == [20, 20])
+        assert h.jobs.store.get(job_id).summary()["shares"][1]["steps"] == [20, 20]
+        h.jobs.end(job_id, JobState.CANCELLED, "test")
     run(main())

@@ -278,15 +278,18 @@ def test_the_running_job_shows_each_participants_progress(live, comfy, tmp_path)
     expect(shares).to_have_count(3)
     assert shares.evaluate_all("rows => rows.map(r => r.dataset.participant)") == ["master", "worker1", "worker2"]
     expect(job.locator('.cdist-share[data-state="running"], .cdist-share[data-state="queued"]').first).to_be_visible()
+    # a worker's sampling steps, from its own websocket (the probe tells 10 steps as a sampler does)
+    working = job.locator('.cdist-share[data-participant="worker1"] .cdist-count')
+    expect(working).to_have_text(re.compile(r"^step \d+ of 10$"), timeout=TIMEOUT)
     comfy.scroll_to(job)
     comfy.screenshot(f"progress-{comfy.ui}-running", tmp_path)
 
     live.master.wait_prompt(prompt_id)
     expect(job).to_have_attribute("data-state", "done", timeout=TIMEOUT)
-    expect(job.locator(".cdist-row .cdist-count").first).to_have_text("3 of 3")
+    expect(job.locator(".cdist-row .cdist-count").first).to_have_text("6 of 6 images")  # images, not seed slots
     for participant in ("master", "worker1", "worker2"):
         share = job.locator(f'.cdist-share[data-participant="{participant}"]')
-        expect(share.locator(".cdist-count")).to_have_text("1 of 1")
+        expect(share.locator(".cdist-count")).to_have_text("2 images")
     comfy.scroll_to(job)
     comfy.screenshot(f"progress-{comfy.ui}-done", tmp_path)
 
@@ -483,7 +486,7 @@ def test_a_tiled_upscale_job_counts_tiles_per_participant(live, comfy, tmp_path)
     job = panel.locator(".cdist-job").first
     expect(job).to_have_attribute("data-state", "done", timeout=TIMEOUT)
     expect(job.locator(".cdist-role")).to_have_text("tiles")
-    expect(job.locator(".cdist-row .cdist-count").first).to_have_text("9 of 9")
+    expect(job.locator(".cdist-row .cdist-count").first).to_have_text("9 of 9 tiles")
     counts = job.locator(".cdist-share .cdist-count").all_inner_texts()
     assert len(counts) == 2 and all(re.fullmatch(r"\d+ tiles", c) for c in counts), counts
     assert sum(int(c.split()[0]) for c in counts) == 9, counts
@@ -528,6 +531,46 @@ def test_the_cfg_per_gpu_template_renders_each_value_and_the_panel_says_which(li
     assert harness.error_of(entry) == "" and len(live.master.saved_images(entry, "9")) == 2
     comfy.scroll_to(job)
     comfy.screenshot(f"values-{comfy.ui}-done", tmp_path)
+
+
+def runs_with_prefix(live, prefix: str) -> list[dict]:
+    """The master's finished runs whose Save Image (node 5) names ``prefix``, oldest first."""
+    return sorted((e for e in live.master.get("/history").json().values()
+                   if (e["prompt"][2].get("5") or {}).get("inputs", {}).get("filename_prefix") == prefix
+                   and e.get("outputs")), key=lambda e: e["prompt"][0])
+
+
+def test_a_workers_image_dragged_back_into_comfyui_makes_that_image_again(live, comfy):
+    """Queued from the browser; worker1's image (the second of the batch) opened in ComfyUI as a
+    dropped file is; queued again, the master's own image of the new batch is that image."""
+    import numpy as np
+    from PIL import Image
+    live.reset_config()
+    prompt = harness.image_workflow(seed=70, batch=1)
+    prompt["5"]["inputs"]["filename_prefix"] = "dragged"
+    comfy.open_panel()
+    comfy.page.evaluate("""async (prompt) => {
+        const { app } = await import("/scripts/app.js");
+        await app.loadApiJson(prompt);
+        await app.queuePrompt(0, 1);
+    }""", prompt)
+    [first] = harness.wait_until(lambda: runs_with_prefix(live, "dragged") or None, 120, what="the browser's job")
+    files = first["outputs"]["5"]["images"]
+    images = live.master.saved_images(first, "5")
+    assert harness.blue_values(images) == [70, 71, 72]
+    info = Image.open(live.master.dirs["output"] / files[1].get("subfolder", "") / files[1]["filename"]).info
+    assert json.loads(info["distributed"])["participant"] == "worker1"
+    comfy.page.evaluate("""async (name) => {
+        const { app } = await import("/scripts/app.js");
+        const blob = await (await fetch(`/view?filename=${encodeURIComponent(name)}&type=output`)).blob();
+        await app.handleFile(new File([blob], name, { type: "image/png" }));  // what a drop onto the canvas does
+        await app.queuePrompt(0, 1);
+    }""", files[1]["filename"])
+    runs = harness.wait_until(lambda: (lambda r: r if len(r) == 2 else None)(runs_with_prefix(live, "dragged")),
+                              120, what="the dragged image's job")
+    again = live.master.saved_images(runs[1], "5")
+    assert harness.blue_values(again) == [71, 72, 73]
+    assert np.array_equal(again[0], images[1])
 
 
 # --- the worker doctor and newcomer details ------------------------------------------------------------
@@ -599,4 +642,4 @@ def test_a_job_that_ended_while_the_panel_was_closed_is_listed(live, comfy):
     panel = comfy.open_panel()
     job = panel.locator(".cdist-job").first
     expect(job).to_have_attribute("data-state", "done", timeout=TIMEOUT)
-    expect(job.locator(".cdist-row .cdist-count").first).to_have_text("3 of 3")
+    expect(job.locator(".cdist-row .cdist-count").first).to_have_text("3 of 3 images")

@@ -572,9 +572,33 @@ function shareState(share) {
   return complete && share.state !== "failed" ? "done" : share.state;
 }
 
-// A failed share's units went to others (or the job failed): never "1 of 1", which reads as success.
+function plural(count, word) {
+  return `${count} ${word}${count === 1 ? "" : "s"}`;
+}
+
+// What a share has made: its images once they arrive, the step its worker samples meanwhile. A
+// failed share's units went to others (or the job failed): never a count that reads as success.
 function shareCount(share) {
-  return share.state === "failed" ? "none rendered here" : `${share.done} of ${share.units.length}`;
+  if (share.state === "failed") return "none rendered here";
+  const steps = share.state === "running" && (share.steps || []).length === 2 && share.done < share.units.length
+    ? `step ${share.steps[0]} of ${share.steps[1]}` : "";
+  const images = share.images ? plural(share.images, "image") : "";
+  return [images, steps].filter(Boolean).join(" · ") || (share.state === "running" ? "rendering" : "no image yet");
+}
+
+// How far a share is: its units that arrived, and the sampling of the one under way.
+function shareFraction(share) {
+  if (share.state === "failed" || !share.units.length) return [0, 1];
+  const steps = share.steps || [];
+  const under = share.state === "running" && steps.length === 2 && share.done < share.units.length
+    ? steps[0] / Math.max(1, steps[1]) : 0;
+  return [share.done + under, share.units.length];
+}
+
+function jobCount(job) {
+  if (job.kind === "tiles") return `${job.done} of ${job.units} tiles`;
+  if (job.images_due) return `${job.images} of ${plural(job.images_due, "image")}`;
+  return job.images ? plural(job.images, "image") : `0 of ${plural(job.units, job.split ? "image" : "seed slot")}`;
 }
 
 function jobView(job) {
@@ -585,7 +609,7 @@ function jobView(job) {
       job.split && h("span.cdist-role", { text: "split", title: "One batch divided among the GPUs" }),
       job.kind === "tiles" && h("span.cdist-role", { text: "tiles", title: "One upscale whose tiles every GPU renders" }),
       h("span.cdist-state", { text: job.state }),
-      h("span.cdist-count", { text: `${job.done} of ${job.units}` }),
+      h("span.cdist-count", { text: jobCount(job) }),
     ]),
     bar(job.done, job.units),
     job.error && h("div.cdist-error", { text: job.error }),
@@ -597,8 +621,8 @@ function jobView(job) {
           h("span.cdist-state", { text: shareState(share) }),
           h("span.cdist-count", { text: job.kind === "tiles" ? `${share.done} tiles` : shareCount(share) }),
         ]),
-        bar(share.state === "failed" ? 0 : share.done, job.kind === "tiles" ? job.units : share.units.length,
-          ".cdist-bar-thin"),
+        job.kind === "tiles" ? bar(share.done, job.units, ".cdist-bar-thin")
+          : bar(...shareFraction(share), ".cdist-bar-thin"),
         // what its Distributed Values give it ("CFG: 5.5")
         (share.values || []).length > 0 && h("div.cdist-share-values", { text: share.values.join(" · ") }),
         share.error && h("div.cdist-error", { text: `${share.name} failed: ${share.error}` }),

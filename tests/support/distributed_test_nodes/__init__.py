@@ -11,7 +11,11 @@ import os
 import time
 
 import comfy.model_management
+import comfy.utils
 from comfy.cli_args import args
+
+
+PROBE_STEPS = 10  # a probe that takes time tells its progress in this many steps
 
 
 class DistributedTestProbe:
@@ -37,10 +41,14 @@ class DistributedTestProbe:
             with open(speed_file, encoding="utf-8") as handle:
                 speed = float(json.load(handle).get(str(args.port), 1.0))
         cost = seconds_per_image * images.shape[0] / speed
-        end = time.monotonic() + cost
+        begun = time.monotonic()
+        end = begun + cost
+        steps = comfy.utils.ProgressBar(PROBE_STEPS) if cost > 0 else None  # progress as a sampler tells it
         while time.monotonic() < end:
             comfy.model_management.throw_exception_if_processing_interrupted()
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+            if steps is not None:
+                steps.update_absolute(min(PROBE_STEPS, int(PROBE_STEPS * (time.monotonic() - begun) / cost)), PROBE_STEPS)
         path = os.environ.get("DISTRIBUTED_TEST_PROBE_LOG")
         if path:
             with open(path, "a", encoding="utf-8") as handle:
