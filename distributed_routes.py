@@ -489,6 +489,7 @@ def _add_spread_routes(routes: web.RouteTableDef, runtime: Runtime) -> None:
         if dispatcher is None:
             return web.json_response({"supported": False, "reason": runtime.spread_unsupported, "enabled": False,
                                       "prompts": [], "recent": []})
+        dispatcher.refresh()  # the switch just ticked in the panel shows at once (a stat when unchanged)
         return web.json_response({"supported": True, "reason": "", "enabled": dispatcher.enabled(),
                                   "prompts": dispatcher.state.summary(), "recent": list(dispatcher.state.recent)})
 

@@ -69,8 +69,10 @@ class Claim:
     value_labels: list = field(default_factory=list)  # its Distributed Values, as the panel shows them
 
     def summary(self) -> dict:
+        # the master's own claim is made when it starts to run the prompt: it is running there
+        shown = "running" if self.state == "master" else self.state
         return {"prompt_id": self.prompt_id, "participant": self.participant, "name": self.label,
-                "state": self.state, "error": self.error, "since": self.since, "values": list(self.value_labels)}
+                "state": shown, "error": self.error, "since": self.since, "values": list(self.value_labels)}
 
 
 class SpreadState:

@@ -10,6 +10,11 @@ const LOCAL_HOSTS = ["127.0.0.1", "localhost", "::1", "0.0.0.0"];
 const HIDDEN = "(hidden)"; // a header value as the master shows it; sent back, it keeps what it is
 const SHELL_CHARS = /[;|&`$<>\\"'(){}*?!#]/g; // the server refuses these in extra args
 const JOB_ACTIVE = ["planned", "running"];
+// A spread prompt's state (GET /distributed/spread) in words.
+const SPREAD_STATES = {
+  sent: "sending", queued: "queued", running: "running", arrived: "rendered, waiting for its turn",
+  taken: "finishing", failed: "failed", moved: "moved on", withdrawn: "withdrawn", done: "done",
+};
 
 // Progress events arrive once on ComfyUI's socket; every open panel shows them.
 const openPanels = new Set();
@@ -529,10 +534,13 @@ class Panel {
     const names = new Map([...this.cards.values()].map((card) => [card.id, card.name.textContent]));
     const row = (p) => h("div.cdist-spread-prompt", { "data-prompt": p.prompt_id, "data-state": p.state,
       "data-participant": p.participant }, [
-      h("span.cdist-spread-id", { text: p.prompt_id.slice(0, 8), title: p.prompt_id }),
-      h("span.cdist-spread-who", { text: names.get(p.participant) || p.name || p.participant }),
-      h("span.cdist-spread-state.cdist-muted", { text: p.error ? `${p.state}: ${p.error}` : p.state }),
-      (p.values || []).length > 0 && h("span.cdist-share-values", { text: p.values.join(" · ") }),
+      h("div.cdist-row", {}, [
+        h("span.cdist-spread-id", { text: `#${p.prompt_id.slice(0, 8)}`, title: `Prompt ${p.prompt_id}` }),
+        h("span.cdist-spread-who", { text: names.get(p.participant) || p.name || p.participant }),
+        h("span.cdist-state", { text: SPREAD_STATES[p.state] || p.state }),
+      ]),
+      p.error && h("div.cdist-error", { text: p.error }),
+      (p.values || []).length > 0 && h("div.cdist-share-values", { text: p.values.join(" · ") }),
     ]);
     const rows = [];
     if (!info.supported) rows.push(h("div.cdist-warning", { text: `Not available: ${info.reason}` }));
