@@ -130,6 +130,53 @@ def test_settings_are_saved_to_the_config(live, comfy):
     expect(panel.locator(".cdist-headline")).to_contain_text("staggered", timeout=TIMEOUT)
 
 
+SETTING = """async ([id, value]) => {
+    const { app } = await import("/scripts/app.js");
+    const store = app.extensionManager?.setting;
+    if (value === undefined) return store ? store.get(id) : app.ui.settings.getSettingValue(id);
+    if (store) await store.set(id, value); else await app.ui.settings.setSettingValueAsync(id, value);
+}"""
+
+
+def setting(comfy, key: str, value=None):
+    """A Distributed setting in ComfyUI's Settings dialog, read or set as the dialog's own input does."""
+    return comfy.page.evaluate(SETTING, [key, value])
+
+
+def test_the_settings_appear_in_comfyuis_settings_dialog_and_save_to_the_config(live, comfy, tmp_path):
+    live.reset_config(live.default_config(job_timeout=33))
+    comfy.open_panel()
+    comfy.page.wait_for_function("""async () => {
+        const { app } = await import("/scripts/app.js");
+        const store = app.extensionManager?.setting;
+        return (store ? store.get("Distributed.JobTimeout") : app.ui.settings.getSettingValue("Distributed.JobTimeout")) === 33;
+    }""", timeout=TIMEOUT)  # the dialog shows what the config holds
+    setting(comfy, "Distributed.JobTimeout", 77)
+    harness.wait_until(lambda: config_on_disk(live)["settings"]["job_timeout"] == 77, 30, what="the timeout saved")
+    setting(comfy, "Distributed.SpreadQueue", True)
+    harness.wait_until(lambda: config_on_disk(live)["settings"]["spread_queue"] is True, 30, what="the switch saved")
+    expect(comfy.panel().locator(".cdist-spread-queue")).to_be_checked(timeout=TIMEOUT)  # the panel follows
+    comfy.expected_statuses = {400}
+    setting(comfy, "Distributed.JobTimeout", 0)  # refused by the master: the dialog goes back to the config's
+    comfy.page.wait_for_function("""async () => {
+        const { app } = await import("/scripts/app.js");
+        const store = app.extensionManager?.setting;
+        return (store ? store.get("Distributed.JobTimeout") : app.ui.settings.getSettingValue("Distributed.JobTimeout")) === 77;
+    }""", timeout=TIMEOUT)
+    assert config_on_disk(live)["settings"]["job_timeout"] == 77
+    if comfy.ui == "sidebar":  # the current frontend: a search for "distributed" finds the four
+        comfy.page.evaluate("""async () => {
+            const { app } = await import("/scripts/app.js");
+            await app.extensionManager.command.execute("Comfy.ShowSettingsDialog");
+        }""")
+        search = comfy.page.get_by_placeholder(re.compile("search", re.I)).last
+        search.fill("distributed")
+        for name in ("Mode", "Stagger delay (s)", "Job timeout (s)", "Spread the queue"):
+            expect(comfy.page.get_by_text(name, exact=True).last).to_be_visible(timeout=TIMEOUT)
+        comfy.screenshot(f"settings-dialog-{comfy.ui}", tmp_path)
+    live.reset_config()
+
+
 def test_clear_vram_reports_every_instance_reached(live, comfy):
     panel = comfy.open_panel()
     expect(panel.locator('.cdist-instance[data-state="online"]')).to_have_count(3, timeout=TIMEOUT)

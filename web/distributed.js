@@ -2,7 +2,8 @@
 // opens a floating panel on the legacy UI. Both mount the same panel (panel.js).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { mountPanel, showProgress, showSpreadChange } from "./panel.js";
+import { mountPanel, refreshOpenPanels, showProgress, showSpreadChange } from "./panel.js";
+import { registerSettings } from "./settings.js";
 
 function loadStyle() {
   if (document.getElementById("cdist-style")) return;
@@ -70,5 +71,6 @@ app.registerExtension({
     api.addEventListener("distributed_spread", () => showSpreadChange());
     if (app.extensionManager?.registerSidebarTab) addSidebarTab();
     else addMenuButton();
+    registerSettings(refreshOpenPanels); // the same settings in ComfyUI's Settings dialog, under Distributed
   },
 });

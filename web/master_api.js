@@ -97,6 +97,11 @@ const worker = (id) => `/distributed/workers/${encodeURIComponent(id)}`;
 export const master = {
   status: () => call("GET", "/distributed/status"),
   config: () => call("GET", "/distributed/config"),
+  // The config where the master gives it without asking for the secret (at page load), else null.
+  async configIfAllowed() {
+    const { response, data } = await send("GET", "/distributed/config");
+    return response.ok ? data : null;
+  },
   spread: () => call("GET", "/distributed/spread"),
   saveConfig: (config) => call("POST", "/distributed/config", config),
   clearVram: () => call("POST", "/distributed/clear_vram"),

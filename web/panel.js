@@ -2,6 +2,7 @@
 // sidebar tab, the legacy UI in a floating panel. mountPanel(container) returns its destroy().
 import { app } from "../../scripts/app.js";
 import { askForSecret, master, storedSecret } from "./master_api.js";
+import { showInSettings } from "./settings.js";
 
 const POLL_MS = 3000;
 const JOBS_SHOWN = 3;
@@ -27,6 +28,11 @@ export function showProgress(summary) {
 // reads the section again at once rather than at its next poll.
 export function showSpreadChange() {
   for (const panel of openPanels) panel.refreshSpread();
+}
+
+// A setting changed in ComfyUI's Settings dialog (settings.js): each open panel reads the config again.
+export function refreshOpenPanels() {
+  for (const panel of openPanels) panel.refresh();
 }
 
 // Workers left out of a job or failed during it: each notice once, as a toast in the current
@@ -468,6 +474,7 @@ class Panel {
     this.rayField.hidden = !config.ray;
     if (config.ray) this.rayWorkers.value = config.ray.workers;
     this.configPath.textContent = path ? `Saved in ${path}` : "";
+    showInSettings(settings); // ComfyUI's Settings dialog shows the same values
   }
 
   async saveSettings() {
