@@ -350,7 +350,12 @@ class CollectorJobs:
         me = fleet.client(fleet.own_url())
         job_plan, job = self.plans.get(job_id), self.store.get(job_id)  # kept after the job ends
         # once the job is over its prompt ends a moment later: no need to hurry
-        entry = await fleet.watcher.prompt_end(me, prompt_id, fleet.clock.now(), job_id, lambda: self.active(job_id))
+        def running() -> None:  # the master renders its own share now: the panel says so
+            self.store.update(job_id, lambda j: setattr(j.shares[plan.MASTER_ID], "state", "running")
+                              if plan.MASTER_ID in j.shares and j.shares[plan.MASTER_ID].state == "queued" else None)
+
+        entry = await fleet.watcher.prompt_end(me, prompt_id, fleet.clock.now(), job_id, lambda: self.active(job_id),
+                                               on_running=running)
         if self.store.get(job_id) is not None:  # failed jobs too: they still hold results
             self.end(job_id, JobState.CANCELLED, "the master's prompt ended before its Collector finished"
                      if entry else "the prompt was removed from the master's queue")

@@ -10,6 +10,7 @@ it among the modules ComfyUI has already loaded (``sys.modules``) by the time it
 | --- | --- | --- |
 | ``QueueTap`` over ``PromptQueue.get`` | the spread queue: the master skips prompts a worker renders | spread queue off, said in the panel |
 | ``wrap_put`` over ``PromptQueue.put`` | the spread queue looks at once at a new prompt | it looks every 0.5 s |
+| ``retime_finished`` over ``PromptQueue.task_done`` | the Queue tab times a spread prompt from when its worker got it | it shows the master's share of it (hundredths of a second) |
 | ``parallel_saves`` over ``SaveImage.save_images`` | a batch's PNGs encoded on every core | one after another |
 | ``restore_hidden_prompt`` over ``execution.get_input_data`` | files of spread prompts embed the prompt as submitted | they embed the master's run of it |
 | ``running_prompt_id`` | a worker's credential is used only by the prompt it was queued in | a credential is taken by its key alone |
@@ -163,6 +164,43 @@ def wrap_put(queue: Any, after: Callable[[], None]) -> None:
         after()
         return result
     queue.put = put
+
+
+def retime_finished(queue: Any, started: Callable[[str], float | None]) -> bool:
+    """A finished prompt that ``started(prompt_id)`` gives a start for (seconds since the epoch:
+    a spread prompt that a worker rendered) has its ``execution_start`` stamped then, so the
+    Queue tab and the jobs API time the render, not the master's handing on of its outputs. Wraps
+    ``PromptQueue.task_done(item_id, history_result, status, ...)`` (0.38 adds ``process_item``),
+    whose status is an ``ExecutionStatus`` named tuple; ComfyUI before mid-2024 stamps no message,
+    and any other shape is passed on untouched."""
+    original = getattr(queue, "task_done", None)
+    if not callable(original) or not isinstance(getattr(queue, "currently_running", None), dict):
+        return False
+
+    @functools.wraps(original)
+    def task_done(item_id, history_result, status=None, *args, **kwargs):
+        try:
+            item = queue.currently_running.get(item_id)
+            begun = started(str(item[1])) if isinstance(item, (list, tuple)) and len(item) > 1 else None
+            if begun is not None and hasattr(status, "_replace") and isinstance(getattr(status, "messages", None), list):
+                status = status._replace(messages=_stamped_start(status.messages, int(begun * 1000)))
+        except Exception:  # noqa: BLE001 - the entry keeps ComfyUI's own times
+            log.debug("[Distributed] could not retime a finished prompt", exc_info=True)
+        return original(item_id, history_result, status, *args, **kwargs)
+
+    queue.task_done = task_done
+    return True
+
+
+def _stamped_start(messages: list, start_ms: int) -> list:
+    result = []
+    for message in messages:
+        if isinstance(message, (list, tuple)) and len(message) == 2 and message[0] == "execution_start" \
+                and isinstance(message[1], dict) and isinstance(message[1].get("timestamp"), (int, float)) \
+                and start_ms < message[1]["timestamp"]:
+            message = type(message)((message[0], {**message[1], "timestamp": start_ms}))
+        result.append(message)
+    return result
 
 
 # --- output nodes ----------------------------------------------------------------------------------

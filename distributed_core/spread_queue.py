@@ -242,6 +242,13 @@ class SpreadState:
                     del cache[pid]
         return withdrawn
 
+    def rendered_since(self, prompt_id: str) -> float | None:
+        """When the worker that rendered this prompt was handed it (seconds since the epoch), for
+        the master's record of it; None for a prompt that the master rendered itself."""
+        with self.lock:
+            claim = self.claims.get(prompt_id)
+            return claim.since if claim is not None and claim.participant != MASTER_ID and claim.state == "taken" else None
+
     def original_prompt(self, value: Any) -> Any:
         """The submitted prompt for a prompt the master runs with receivers, else ``value``."""
         found = self._originals.get(id(value))
@@ -482,4 +489,6 @@ def install(queue, fleet, return_type: Callable[[str, int], str | None], load_co
     comfy_internals.wrap_put(queue, dispatcher.wake)
     if not comfy_internals.restore_hidden_prompt(state.original_prompt):
         log.warning("[Distributed] files of spread prompts embed the prompt the master ran, not the one submitted")
+    if not comfy_internals.retime_finished(queue, state.rendered_since):
+        log.info("[Distributed] the Queue tab times spread prompts by the master's part of them")
     return dispatcher, ""

@@ -233,10 +233,11 @@ class Watcher:
             next_read = min(next_read, self.clock.now() + POLL_SECONDS)
 
     async def prompt_end(self, client: InstanceClient, prompt_id: str, since: float, wake_key: str,
-                         fast: Callable[[], bool] = lambda: True) -> dict | None:
+                         fast: Callable[[], bool] = lambda: True,
+                         on_running: Callable[[], None] | None = None) -> dict | None:
         """Wait until a prompt of our own instance has ended: its history entry, or None when it
         left the queue without one (deleted). Read like a worker's prompt (``fast()`` False reads
-        at the slow pace)."""
+        at the slow pace); ``on_running`` is told once when a queue read shows it running."""
         marker = Watch(client, prompt_id, since, wake_key, lambda: True, lambda: False)
         self.watching.setdefault(client.url, []).append(marker)
         try:
@@ -248,7 +249,14 @@ class Watcher:
                 try:
                     entry = await client.history(prompt_id)
                     if entry is None:
-                        queue = await self.queue_reading(client, since)
+                        # read every second until it starts, for whoever wants to know, while the queue is short
+                        wants_running = on_running is not None and self._short_queue(client.url)
+                        queue = await self.queue_reading(
+                            client, max(since, self.clock.now() - POLL_SECONDS) if wants_running else since,
+                            POLL_SECONDS if wants_running else QUEUE_MAX_AGE)  # never a reading from before it
+                        if queue is not None and prompt_id in queue.running and on_running is not None:
+                            on_running()
+                            on_running = None
                         if queue is None or prompt_id in queue.ids:
                             continue
                         entry = await client.history(prompt_id)

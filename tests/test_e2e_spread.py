@@ -131,6 +131,30 @@ def wait_rendering(master, count: int = 1, timeout: float = 30) -> list[dict]:
         timeout, what=f"{count} prompt(s) running on workers")
 
 
+def stamps(entry: dict) -> dict[str, int]:
+    """The execution events' timestamps (ms) in a history entry; none before mid-2024's ComfyUI."""
+    return {m[0]: m[1]["timestamp"] for m in entry["status"]["messages"]
+            if isinstance(m[1], dict) and "timestamp" in m[1]}
+
+
+def test_a_prompt_a_worker_rendered_is_timed_from_when_the_worker_got_it(live):
+    """ComfyUI's Queue tab (and jobs API) time a prompt from its history's execution_start to its
+    end: for a spread prompt that a worker renders, the master's own run takes hundredths of a
+    second, so its start is stamped when the worker was handed it."""
+    master_off(live)
+    try:
+        [pid] = queue_all(live.master, [plain_workflow(3, seconds=2.0)])
+        [entry] = finished(live.master, [pid])
+    finally:
+        live.reset_config()
+    assert error_of(entry) == "" and rendered_by(live.master, pid) != "master"
+    found = stamps(entry)
+    if not found:  # ComfyUI before mid-2024 stamps no event, and so shows no time at all
+        assert "execution_start" in [m[0] for m in entry["status"]["messages"]]
+        return
+    assert found["execution_success"] - found["execution_start"] >= 2000, found  # the worker's 2 s render
+
+
 def test_worker_killed_mid_prompt_renders_elsewhere(live):
     master_off(live)
     ids = queue_all(live.master, [plain_workflow(k, seconds=3.0) for k in range(2)])

@@ -132,6 +132,46 @@ def test_put_is_followed_by_the_wake_up():
     assert queue.items == [(1, "p1", {}, {}, [], {})] and woken == [1]
 
 
+class ExecutionStatus(tuple):
+    """PromptQueue.ExecutionStatus: a named tuple (status_str, completed, messages)."""
+    _fields = ("status_str", "completed", "messages")
+
+    def __new__(cls, status_str, completed, messages):
+        return super().__new__(cls, (status_str, completed, messages))
+
+    messages = property(lambda self: self[2])
+
+    def _replace(self, **changes):
+        return ExecutionStatus(*(changes.get(f, self[k]) for k, f in enumerate(self._fields)))
+
+
+@pytest.mark.parametrize("version", ["0.3.64", "0.38"])
+def test_a_spread_prompt_a_worker_rendered_is_timed_from_when_it_got_it(version):
+    done = []
+
+    class Queue:  # task_done as 0.3.64 has it; 0.38 adds process_item
+        currently_running = {4: (1, "spread", {}, {}, []), 5: (2, "local", {}, {}, [])}
+
+        def task_done(self, item_id, history_result, status, *more, **named):
+            done.append((self.currently_running.pop(item_id)[1], status, more, named))
+
+    queue = Queue()
+    assert comfy_internals.retime_finished(queue, lambda pid: 100.0 if pid == "spread" else None)
+    messages = [("execution_start", {"prompt_id": "spread", "timestamp": 160_000}),
+                ("execution_success", {"prompt_id": "spread", "timestamp": 160_020})]
+    extra = {"process_item": str} if version == "0.38" else {}
+    queue.task_done(4, {"outputs": {}}, ExecutionStatus("success", True, messages), **extra)
+    queue.task_done(5, {"outputs": {}}, ExecutionStatus("success", True, messages), **extra)
+    (_, spread, _, named), (_, local, _, _) = done
+    assert spread.messages[0] == ("execution_start", {"prompt_id": "spread", "timestamp": 100_000})
+    assert spread.messages[1] == messages[1] and named == extra
+    assert local.messages == messages  # a prompt the master rendered keeps ComfyUI's times
+    queue.currently_running[6] = (3, "spread", {}, {}, [])
+    queue.task_done(6, {}, None)  # no status (ComfyUI before mid-2024 may give none): passed on as it is
+    assert done[-1][1] is None
+    assert not comfy_internals.retime_finished(types.SimpleNamespace(task_done=lambda *a: None), lambda pid: None)
+
+
 def test_server_args_read_comfyuis_command_line(fake_modules):
     fake_modules("comfy.cli_args", args=types.SimpleNamespace(listen="0.0.0.0, ::", port=8190, cpu=True))
     assert comfy_internals.server_args() == (["0.0.0.0", "::"], 8190, True)

@@ -325,6 +325,8 @@ def test_the_running_job_shows_each_participants_progress(live, comfy, tmp_path)
     expect(shares).to_have_count(3)
     assert shares.evaluate_all("rows => rows.map(r => r.dataset.participant)") == ["master", "worker1", "worker2"]
     expect(job.locator('.cdist-share[data-state="running"], .cdist-share[data-state="queued"]').first).to_be_visible()
+    # the master's own share runs as soon as its prompt does, not "queued" until its images are in
+    expect(job.locator('.cdist-share[data-participant="master"]')).to_have_attribute("data-state", "running")
     # a worker's sampling steps, from its own websocket (the probe tells 10 steps as a sampler does)
     working = job.locator('.cdist-share[data-participant="worker1"] .cdist-count')
     expect(working).to_have_text(re.compile(r"^step \d+ of 10$"), timeout=TIMEOUT)

@@ -96,8 +96,8 @@ class ComfyPage:
         progress event, so the element found may be replaced before it scrolls: find it again."""
         from playwright.sync_api import Error
         for attempt in range(5):
-            try:
-                locator.scroll_into_view_if_needed(timeout=5_000)
+            try:  # found and scrolled in one step in the page: no time for it to be replaced in between
+                locator.evaluate("element => element.scrollIntoView({ block: 'nearest' })", timeout=5_000)
                 return
             except Error:
                 if attempt == 4:

@@ -5,6 +5,7 @@ import { askForSecret, master, storedSecret } from "./master_api.js";
 import { showInSettings } from "./settings.js";
 
 const POLL_MS = 3000;
+const RENDER_MS = 250;
 const JOBS_SHOWN = 3;
 const GIB = 1024 ** 3;
 const LOCAL_HOSTS = ["127.0.0.1", "localhost", "::1", "0.0.0.0"];
@@ -60,10 +61,19 @@ export function mountPanel(container, { onClose } = {}) {
 
 const PROPERTIES = new Set(["value", "checked", "disabled", "hidden", "type", "title", "noValidate"]);
 
+// The current frontend (a sidebar tab, PrimeVue's components and icons), not the legacy UI.
+function native() {
+  return Boolean(app.extensionManager?.registerSidebarTab);
+}
+
 // h("div.a.b", {text, onclick, ...attributes}, children): an element in one expression.
 function h(tag, props = {}, children = []) {
   const [name, ...classes] = tag.split(".");
   const el = document.createElement(name);
+  if (name === "button" && classes.includes("cdist-button") && !classes.includes("p-button") && native()) {
+    // the current frontend's own buttons: the main action filled, the others quieter
+    classes.push("p-button", "p-component", "p-button-sm", ...(classes.includes("cdist-main") ? [] : ["p-button-secondary"]));
+  }
   if (classes.length) el.className = classes.join(" ");
   for (const [key, value] of Object.entries(props)) {
     if (value === undefined || value === null) continue;
@@ -129,49 +139,60 @@ class Panel {
     this.addSlot = h("div.cdist-add-slot");
     this.jobList = h("div.cdist-jobs", {}, h("div.cdist-empty", { text: "No distributed job yet." }));
 
-    const action = (cls, text, title, run) => h(`button.cdist-button.${cls}`, { type: "button", text, title,
-      onclick: (event) => this.runAction(event.currentTarget, run) });
+    // The current frontend: its own buttons (PrimeVue's classes, PrimeIcons) in a header like its
+    // Queue tab's. The legacy UI has neither: the same buttons with their names.
+    const inFrontend = native();
+    const tool = (cls, icon, text, title, run) => h(
+      `button.cdist-button.cdist-tool.${cls}${inFrontend ? ".p-button.p-component.p-button-text.p-button-rounded.p-button-sm.p-button-icon-only" : ""}`,
+      { type: "button", title, "aria-label": text, onclick: (event) => this.runAction(event.currentTarget, run) },
+      inFrontend ? h(`i.pi.${icon}.p-button-icon`, { "aria-hidden": "true" }) : text);
+    const checkButton = h("button.cdist-button.cdist-check-button.cdist-main",
+      { type: "button", title: "Check that every worker can take part, with the current workflow",
+        onclick: (event) => this.runAction(event.currentTarget, () => this.runCheck()) },
+      [inFrontend && h("i.pi.pi-check-circle.p-button-icon.p-button-icon-left", { "aria-hidden": "true" }),
+        h("span.p-button-label", { text: "Check workers" })]);
 
-    this.root = h("div.cdist-panel", {}, [
+    this.root = h("div.cdist-panel", { "data-ui": inFrontend ? "sidebar" : "legacy" }, [
       h("div.cdist-header", {}, [
         h("span.cdist-title", { text: "Distributed" }),
-        this.headline,
+        h("div.cdist-toolbar", { role: "toolbar", "aria-label": "Distributed actions" }, [
+          tool("cdist-clear-vram", "pi-eraser", "Clear VRAM", "Clear VRAM: unload models and free VRAM on every instance",
+            () => this.clearVram()),
+          tool("cdist-interrupt", "pi-stop-circle", "Interrupt all", "Interrupt all: stop the running job on every instance",
+            () => this.interrupt()),
+          tool("cdist-detect-gpus", "pi-search", "Detect GPUs", "Detect GPUs: list the GPUs of the master's machine",
+            () => this.detectGpus()),
+          tool("cdist-show-secret", "pi-key", "API secret", "API secret: what scripts and other machines send",
+            () => this.showSecret()),
+        ]),
         onClose && h("button.cdist-close", { type: "button", title: "Close", "aria-label": "Close", text: "×",
           onclick: onClose }),
       ]),
+      this.headline,
+      checkButton,
       this.message,
       this.warning,
-      h("div.cdist-toolbar", {}, [
-        action("cdist-clear-vram", "Clear VRAM", "Unload models and free VRAM on every instance",
-          () => this.clearVram()),
-        action("cdist-interrupt", "Interrupt all", "Stop the running job on every instance",
-          () => this.interrupt()),
-        action("cdist-detect-gpus", "Detect GPUs", "List the GPUs of the master's machine",
-          () => this.detectGpus()),
-        action("cdist-show-secret", "API secret", "The secret that scripts and other machines send",
-          () => this.showSecret()),
-        action("cdist-check-button", "Check", "Check that every worker can take part, with the current workflow",
-          () => this.runCheck()),
-      ]),
       this.checkBox,
       this.results,
       this.gpuList,
       this.secretBox,
+      section("Jobs", [this.jobList]),
       section("Instances", [
         this.instanceList,
         this.addSlot,
-        h("button.cdist-button.cdist-add-worker", { type: "button", text: "Add worker",
-          onclick: () => this.toggleAddForm() }),
+        h("button.cdist-button.cdist-add-worker", { type: "button", onclick: () => this.toggleAddForm() },
+          [inFrontend && h("i.pi.pi-plus.p-button-icon.p-button-icon-left", { "aria-hidden": "true" }),
+            h("span.p-button-label", { text: "Add worker" })]),
       ]),
-      section("Settings", [this.buildSettings()]),
       section("Spread queue", [this.buildSpread()]),
-      section("Jobs", [this.jobList]),
+      section("Settings", [this.buildSettings()]),
     ]);
   }
 
   destroy() {
     this.closed = true;
     clearTimeout(this.timer);
+    clearTimeout(this.renderTimer);
     openPanels.delete(this);
     this.root.remove();
   }
@@ -438,8 +459,7 @@ class Panel {
     ]);
     this.stagger = h("input.cdist-input.cdist-stagger", { type: "number", min: 0, max: 600, step: 0.5, onchange: save });
     this.timeout = h("input.cdist-input.cdist-timeout", { type: "number", min: 1, max: 86400, step: 1, onchange: save });
-    this.spreadQueue = h("input.cdist-spread-queue", { type: "checkbox", onchange: save,
-      title: "Render each prompt without a Multi-GPU Collector whole on the next free GPU" });
+    this.spreadQueue = h("input.cdist-spread-queue", { type: "checkbox", role: "switch", onchange: save });
     // Ray workers (the config's ray section): how many, and how many answered
     this.rayWorkers = h("input.cdist-input.cdist-ray-workers", { type: "number", min: 0, max: 1024, step: 1,
       onchange: save, title: "How many ComfyUI workers the Ray cluster runs, one GPU each; 0: one per GPU" });
@@ -454,7 +474,10 @@ class Panel {
       h("label.cdist-field", {}, [h("span.cdist-label", { text: "Mode" }), this.mode]),
       h("label.cdist-field", {}, [h("span.cdist-label", { text: "Stagger delay (s)" }), this.stagger]),
       h("label.cdist-field", {}, [h("span.cdist-label", { text: "Job timeout (s)" }), this.timeout]),
-      h("label.cdist-field", {}, [h("span.cdist-label", { text: "Spread the queue" }), this.spreadQueue]),
+      h("div.cdist-field.cdist-field-inline", { title: "Render each prompt without a Multi-GPU Collector whole on the next free GPU" }, [
+        h("span.cdist-label", { text: "Spread the queue" }),
+        h("label.cdist-switch", { "aria-label": "Spread the queue" }, [this.spreadQueue, h("span.cdist-slider")]),
+      ]),
       this.rayField,
       this.settingsError,
       this.configPath,
@@ -569,7 +592,16 @@ class Panel {
       this.notify(`The distributed job failed: ${summary.error}`);
     }
     this.jobs.set(summary.job_id, { summary, seenAt: Date.now(), order: known ? known.order : ++this.jobOrder });
-    if (render) this.renderJobs();
+    if (render) this.renderJobsSoon();
+  }
+
+  // Workers tell their steps several times a second: the list is drawn at most every RENDER_MS.
+  renderJobsSoon() {
+    if (this.renderTimer) return;
+    this.renderTimer = setTimeout(() => {
+      this.renderTimer = null;
+      if (!this.closed) this.renderJobs();
+    }, RENDER_MS);
   }
 
   renderJobs() {
@@ -595,6 +627,7 @@ function plural(count, word) {
 // failed share's units went to others (or the job failed): never a count that reads as success.
 function shareCount(share) {
   if (share.state === "failed") return "none rendered here";
+  if (share.state === "cancelled" && !share.images) return "";
   const steps = share.state === "running" && (share.steps || []).length === 2 && share.done < share.units.length
     ? `step ${share.steps[0]} of ${share.steps[1]}` : "";
   const images = share.images ? plural(share.images, "image") : "";

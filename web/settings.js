@@ -56,10 +56,13 @@ let onSaved = null;
 
 // Once, at setup: the fields in the dialog; what the config holds, in them. ``saved`` is told after a
 // change made in the dialog has been saved (the open panels read the config again).
+let registered = false;
+
 export function registerSettings(saved) {
   const dialog = app.ui?.settings;
-  if (!dialog?.addSetting) return;
   onSaved = saved;
+  if (!dialog?.addSetting || registered) return;
+  registered = true;
   for (const field of FIELDS) {
     dialog.addSetting({
       id: field.id, name: field.name, type: field.type, defaultValue: field.defaultValue,
