@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import EXTENSION_DIR
 
-TEMPLATE = EXTENSION_DIR / "example_workflows" / "multi_gpu_collector_colors.json"
+TEMPLATE = EXTENSION_DIR / "example_workflows" / "Multi-GPU Collector - a colour per GPU.json"
 
 # The same graph as the template above, in ComfyUI's API format. Each participant's colour is its
 # seed read as 0xRRGGBB (EmptyImage keeps the low 24 bits): seed + slot x step, with a step chosen so

@@ -157,11 +157,13 @@ def test_the_page_itself_and_secret_holders_are_let_in(live):
 
 def test_every_template_has_a_thumbnail_and_the_master_serves_both(live):
     """The templates dialog shows each template with the picture of the same name beside it (a 404
-    each time the dialog opened, before the tiled upscale had one)."""
+    each time the dialog opened, before the tiled upscale had one), titled by its name."""
     import harness
     folder = harness.REPO / "example_workflows"
     names = sorted(p.stem for p in folder.glob("*.json"))
     assert len(names) >= 3 and all((folder / f"{name}.jpg").is_file() for name in names), names
+    # the dialog titles a custom node's template by its file name: each reads as a title
+    assert all(name[0].isupper() and " - " in name and "_" not in name for name in names), names
     manager = live.tree / "app" / "custom_node_manager.py"
     if not (manager.exists() and "workflow_templates" in manager.read_text()):
         assert live.master.get("/api/workflow_templates").status_code == 404  # ComfyUI before mid-2024

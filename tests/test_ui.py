@@ -177,6 +177,38 @@ def test_the_settings_appear_in_comfyuis_settings_dialog_and_save_to_the_config(
     live.reset_config()
 
 
+def test_the_panel_and_the_nodes_speak_comfyuis_language(live, comfy):
+    """ComfyUI's Language setting (the current frontend) switched to French: the panel, the sidebar
+    tab and the nodes read in French from locales/fr; ComfyUI without /i18n keeps them in English."""
+    comfy.open_panel()
+    if comfy.ui == "legacy":  # ComfyUI of early 2024 serves no translations: English throughout
+        assert live.master.get("/i18n").status_code == 404
+        expect(comfy.panel().locator(".cdist-check-button")).to_have_text("Check workers")
+        return
+    french = live.master.get("/i18n").json()["fr"]
+    assert french["distributed"]["panel"]["Check workers"] == "Vérifier les workers"
+    assert set(live.master.get("/i18n").json()) >= {"en", "zh", "zh-TW", "ru", "ja", "ko", "fr", "es", "ar"}
+    try:
+        setting(comfy, "Comfy.Locale", "fr")
+        comfy.page.reload()
+        panel = comfy.open_panel()
+        expect(panel.locator(".cdist-check-button")).to_have_text("Vérifier les workers")
+        expect(panel.locator(".cdist-heading").first).to_have_text("Tâches")
+        expect(panel.locator('.cdist-instance[data-id="worker1"] .cdist-state')).to_have_text("en ligne", timeout=TIMEOUT)
+        expect(panel.locator(".cdist-headline")).to_contain_text("3 sur 3 en ligne", timeout=TIMEOUT)
+        title = comfy.page.evaluate("""async () => {
+            const { app } = await import("/scripts/app.js");
+            const node = LiteGraph.createNode("MultiGPUCollector");
+            app.graph.add(node);
+            const title = node.title;
+            app.graph.remove(node);
+            return title;
+        }""")
+        assert title == "Collecteur multi-GPU"
+    finally:
+        setting(comfy, "Comfy.Locale", "en")
+
+
 def test_clear_vram_reports_every_instance_reached(live, comfy):
     panel = comfy.open_panel()
     expect(panel.locator('.cdist-instance[data-state="online"]')).to_have_count(3, timeout=TIMEOUT)
@@ -551,7 +583,7 @@ def test_the_cfg_per_gpu_template_renders_each_value_and_the_panel_says_which(li
     config = live.default_config()
     config["workers"][1]["enabled"] = False  # two models in RAM are enough
     live.reset_config(config)
-    template = json.loads((harness.REPO / "example_workflows" / "distributed_value_cfg.json").read_text())
+    template = json.loads((harness.REPO / "example_workflows" / "Distributed Value - a CFG per GPU.json").read_text())
     nodes = {n["type"]: n for n in template["nodes"]}
     assert nodes["DistributedValue"]["title"] == "CFG per GPU"
     assert nodes["CheckpointLoaderSimple"]["properties"]["models"][0]["directory"] == "checkpoints"
@@ -630,7 +662,7 @@ def test_the_check_button_checks_every_worker_with_the_current_workflow(live, co
     config["workers"].append({"id": "ghost", "name": "ghost", "port": ghost_port, "device": None,
                               "enabled": True, "extra_args": ""})
     live.reset_config(config)
-    template = json.loads((harness.REPO / "example_workflows" / "multi_gpu_collector_colors.json").read_text())
+    template = json.loads((harness.REPO / "example_workflows" / "Multi-GPU Collector - a colour per GPU.json").read_text())
     comfy.page.locator(f"{LEGACY_BUTTON}, {SIDEBAR_BUTTON}").first.wait_for(timeout=60_000)
     comfy.page.evaluate("""async (graph) => {
         const { app } = await import("/scripts/app.js");

@@ -4,6 +4,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { mountPanel, refreshOpenPanels, showProgress, showSpreadChange } from "./panel.js";
 import { registerSettings } from "./settings.js";
+import { loadWords } from "./i18n.js";
 
 function loadStyle() {
   if (document.getElementById("cdist-style")) return;
@@ -66,6 +67,7 @@ app.registerExtension({
   name: "comfyui.distributed",
   async setup() {
     loadStyle();
+    await loadWords(); // the panel's words in ComfyUI's language (locales/), before it is drawn
     // Registered here, not by the panel, so the legacy UI knows the event even while the panel is closed.
     api.addEventListener("distributed_progress", (event) => showProgress(event.detail));
     api.addEventListener("distributed_spread", () => showSpreadChange());

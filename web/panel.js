@@ -3,6 +3,7 @@
 import { app } from "../../scripts/app.js";
 import { askForSecret, master, storedSecret } from "./master_api.js";
 import { showInSettings } from "./settings.js";
+import { t, tCount } from "./i18n.js";
 
 const POLL_MS = 3000;
 const RENDER_MS = 250;
@@ -99,7 +100,7 @@ function dismissButton(box) {
 }
 
 function section(title, children) {
-  return h("section.cdist-section", {}, [h("h4.cdist-heading", { text: title }), ...children]);
+  return h("section.cdist-section", {}, [h("h4.cdist-heading", { text: t(title) }), ...children]);
 }
 
 // "cuda:0 NVIDIA GeForce RTX 4090 : cudaMallocAsync" -> "NVIDIA GeForce RTX 4090"
@@ -128,7 +129,7 @@ class Panel {
   }
 
   build(onClose) {
-    this.headline = h("span.cdist-headline", { text: "connecting…" });
+    this.headline = h("span.cdist-headline", { text: t("connecting…") });
     this.message = h("div.cdist-message", { hidden: true, role: "status" });
     this.warning = h("div.cdist-warning", { hidden: true });
     this.results = h("div.cdist-results", { hidden: true });
@@ -137,20 +138,20 @@ class Panel {
     this.checkBox = h("div.cdist-check", { hidden: true, "aria-live": "polite" });
     this.instanceList = h("div.cdist-instances");
     this.addSlot = h("div.cdist-add-slot");
-    this.jobList = h("div.cdist-jobs", {}, h("div.cdist-empty", { text: "No distributed job yet." }));
+    this.jobList = h("div.cdist-jobs", {}, h("div.cdist-empty", { text: t("No distributed job yet.") }));
 
     // The current frontend: its own buttons (PrimeVue's classes, PrimeIcons) in a header like its
     // Queue tab's. The legacy UI has neither: the same buttons with their names.
     const inFrontend = native();
     const tool = (cls, icon, text, title, run) => h(
       `button.cdist-button.cdist-tool.${cls}${inFrontend ? ".p-button.p-component.p-button-text.p-button-rounded.p-button-sm.p-button-icon-only" : ""}`,
-      { type: "button", title, "aria-label": text, onclick: (event) => this.runAction(event.currentTarget, run) },
-      inFrontend ? h(`i.pi.${icon}.p-button-icon`, { "aria-hidden": "true" }) : text);
+      { type: "button", title: t(title), "aria-label": t(text), onclick: (event) => this.runAction(event.currentTarget, run) },
+      inFrontend ? h(`i.pi.${icon}.p-button-icon`, { "aria-hidden": "true" }) : t(text));
     const checkButton = h("button.cdist-button.cdist-check-button.cdist-main",
-      { type: "button", title: "Check that every worker can take part, with the current workflow",
+      { type: "button", title: t("Check that every worker can take part, with the current workflow"),
         onclick: (event) => this.runAction(event.currentTarget, () => this.runCheck()) },
       [inFrontend && h("i.pi.pi-check-circle.p-button-icon.p-button-icon-left", { "aria-hidden": "true" }),
-        h("span.p-button-label", { text: "Check workers" })]);
+        h("span.p-button-label", { text: t("Check workers") })]);
 
     this.root = h("div.cdist-panel", { "data-ui": inFrontend ? "sidebar" : "legacy" }, [
       h("div.cdist-header", {}, [
@@ -160,7 +161,7 @@ class Panel {
             () => this.clearVram()),
           tool("cdist-interrupt", "pi-stop-circle", "Interrupt all", "Interrupt all: stop the running job on every instance",
             () => this.interrupt()),
-          tool("cdist-detect-gpus", "pi-search", "Detect GPUs", "Detect GPUs: list the GPUs of the master's machine",
+          tool("cdist-detect-gpus", "pi-microchip", "Detect GPUs", "Detect GPUs: list the GPUs of the master's machine",
             () => this.detectGpus()),
           tool("cdist-show-secret", "pi-key", "API secret", "API secret: what scripts and other machines send",
             () => this.showSecret()),
@@ -182,7 +183,7 @@ class Panel {
         this.addSlot,
         h("button.cdist-button.cdist-add-worker", { type: "button", onclick: () => this.toggleAddForm() },
           [inFrontend && h("i.pi.pi-plus.p-button-icon.p-button-icon-left", { "aria-hidden": "true" }),
-            h("span.p-button-label", { text: "Add worker" })]),
+            h("span.p-button-label", { text: t("Add worker") })]),
       ]),
       section("Spread queue", [this.buildSpread()]),
       section("Settings", [this.buildSettings()]),
@@ -233,7 +234,7 @@ class Panel {
     } catch (err) {
       if (this.closed) return;
       this.headline.textContent = err?.status === 403 ? "needs the master's secret: press API secret"
-        : "master unreachable";
+        : t("master unreachable");
       this.headline.dataset.error = "";
       if (this.reachable) this.notify(`Cannot read the status: ${describe(err)}`); // once, not every poll
       this.reachable = false;
@@ -243,7 +244,7 @@ class Panel {
   showStatus(status, startedAt) {
     const instances = status.instances || [];
     const up = instances.filter((i) => i.state === "online" || i.state === "busy").length;
-    this.headline.textContent = `${up} of ${instances.length} online · ${status.mode}`;
+    this.headline.textContent = `${t("{n} of {total} online", { n: up, total: instances.length })} · ${t(status.mode)}`;
     delete this.headline.dataset.error;
     this.showRay(status.ray);
     this.warning.hidden = !status.config_error;
@@ -454,8 +455,8 @@ class Panel {
   buildSettings() {
     const save = () => this.saveSettings();
     this.mode = h("select.cdist-input.cdist-mode", { onchange: save }, [
-      h("option", { value: "parallel", text: "Parallel: all start at once" }),
-      h("option", { value: "staggered", text: "Staggered: start one by one" }),
+      h("option", { value: "parallel", text: t("Parallel: all start at once") }),
+      h("option", { value: "staggered", text: t("Staggered: start one by one") }),
     ]);
     this.stagger = h("input.cdist-input.cdist-stagger", { type: "number", min: 0, max: 600, step: 0.5, onchange: save });
     this.timeout = h("input.cdist-input.cdist-timeout", { type: "number", min: 1, max: 86400, step: 1, onchange: save });
@@ -465,18 +466,18 @@ class Panel {
       onchange: save, title: "How many ComfyUI workers the Ray cluster runs, one GPU each; 0: one per GPU" });
     this.rayState = h("div.cdist-muted.cdist-ray-state");
     this.rayField = h("div.cdist-ray", { hidden: true }, [
-      h("label.cdist-field", {}, [h("span.cdist-label", { text: "Ray workers" }), this.rayWorkers]),
+      h("label.cdist-field", {}, [h("span.cdist-label", { text: t("Ray workers") }), this.rayWorkers]),
       this.rayState,
     ]);
     this.settingsError = h("div.cdist-form-error", { hidden: true });
     this.configPath = h("div.cdist-muted.cdist-config-path");
     this.settings = h("div.cdist-settings", {}, [
-      h("label.cdist-field", {}, [h("span.cdist-label", { text: "Mode" }), this.mode]),
-      h("label.cdist-field", {}, [h("span.cdist-label", { text: "Stagger delay (s)" }), this.stagger]),
-      h("label.cdist-field", {}, [h("span.cdist-label", { text: "Job timeout (s)" }), this.timeout]),
-      h("div.cdist-field.cdist-field-inline", { title: "Render each prompt without a Multi-GPU Collector whole on the next free GPU" }, [
-        h("span.cdist-label", { text: "Spread the queue" }),
-        h("label.cdist-switch", { "aria-label": "Spread the queue" }, [this.spreadQueue, h("span.cdist-slider")]),
+      h("label.cdist-field", {}, [h("span.cdist-label", { text: t("Mode") }), this.mode]),
+      h("label.cdist-field", {}, [h("span.cdist-label", { text: t("Stagger delay (s)") }), this.stagger]),
+      h("label.cdist-field", {}, [h("span.cdist-label", { text: t("Job timeout (s)") }), this.timeout]),
+      h("div.cdist-field.cdist-field-inline", { title: t("Render each prompt without a Multi-GPU Collector whole on the next free GPU") }, [
+        h("span.cdist-label", { text: t("Spread the queue") }),
+        h("label.cdist-switch", { "aria-label": t("Spread the queue") }, [this.spreadQueue, h("span.cdist-slider")]),
       ]),
       this.rayField,
       this.settingsError,
@@ -546,7 +547,7 @@ class Panel {
   // --- the spread queue -------------------------------------------------------------------------
 
   buildSpread() {
-    this.spreadList = h("div.cdist-spread", {}, h("div.cdist-empty", { text: "Off." }));
+    this.spreadList = h("div.cdist-spread", {}, h("div.cdist-empty", { text: t("Off.") }));
     return this.spreadList;
   }
 
@@ -567,18 +568,18 @@ class Panel {
       h("div.cdist-row", {}, [
         h("span.cdist-spread-id", { text: `#${p.prompt_id.slice(0, 8)}`, title: `Prompt ${p.prompt_id}` }),
         h("span.cdist-spread-who", { text: names.get(p.participant) || p.name || p.participant }),
-        h("span.cdist-state", { text: SPREAD_STATES[p.state] || p.state }),
+        h("span.cdist-state", { text: t(SPREAD_STATES[p.state] || p.state) }),
       ]),
       p.error && h("div.cdist-error", { text: p.error }),
       (p.values || []).length > 0 && h("div.cdist-share-values", { text: p.values.join(" · ") }),
     ]);
     const rows = [];
     if (!info.supported) rows.push(h("div.cdist-warning", { text: `Not available: ${info.reason}` }));
-    else if (!info.enabled && !info.prompts.length) rows.push(h("div.cdist-empty", { text: "Off." }));
-    else if (!info.prompts.length) rows.push(h("div.cdist-empty", { text: "No prompt is waiting." }));
+    else if (!info.enabled && !info.prompts.length) rows.push(h("div.cdist-empty", { text: t("Off.") }));
+    else if (!info.prompts.length) rows.push(h("div.cdist-empty", { text: t("No prompt is waiting.") }));
     rows.push(...info.prompts.map(row));
     if (info.recent?.length) {
-      rows.push(h("div.cdist-muted", { text: "Recently" }), ...info.recent.slice(0, 5).map(row));
+      rows.push(h("div.cdist-muted", { text: t("Recently") }), ...info.recent.slice(0, 5).map(row));
     }
     this.spreadList.replaceChildren(...rows);
   }
@@ -608,7 +609,7 @@ class Panel {
     const newestFirst = [...this.jobs.values()].sort((a, b) => b.order - a.order);
     for (const old of newestFirst.slice(JOBS_SHOWN)) this.jobs.delete(old.summary.job_id);
     const shown = newestFirst.slice(0, JOBS_SHOWN).map((entry) => jobView(entry.summary));
-    this.jobList.replaceChildren(...(shown.length ? shown : [h("div.cdist-empty", { text: "No distributed job yet." })]));
+    this.jobList.replaceChildren(...(shown.length ? shown : [h("div.cdist-empty", { text: t("No distributed job yet.") })]));
   }
 }
 
@@ -619,19 +620,16 @@ function shareState(share) {
   return complete && share.state !== "failed" ? "done" : share.state;
 }
 
-function plural(count, word) {
-  return `${count} ${word}${count === 1 ? "" : "s"}`;
-}
 
 // What a share has made: its images once they arrive, the step its worker samples meanwhile. A
 // failed share's units went to others (or the job failed): never a count that reads as success.
 function shareCount(share) {
-  if (share.state === "failed") return "none rendered here";
+  if (share.state === "failed") return t("none rendered here");
   if (share.state === "cancelled" && !share.images) return "";
   const steps = share.state === "running" && (share.steps || []).length === 2 && share.done < share.units.length
-    ? `step ${share.steps[0]} of ${share.steps[1]}` : "";
-  const images = share.images ? plural(share.images, "image") : "";
-  return [images, steps].filter(Boolean).join(" · ") || (share.state === "running" ? "rendering" : "no image yet");
+    ? t("step {step} of {steps}", { step: share.steps[0], steps: share.steps[1] }) : "";
+  const images = share.images ? tCount(share.images, "{n} image", "{n} images") : "";
+  return [images, steps].filter(Boolean).join(" · ") || t(share.state === "running" ? "rendering" : "no image yet");
 }
 
 // How far a share is: its units that arrived, and the sampling of the one under way.
@@ -644,19 +642,21 @@ function shareFraction(share) {
 }
 
 function jobCount(job) {
-  if (job.kind === "tiles") return `${job.done} of ${job.units} tiles`;
-  if (job.images_due) return `${job.images} of ${plural(job.images_due, "image")}`;
-  return job.images ? plural(job.images, "image") : `0 of ${plural(job.units, job.split ? "image" : "seed slot")}`;
+  if (job.kind === "tiles") return t("{done} of {total} tiles", { done: job.done, total: job.units });
+  if (job.images_due) return t("{done} of {total} images", { done: job.images, total: job.images_due });
+  if (job.images) return tCount(job.images, "{n} image", "{n} images");
+  return job.split ? t("{done} of {total} images", { done: 0, total: job.units })
+    : t("0 of {total} seed slots", { total: job.units });
 }
 
 function jobView(job) {
   const failures = new Set(job.shares.filter((s) => s.error).map((s) => `${s.name} failed: ${s.error}`));
   return h("div.cdist-job", { "data-job-id": job.job_id, "data-state": job.state }, [
     h("div.cdist-row", {}, [
-      h("span.cdist-job-title", { text: `Job ${job.job_id.slice(0, 8)}`, title: job.job_id }),
-      job.split && h("span.cdist-role", { text: "split", title: "One batch divided among the GPUs" }),
-      job.kind === "tiles" && h("span.cdist-role", { text: "tiles", title: "One upscale whose tiles every GPU renders" }),
-      h("span.cdist-state", { text: job.state }),
+      h("span.cdist-job-title", { text: t("Job {id}", { id: job.job_id.slice(0, 8) }), title: job.job_id }),
+      job.split && h("span.cdist-role", { text: t("split"), title: t("One batch divided among the GPUs") }),
+      job.kind === "tiles" && h("span.cdist-role", { text: t("tiles"), title: t("One upscale whose tiles every GPU renders") }),
+      h("span.cdist-state", { text: t(job.state) }),
       h("span.cdist-count", { text: jobCount(job) }),
     ]),
     bar(job.done, job.units),
@@ -666,7 +666,7 @@ function jobView(job) {
       { "data-participant": share.participant, "data-state": shareState(share) }, [
         h("div.cdist-row", {}, [
           h("span.cdist-share-name", { text: share.name }),
-          h("span.cdist-state", { text: shareState(share) }),
+          h("span.cdist-state", { text: t(shareState(share)) }),
           h("span.cdist-count", { text: job.kind === "tiles" ? `${share.done} tiles` : shareCount(share) }),
         ]),
         job.kind === "tiles" ? bar(share.done, job.units, ".cdist-bar-thin")
@@ -754,7 +754,8 @@ class InstanceCard {
 
     let actions = null;
     if (info.role === "worker") {
-      const button = (cls, text, title, run) => h(`button.cdist-button.cdist-small.${cls}`, { type: "button", text, title,
+      const button = (cls, text, title, run) => h(`button.cdist-button.cdist-small.${cls}`, { type: "button",
+        text: t(text), title: t(title),
         onclick: (event) => panel.runAction(event.currentTarget, () => run(event.currentTarget)) });
       this.startButton = button("cdist-start", "Start", "Start this worker on the master's machine", () => this.startStop("start"));
       this.stopButton = button("cdist-stop", "Stop", "Stop this worker", () => this.startStop("stop"));
@@ -770,9 +771,9 @@ class InstanceCard {
       h("div.cdist-row", {}, [
         this.dot,
         this.name,
-        h("span.cdist-role", { text: info.role }),
+        h("span.cdist-role", { text: t(info.role) }),
         this.stateLabel,
-        h("label.cdist-switch", { title: "Take part in the next job" }, [this.enable, h("span.cdist-slider")]),
+        h("label.cdist-switch", { title: t("Take part in the next job") }, [this.enable, h("span.cdist-slider")]),
       ]),
       this.url,
       h("div.cdist-row", {}, [this.gpu, this.queue]),
@@ -793,7 +794,7 @@ class InstanceCard {
         || (this.transition.kind === "starting" ? up : info.state === "offline"))) this.transition = null;
     if (this.transition) this.root.dataset.transition = this.transition.kind;
     else delete this.root.dataset.transition;
-    this.stateLabel.textContent = this.transition ? `${this.transition.kind}…` : info.state;
+    this.stateLabel.textContent = t(this.transition ? `${this.transition.kind}…` : info.state);
     const details = [info.url];
     if (info.device !== null && info.device !== undefined) details.push(`GPU ${info.device}`);
     if (info.extra_args) details.push(info.extra_args);
@@ -802,14 +803,14 @@ class InstanceCard {
     this.enable.setAttribute("aria-label", `${info.name} takes part in jobs`);
     // what an offline instance last reported is stale: not shown as if it were now
     const current = info.state !== "offline";
-    this.gpu.textContent = current && info.device_name ? gpuLabel(info.device_name) : "GPU unknown";
+    this.gpu.textContent = current && info.device_name ? gpuLabel(info.device_name) : t("GPU unknown");
     this.gpu.title = current ? info.device_name || "" : "";
-    this.queue.textContent = !current || info.queue === null || info.queue === undefined ? "" : `queue ${info.queue}`;
+    this.queue.textContent = !current || info.queue === null || info.queue === undefined ? "" : t("queue {n}", { n: info.queue });
     const hasVram = current && Boolean(info.vram_total);
     const used = hasVram ? info.vram_total - (info.vram_free ?? 0) : 0;
     this.vramBar.style.width = hasVram ? `${((used / info.vram_total) * 100).toFixed(1)}%` : "0%";
     this.vramText.textContent = hasVram
-      ? `${(used / GIB).toFixed(1)} / ${(info.vram_total / GIB).toFixed(1)} GB` : "VRAM unknown";
+      ? `${(used / GIB).toFixed(1)} / ${(info.vram_total / GIB).toFixed(1)} GB` : t("VRAM unknown");
     // A disabled worker that is switched off is no news: only an offline one shows why.
     this.error.hidden = !(info.error && info.state === "offline");
     this.error.textContent = info.error || "";
@@ -908,10 +909,10 @@ class InstanceCard {
   async remove(button) {
     if (!("armed" in button.dataset)) {
       button.dataset.armed = "";
-      button.textContent = "Confirm remove";
+      button.textContent = t("Confirm remove");
       setTimeout(() => {
         delete button.dataset.armed;
-        button.textContent = "Remove";
+        button.textContent = t("Remove");
       }, 4000);
       return;
     }
@@ -942,10 +943,10 @@ function workerForm({ values, submitText, gpus, onSubmit, onCancel }) {
     inputs[key] = h(`input.cdist-input.cdist-field-${key}`, { type, name: key, placeholder, autocomplete: "off",
       value: values[key] ?? "", list: key === "device" && gpus.length ? listId : null });
     errors[key] = h(`div.cdist-field-error.cdist-error-${key}`, { hidden: true, "aria-live": "polite" });
-    return h("label.cdist-field", {}, [h("span.cdist-label", { text: label }), inputs[key], errors[key]]);
+    return h("label.cdist-field", {}, [h("span.cdist-label", { text: t(label) }), inputs[key], errors[key]]);
   });
   const formError = h("div.cdist-form-error", { hidden: true, "aria-live": "polite" });
-  const submit = h("button.cdist-button.cdist-submit", { type: "submit", text: submitText });
+  const submit = h("button.cdist-button.cdist-submit", { type: "submit", text: t(submitText) });
 
   const show = (byField, general) => {
     for (const { key } of WORKER_FIELDS) {
@@ -985,7 +986,7 @@ function workerForm({ values, submitText, gpus, onSubmit, onCancel }) {
     formError,
     h("div.cdist-form-buttons", {}, [
       submit,
-      h("button.cdist-button.cdist-cancel", { type: "button", text: "Cancel", onclick: onCancel }),
+      h("button.cdist-button.cdist-cancel", { type: "button", text: t("Cancel"), onclick: onCancel }),
     ]),
   ]);
   return form;
