@@ -591,25 +591,34 @@ def test_the_cfg_per_gpu_template_renders_each_value_and_the_panel_says_which(li
     nodes["EmptyLatentImage"]["widgets_values"] = [64, 64, 1]
     nodes["KSampler"]["widgets_values"][2] = 1  # one step
     panel = comfy.open_panel()
+
+    def template_runs() -> list[dict]:  # its SaveImage (node 9) names distributed_cfg
+        return [e for e in live.master.get("/history").json().values()
+                if (e["prompt"][2].get("9") or {}).get("inputs", {}).get("filename_prefix") == "distributed_cfg"]
+
+    before = {e["prompt"][1] for e in template_runs()}
     try:
         comfy.page.evaluate("""async (graph) => {
             const { app } = await import("/scripts/app.js");
             await app.loadGraphData(graph);
             await app.queuePrompt(0, 1);
         }""", template)
-        job = panel.locator(".cdist-job").first
-        expect(job).to_have_attribute("data-state", "done", timeout=300_000)
+        [entry] = harness.wait_until(lambda: [e for e in template_runs() if e["prompt"][1] not in before
+                                             and (e.get("outputs") or harness.error_of(e))] or None,
+                                     300, what="the template's run")
     finally:
         for instance in live.instances:
             instance.post("/free", {"unload_models": True, "free_memory": True})
-    values = {share.get_attribute("data-participant"): share.locator(".cdist-share-values").inner_text()
-              for share in job.locator(".cdist-share").all()}
-    assert values == {"master": "CFG per GPU: 4", "worker1": "CFG per GPU: 7"}, values
-    # the template's run: its SaveImage (node 9) names distributed_cfg; the newest such, by queue number
-    entry = max((e for e in live.master.get("/history").json().values()
-                 if (e["prompt"][2].get("9") or {}).get("inputs", {}).get("filename_prefix") == "distributed_cfg"),
-                key=lambda e: e["prompt"][0])
     assert harness.error_of(entry) == "" and len(live.master.saved_images(entry, "9")) == 2
+    # this run's job in the panel, found by its prompt (an earlier test's job may be listed above it)
+    [job_id] = harness.wait_until(lambda: [j["job_id"] for j in live.master.get("/distributed/status").json()["recent"]
+                                           if j["prompt_id"] == entry["prompt"][1]] or None, 30, what="the job")
+    job = panel.locator(f'.cdist-job[data-job-id="{job_id}"]')
+    expect(job).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    expect(job.locator(".cdist-share")).to_have_count(2)
+    values = dict(zip(job.locator(".cdist-share").evaluate_all("rows => rows.map(r => r.dataset.participant)"),
+                      job.locator(".cdist-share .cdist-share-values").all_inner_texts()))
+    assert values == {"master": "CFG per GPU: 4", "worker1": "CFG per GPU: 7"}, values
     comfy.scroll_to(job)
     comfy.screenshot(f"values-{comfy.ui}-done", tmp_path)
 

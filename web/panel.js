@@ -867,8 +867,19 @@ class InstanceCard {
   }
 
   async startStop(action) {
-    const answer = action === "start" ? await master.startWorker(this.id) : await master.stopWorker(this.id);
-    this.transition = { kind: action === "start" ? "starting" : "stopping", until: Date.now() + (action === "start" ? 300_000 : 30_000) };
+    // "starting…" or "stopping…" from the click on, with only the button that applies
+    const kind = action === "start" ? "starting" : "stopping";
+    this.transition = { kind, until: Date.now() + 600_000 };
+    this.update(this.info);
+    let answer;
+    try {
+      answer = action === "start" ? await master.startWorker(this.id) : await master.stopWorker(this.id);
+    } catch (err) {
+      this.transition = null;
+      this.update(this.info);
+      throw err;
+    }
+    if (this.transition?.kind === kind) this.transition.until = Date.now() + (action === "start" ? 300_000 : 30_000);
     this.update({ ...this.info, managed: action === "start" });
     this.panel.notify(action === "start" ? `${this.info.name} is starting (pid ${answer.pid})`
       : `${this.info.name} was stopped`, "info");
