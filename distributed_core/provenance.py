@@ -100,7 +100,11 @@ def batch_texts(images: Any, prompt: Any, extra: Any) -> list[dict[str, str]] | 
     found = getattr(images, ATTRIBUTE, None)
     if not isinstance(found, Provenance) or len(images) != len(found.origins):
         return None
-    return [texts(found.prompt, extra, origin) for origin in found.origins]
+    made: dict[Origin, dict[str, str]] = {}  # the images of one unit share their texts
+    for origin in found.origins:
+        if origin not in made:
+            made[origin] = texts(found.prompt, extra, origin)
+    return [made[origin] for origin in found.origins]
 
 
 def _value_lines(text: str) -> list[tuple[str, str]]:
