@@ -19,16 +19,23 @@ export const FIELDS = [
     tooltip: "Render each prompt without a Multi-GPU Collector whole on the next free GPU." },
 ];
 
-let showing = false; // the dialog is being set from the config: nothing to save
+const ours = new Map(); // id -> the value this module is writing into the dialog now: no change of the user's
 let saving = 0; // saves from the dialog under way: the config read meanwhile may be older
+let latest = null; // the newest config settings to show, and the one loop that shows them
+let showingLoop = null;
 
 function read(id) {
   return app.extensionManager?.setting ? app.extensionManager.setting.get(id) : app.ui.settings.getSettingValue(id);
 }
 
 async function write(id, value) {
-  if (app.extensionManager?.setting) await app.extensionManager.setting.set(id, value);
-  else await app.ui.settings.setSettingValueAsync(id, value);
+  ours.set(id, value);
+  try {
+    if (app.extensionManager?.setting) await app.extensionManager.setting.set(id, value);
+    else await app.ui.settings.setSettingValueAsync(id, value);
+  } finally {
+    if (ours.get(id) === value) ours.delete(id);
+  }
 }
 
 function toast(detail) {
@@ -70,7 +77,7 @@ export function registerSettings(saved) {
       category: ["Distributed", "Distributed", field.name],
       // called with no old value when the dialog first loads its value: that is no change of the user's
       onChange: (value, old) => {
-        if (old === undefined || showing || value === old) return;
+        if (old === undefined || value === old || (ours.has(field.id) && ours.get(field.id) === value)) return;
         save(field, field.type === "number" ? Number(value) : value);
       },
     });
@@ -78,18 +85,25 @@ export function registerSettings(saved) {
   master.configIfAllowed().then((answer) => answer && showInSettings(answer.config.settings)).catch(() => {});
 }
 
-// The config's settings, shown in the dialog where they differ from what it holds.
-export async function showInSettings(settings) {
-  if (saving || !settings) return;
-  showing = true;
-  try {
-    for (const field of FIELDS) {
-      const value = settings[field.key];
-      if (value !== undefined && read(field.id) !== value) await write(field.id, value);
+// The config's settings, shown in the dialog where they differ from what it holds. Calls that
+// come while an earlier one still writes are folded into one, with the newest settings.
+export function showInSettings(settings) {
+  if (!settings) return Promise.resolve();
+  latest = settings;
+  showingLoop ||= (async () => {
+    while (latest) {
+      const shown = latest;
+      latest = null;
+      if (saving) continue; // a save from the dialog reads the config again when it is done
+      try {
+        for (const field of FIELDS) {
+          const value = shown[field.key];
+          if (value !== undefined && read(field.id) !== value) await write(field.id, value);
+        }
+      } catch (err) {
+        // a dialog that cannot be written shows the old value until the next read
+      }
     }
-  } catch (err) {
-    // a dialog that cannot be written shows the old value until the next read
-  } finally {
-    showing = false;
-  }
+  })().finally(() => { showingLoop = null; });
+  return showingLoop;
 }
