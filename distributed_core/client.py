@@ -256,20 +256,21 @@ class InstanceClient:
         """ComfyUI's own websocket (GET /ws?clientId=...), on which it sends the events of the prompts
         queued under ``client_id``: their step progress, for one. Raises InstanceError."""
         try:
-            return await asyncio.wait_for(self.session.ws_connect(
-                self.url + "/ws", params={"clientId": client_id}, max_msg_size=relay.MAX_MESSAGE, autoping=True,
-                **self._extras()), DISPATCH.total)
+            return await self._ws_connect("/ws", {}, {"clientId": client_id})
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise InstanceError(describe(self.url, exc)) from exc
+
+    async def _ws_connect(self, path: str, headers: dict[str, str], params: dict[str, str]):
+        # the whole handshake within DISPATCH's time (ws_connect itself would wait minutes)
+        return await asyncio.wait_for(self.session.ws_connect(
+            self.url + path, params=params, max_msg_size=relay.MAX_MESSAGE, autoping=True,
+            timeout=aiohttp.ClientWSTimeout(ws_close=5) if hasattr(aiohttp, "ClientWSTimeout") else 5.0,
+            **self._extras(headers)), DISPATCH.total)
 
     async def _websocket(self, headers: dict[str, str], params: dict[str, str]):
         url = self.url + relay.PATH
         try:
-            # the whole handshake within DISPATCH's time (ws_connect itself would wait minutes)
-            return await asyncio.wait_for(self.session.ws_connect(
-                url, params=params, max_msg_size=relay.MAX_MESSAGE, autoping=True,
-                timeout=aiohttp.ClientWSTimeout(ws_close=5) if hasattr(aiohttp, "ClientWSTimeout") else 5.0,
-                **self._extras(headers)), DISPATCH.total)
+            return await self._ws_connect(relay.PATH, headers, params)
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (401, 403, 404, 410):
                 raise relay.RelayFailed(_refused_relay(url, exc.status, exc.message)) from None

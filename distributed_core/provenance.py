@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .plan import MASTER_ID, seed_for
+from .values import VALUE
 from .workflow import FIELD, SEED, Prompt, nodes_of
 
-VALUE = "DistributedValue"  # values.VALUE; values imports workflow, this module stays beside it
 KEY = "distributed"         # the PNG text entry that names the participant
 
 
@@ -108,6 +108,7 @@ def batch_texts(images: Any, prompt: Any, extra: Any) -> list[dict[str, str]] | 
 
 
 def _value_lines(text: str) -> list[tuple[str, str]]:
+    # values.lines checks the lines against the participants of now; these were checked when queued
     rows = []
     for row in str(text).splitlines():
         name, sep, value = row.partition(":")
